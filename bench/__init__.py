@@ -1,0 +1,1 @@
+"""Benchmarks for taskserve against its peers; run `python bench/run.py`."""

@@ -1,0 +1,121 @@
+"""Benchmark taskserve against a ceiling, BentoML and Celery in one run, with one load generator.
+
+    python bench/run.py                      # the full table (about 10 minutes)
+    python bench/run.py --quick              # smaller counts, one repeat (about a minute or two)
+    python bench/run.py --only taskserve,ceiling --scenarios 1,2
+
+Peers are installed into bench/.venvs/ on first use. Figures, ratios and checks are printed and
+written to bench/results/ (latest.md, latest.json and a time-stamped copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import procs, report  # noqa: E402
+from bench.procs import LoadGen, Unavailable  # noqa: E402
+from bench.scenarios import Bench, Settings  # noqa: E402
+from bench.systems import CELERY_REDIS_DB, OPT_IN, TS_REDIS_DB, all_systems  # noqa: E402
+
+T0 = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {message}", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller counts and one repeat")
+    parser.add_argument("--only", default="", help="systems, comma-separated: ceiling,taskserve,bentoml,celery (or celery-solo, celery-prefork); bentoml-2w runs only when named")
+    parser.add_argument("--scenarios", default="1,2,3,4,5,6", help="scenario numbers, comma-separated")
+    parser.add_argument("--repeats", type=int, help="repeats of every measurement (default 3, 1 with --quick)")
+    return parser.parse_args(argv)
+
+
+def loadgen_python() -> Path:
+    """The load generator runs where Celery's client is installed (its HTTP client is stdlib)."""
+    try:
+        return procs.ensure_venv("celery", ["celery[redis]>=5.7,<5.8", "pillow"]) / "bin" / "python"
+    except Unavailable as exc:
+        say(f"Celery's venv is unavailable ({exc}); the load generator runs in the project venv")
+        return procs.TASKSERVE_VENV / "bin" / "python"
+
+
+def guarded(what: str, name: str, errors: dict[str, str], fn: object, *args: object) -> None:
+    say(f"{name}: {what}")
+    try:
+        fn(*args)  # type: ignore[operator]
+    except Unavailable as exc:
+        errors[name] = f"{what}: {exc}"
+        say(f"{name}: skipped {what}: {exc}")
+    except Exception as exc:  # one system failing must not end the run for the others
+        errors[name] = f"{what} failed: {exc!r}"
+        say(f"{name}: {what} failed: {exc!r}\n{traceback.format_exc(limit=4)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = Settings.quick() if args.quick else Settings()
+    if args.repeats:
+        settings.repeats = args.repeats
+    wanted = {int(x) for x in args.scenarios.split(",") if x.strip()}
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    systems = [s for s in all_systems() if s.name in only or (s.name.startswith("celery") and "celery" in only) or (not only and s.name not in OPT_IN)]
+    say(f"systems {', '.join(s.name for s in systems)}; scenarios {sorted(wanted)}; {settings}")
+
+    lg = LoadGen(loadgen_python())
+    skipped: dict[str, str] = {}
+    ready = []
+    for system in systems:
+        try:
+            system.prepare()
+            ready.append(system)
+        except Unavailable as exc:
+            skipped[system.name] = str(exc)
+            say(f"{system.name}: skipped: {exc}")
+
+    benches = {s.name: Bench(s, lg, settings) for s in ready}
+    try:
+        for system in ready:
+            if wanted & {1, 2, 5, 6} & system.scenarios:
+                guarded("scenarios 1, 2, 5, 6", system.name, skipped, benches[system.name].main_block, wanted)
+        if 3 in wanted:
+            for system in ready:
+                for broker in system.drains:
+                    guarded(f"scenario 3 on {broker}", system.name, skipped, benches[system.name].drain, broker)
+        if 4 in wanted:
+            for system in ready:
+                if 4 in system.scenarios:
+                    for variant in system.concurrency_variants:
+                        guarded(f"scenario 4 ({variant})", system.name, skipped, benches[system.name].concurrency, variant)
+    finally:
+        for db in (TS_REDIS_DB, CELERY_REDIS_DB):
+            try:
+                procs.redis(db, "FLUSHDB")
+            except OSError:
+                pass
+
+    results = {name: bench.out for name, bench in benches.items()}
+    meta = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}",
+        "seconds": round(time.monotonic() - T0, 1),
+    }
+    print()
+    print(report.write(results, [s.name for s in systems if s.name in results], skipped, settings, wanted, meta))
+    say(f"done; written to {procs.RESULTS}/latest.md and latest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

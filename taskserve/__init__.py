@@ -1,0 +1,58 @@
+"""taskserve: serve model inference as durable async tasks.
+
+Example:
+    >>> import taskserve
+    >>> @taskserve.service
+    ... class Service:
+    ...     @taskserve.task
+    ...     def generate(self, prompt: str) -> str: ...
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ._types import TERMINAL_STATUSES, TaskStatus
+from .client import AsyncHTTPClient, AsyncTask, SyncHTTPClient, Task
+from .exceptions import (
+    ClientError,
+    InvalidTransition,
+    PayloadTooLarge,
+    QueueUnavailable,
+    Retry,
+    ServiceDefinitionError,
+    TaskCancelled,
+    TaskFailed,
+    TaskNotFound,
+    TaskNotReady,
+    TaskserveError,
+    ValidationFailed,
+)
+from .service import Endpoint, Service, api, service, task
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "AsyncHTTPClient",
+    "AsyncTask",
+    "ClientError",
+    "Endpoint",
+    "InvalidTransition",
+    "PayloadTooLarge",
+    "QueueUnavailable",
+    "Retry",
+    "Service",
+    "ServiceDefinitionError",
+    "SyncHTTPClient",
+    "Task",
+    "TaskCancelled",
+    "TaskFailed",
+    "TaskNotFound",
+    "TaskNotReady",
+    "TaskStatus",
+    "TaskserveError",
+    "ValidationFailed",
+    "__version__",
+    "api",
+    "service",
+    "task",
+]

@@ -1,0 +1,8 @@
+"""HTTP clients for a taskserve service: ``SyncHTTPClient`` and ``AsyncHTTPClient``."""
+
+from __future__ import annotations
+
+from .aio import AsyncHTTPClient, AsyncTask
+from .sync import SyncHTTPClient, Task
+
+__all__ = ["AsyncHTTPClient", "AsyncTask", "SyncHTTPClient", "Task"]

@@ -1,0 +1,165 @@
+"""What the sync and async clients share: no I/O here, only encoding and decoding."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import pathlib
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pydantic_core
+
+from .._types import TaskStatus
+from ..exceptions import (
+    ClientError,
+    InvalidTransition,
+    PayloadTooLarge,
+    QueueUnavailable,
+    TaskCancelled,
+    TaskFailed,
+    TaskNotFound,
+    TaskNotReady,
+    ValidationFailed,
+)
+
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+WAIT_CHUNK = 60.0
+
+
+@dataclass
+class EndpointInfo:
+    name: str
+    route: str
+    task: bool
+    output_kind: str = "json"
+    files: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_schema(cls, entry: dict[str, Any]) -> EndpointInfo:
+        return cls(
+            entry["name"], entry["route"], entry["task"], entry.get("output", {}).get("kind", "json"), entry.get("files", [])
+        )
+
+
+def parse_schema(data: Any) -> dict[str, EndpointInfo]:
+    try:
+        return {e["name"]: EndpointInfo.from_schema(e) for e in data["endpoints"]}
+    except (KeyError, TypeError) as exc:
+        raise ClientError(f"The server's /schema.json is not a taskserve schema ({exc!r}); is the URL right?") from None
+
+
+def _file_part(name: str, value: Any) -> tuple[str, bytes, str] | None:
+    """A value to send as a file, or None if it is plain JSON."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return (name, bytes(value), "application/octet-stream")
+    if isinstance(value, os.PathLike):
+        path = pathlib.Path(value)
+        return (path.name, path.read_bytes(), "application/octet-stream")
+    if type(value).__module__.startswith("PIL.") and hasattr(value, "save"):
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return (f"{name}.png", buf.getvalue(), "image/png")
+    if hasattr(value, "read") and callable(value.read):
+        data = value.read()
+        data = data.encode() if isinstance(data, str) else data
+        return (os.path.basename(getattr(value, "name", "") or name), data, "application/octet-stream")
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    return pydantic_core.to_jsonable_python(value, fallback=_fallback)
+
+
+def _fallback(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"Cannot send a {type(value).__name__} as an argument; use JSON types, bytes, a Path or an image.")
+
+
+def encode_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """httpx request arguments: JSON, or multipart when any argument is a file or image."""
+    files = {k: part for k, v in kwargs.items() if (part := _file_part(k, v)) is not None}
+    if not files:
+        return {"content": pydantic_core.to_json(_jsonable(kwargs)), "headers": {"content-type": "application/json"}}
+    data = {}
+    for k, v in kwargs.items():
+        if k in files:
+            continue
+        data[k] = v if isinstance(v, str) else pydantic_core.to_json(_jsonable(v)).decode()
+    return {"data": data, "files": files}
+
+
+def encode_json_item(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """One item of submit_many: JSON only, so files travel as base64."""
+    out = {}
+    for k, v in kwargs.items():
+        part = _file_part(k, v)
+        out[k] = base64.b64encode(part[1]).decode() if part is not None else _jsonable(v)
+    return out
+
+
+def decode_result(info: EndpointInfo, response: httpx.Response) -> Any:
+    ctype = response.headers.get("content-type", "").split(";")[0]
+    if ctype == "application/json":
+        value = response.json()
+        if info.output_kind == "ndarray":
+            import numpy as np
+
+            return np.asarray(value)
+        return value
+    if ctype.startswith("image/") or info.output_kind == "image":
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(response.content))
+        img.load()
+        return img
+    if info.output_kind == "file":
+        directory = tempfile.mkdtemp(prefix="taskserve-result-")
+        path = pathlib.Path(directory) / f"{response.headers.get('x-task-id', 'result')}"
+        path.write_bytes(response.content)
+        return path
+    return response.content
+
+
+def error_message(response: httpx.Response) -> tuple[str, dict[str, Any]]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    return str(body.get("error") or f"HTTP {response.status_code} from {response.request.url}"), body
+
+
+def raise_for_response(response: httpx.Response, task: Any = None) -> None:
+    """Turn an error answer into the matching taskserve exception."""
+    if response.status_code < 400:
+        return
+    message, body = error_message(response)
+    code = response.status_code
+    status = body.get("status")
+    if code == 422:
+        raise ValidationFailed(message, body.get("detail"))
+    if code == 404:
+        raise TaskNotFound(task.id if task is not None else message)
+    if code == 413:
+        raise PayloadTooLarge(message)
+    if code == 503:
+        raise QueueUnavailable(message)
+    if status in ("pending", "in_progress"):
+        raise TaskNotReady(message, task, TaskStatus(status))
+    if status == "failure":
+        raise TaskFailed(body.get("task_error") or message, task, TaskStatus.FAILURE)
+    if status == "cancelled":
+        raise TaskCancelled(message, task, TaskStatus.CANCELLED)
+    if code == 409:
+        raise InvalidTransition(message, status)
+    raise ClientError(message, code)
+
+
+def transport_error(url: Any, exc: Exception) -> ClientError:
+    return ClientError(f"Cannot reach the taskserve server at {url}: {exc}.")

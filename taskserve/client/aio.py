@@ -1,0 +1,180 @@
+"""The asyncio client, in lockstep with the blocking one in ``sync.py``."""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from .._types import TaskStatus
+from ..exceptions import ClientError
+from ._base import (
+    DEFAULT_TIMEOUT,
+    WAIT_CHUNK,
+    EndpointInfo,
+    decode_result,
+    encode_arguments,
+    encode_json_item,
+    parse_schema,
+    raise_for_response,
+    transport_error,
+)
+
+
+class AsyncTask:
+    """A handle on one submitted task; the awaitable twin of ``Task``.
+
+    Example:
+        >>> task = await client.generate.submit(prompt="a mountain")
+        >>> status = await task.wait(timeout=30)
+    """
+
+    def __init__(self, endpoint: AsyncEndpoint, task_id: str) -> None:
+        self.endpoint = endpoint
+        self.id = task_id
+
+    def __repr__(self) -> str:
+        return f"<AsyncTask {self.endpoint.name} {self.id}>"
+
+    async def _request(self, method: str, action: str, **params: Any) -> httpx.Response:
+        route = (await self.endpoint.info()).route
+        return await self.endpoint.client._request(
+            method, f"{route}/{action}", self, params={"task_id": self.id, **params}
+        )
+
+    async def status(self) -> dict[str, Any]:
+        """The full status record: ``status``, timestamps, ``attempts``, ``error``."""
+        data: dict[str, Any] = (await self._request("GET", "status")).json()
+        return data
+
+    async def get_status(self) -> TaskStatus:
+        """The task's current state."""
+        return TaskStatus((await self.status())["status"])
+
+    async def get(self, timeout: float | None = None) -> Any:
+        """The decoded result; raises ``TaskNotReady``, ``TaskFailed`` or ``TaskCancelled``."""
+        if timeout is not None:
+            await self.wait(timeout)
+        return decode_result(await self.endpoint.info(), await self._request("GET", "get"))
+
+    async def wait(self, timeout: float = 60.0) -> TaskStatus:
+        """Wait until the task ends or ``timeout`` seconds pass; returns its state then."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            response = await self._request("GET", "wait", timeout=min(remaining, WAIT_CHUNK))
+            status = TaskStatus(response.json()["status"])
+            if status.is_terminal or remaining <= 0:
+                return status
+
+    async def retry(self) -> AsyncTask:
+        """Submit a new task with this one's arguments (it must have ended)."""
+        return AsyncTask(self.endpoint, (await self._request("POST", "retry")).json()["task_id"])
+
+    async def cancel(self) -> TaskStatus:
+        """Cancel the task: a pending one never runs, a running one is stopped."""
+        return TaskStatus((await self._request("PUT", "cancel")).json()["status"])
+
+
+class AsyncEndpoint:
+    def __init__(self, client: AsyncHTTPClient, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    async def info(self) -> EndpointInfo:
+        endpoints = await self.client.endpoints()
+        if self.name not in endpoints:
+            raise AttributeError(
+                f"The service at {self.client.url} has no endpoint {self.name!r}; it has {sorted(endpoints)}."
+            )
+        return endpoints[self.name]
+
+    async def __call__(self, **kwargs: Any) -> Any:
+        """Run it and return the result (a task is submitted and awaited by the server)."""
+        info = await self.info()
+        response = await self.client._request("POST", info.route, None, **encode_arguments(kwargs), timeout=None)
+        return decode_result(info, response)
+
+    async def submit(self, **kwargs: Any) -> AsyncTask:
+        """Queue the task; returns at once with a handle."""
+        info = await self._task_info()
+        response = await self.client._request("POST", f"{info.route}/submit", None, **encode_arguments(kwargs))
+        return AsyncTask(self, response.json()["task_id"])
+
+    async def submit_many(self, items: list[dict[str, Any]]) -> list[AsyncTask]:
+        """Queue many tasks at once, all or none, in order."""
+        info = await self._task_info()
+        payload = [encode_json_item(item) for item in items]
+        response = await self.client._request("POST", f"{info.route}/submit_many", None, json=payload)
+        return [AsyncTask(self, t["task_id"]) for t in response.json()["tasks"]]
+
+    def task(self, task_id: str) -> AsyncTask:
+        """A handle on an existing task of this endpoint, by id."""
+        return AsyncTask(self, task_id)
+
+    async def _task_info(self) -> EndpointInfo:
+        info = await self.info()
+        if not info.task:
+            raise ClientError(f"{info.name!r} is an @api endpoint, not a task; call it directly.")
+        return info
+
+
+class AsyncHTTPClient:
+    """An asyncio client; endpoints appear as attributes, learned from ``GET /schema.json``.
+
+    Args:
+        url: the server, like ``http://localhost:3000``.
+        timeout: seconds for each request (long polls add their own wait).
+        transport: an httpx async transport, e.g. ``httpx.ASGITransport(app)`` in tests.
+
+    Example:
+        >>> async with taskserve.AsyncHTTPClient("http://localhost:3000") as client:
+        ...     task = await client.generate.submit(prompt="a mountain")
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport, headers=headers)
+        self._endpoints: dict[str, EndpointInfo] | None = None
+
+    async def _request(self, method: str, path: str, task: Any, **kwargs: Any) -> httpx.Response:
+        if "timeout" in kwargs and kwargs["timeout"] is None:
+            kwargs["timeout"] = httpx.Timeout(None, connect=10.0)
+        params = kwargs.get("params") or {}
+        if "timeout" in params:
+            kwargs["timeout"] = httpx.Timeout(float(params["timeout"]) + 30.0, connect=10.0)
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise transport_error(self.url, exc) from exc
+        raise_for_response(response, task)
+        return response
+
+    async def endpoints(self) -> dict[str, EndpointInfo]:
+        if self._endpoints is None:
+            self._endpoints = parse_schema((await self._request("GET", "/schema.json", None)).json())
+        return self._endpoints
+
+    def __getattr__(self, name: str) -> AsyncEndpoint:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return AsyncEndpoint(self, name)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncHTTPClient:
+        await self.endpoints()
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()

@@ -1,0 +1,171 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from .._types import TaskStatus
+from ..exceptions import ClientError
+from ._base import (
+    DEFAULT_TIMEOUT,
+    WAIT_CHUNK,
+    EndpointInfo,
+    decode_result,
+    encode_arguments,
+    encode_json_item,
+    parse_schema,
+    raise_for_response,
+    transport_error,
+)
+
+
+class Task:
+    """A handle on one submitted task.
+
+    Example:
+        >>> task = client.generate.submit(prompt="a mountain")
+        >>> if task.wait(timeout=30) is TaskStatus.SUCCESS:
+        ...     image = task.get()
+    """
+
+    def __init__(self, endpoint: SyncEndpoint, task_id: str) -> None:
+        self.endpoint = endpoint
+        self.id = task_id
+
+    def __repr__(self) -> str:
+        return f"<Task {self.endpoint.info.name} {self.id}>"
+
+    def _request(self, method: str, action: str, **params: Any) -> httpx.Response:
+        return self.endpoint.client._request(method, f"{self.endpoint.info.route}/{action}", self, params={"task_id": self.id, **params})
+
+    def status(self) -> dict[str, Any]:
+        """The full status record: ``status``, timestamps, ``attempts``, ``error``."""
+        data: dict[str, Any] = self._request("GET", "status").json()
+        return data
+
+    def get_status(self) -> TaskStatus:
+        """The task's current state."""
+        return TaskStatus(self.status()["status"])
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The decoded result; with ``timeout``, wait for it that long first.
+
+        Raises:
+            TaskNotReady: it has not finished.
+            TaskFailed: it failed; the message is the remote ``Type: message``.
+            TaskCancelled: it was cancelled.
+        """
+        if timeout is not None:
+            self.wait(timeout)
+        return decode_result(self.endpoint.info, self._request("GET", "get"))
+
+    def wait(self, timeout: float = 60.0) -> TaskStatus:
+        """Block until the task ends or ``timeout`` seconds pass; returns its state then."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            status = TaskStatus(self._request("GET", "wait", timeout=min(remaining, WAIT_CHUNK)).json()["status"])
+            if status.is_terminal or remaining <= 0:
+                return status
+
+    def retry(self) -> Task:
+        """Submit a new task with this one's arguments (it must have ended)."""
+        return Task(self.endpoint, self._request("POST", "retry").json()["task_id"])
+
+    def cancel(self) -> TaskStatus:
+        """Cancel the task: a pending one never runs, a running one is stopped."""
+        return TaskStatus(self._request("PUT", "cancel").json()["status"])
+
+
+class SyncEndpoint:
+    def __init__(self, client: SyncHTTPClient, info: EndpointInfo) -> None:
+        self.client = client
+        self.info = info
+
+    def __call__(self, **kwargs: Any) -> Any:
+        """Run it and return the result (a task is submitted and awaited by the server)."""
+        response = self.client._request("POST", self.info.route, None, **encode_arguments(kwargs), timeout=None)
+        return decode_result(self.info, response)
+
+    def submit(self, **kwargs: Any) -> Task:
+        """Queue the task; returns at once with a handle."""
+        self._need_task()
+        data = self.client._request("POST", f"{self.info.route}/submit", None, **encode_arguments(kwargs)).json()
+        return Task(self, data["task_id"])
+
+    def submit_many(self, items: list[dict[str, Any]]) -> list[Task]:
+        """Queue many tasks at once, all or none, in order."""
+        self._need_task()
+        payload = [encode_json_item(item) for item in items]
+        data = self.client._request("POST", f"{self.info.route}/submit_many", None, json=payload).json()
+        return [Task(self, t["task_id"]) for t in data["tasks"]]
+
+    def task(self, task_id: str) -> Task:
+        """A handle on an existing task of this endpoint, by id."""
+        return Task(self, task_id)
+
+    def _need_task(self) -> None:
+        if not self.info.task:
+            raise ClientError(f"{self.info.name!r} is an @api endpoint, not a task; call it directly.")
+
+
+class SyncHTTPClient:
+    """A blocking client; endpoints appear as attributes, learned from ``GET /schema.json``.
+
+    Args:
+        url: the server, like ``http://localhost:3000``.
+        timeout: seconds for each request (long polls add their own wait).
+        transport: an httpx transport, for tests or embedding.
+
+    Example:
+        >>> with taskserve.SyncHTTPClient("http://localhost:3000") as client:
+        ...     task = client.generate.submit(prompt="a mountain")
+    """
+
+    def __init__(
+        self, url: str, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, transport: httpx.BaseTransport | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport, headers=headers)
+        self._endpoints: dict[str, EndpointInfo] | None = None
+
+    def _request(self, method: str, path: str, task: Any, **kwargs: Any) -> httpx.Response:
+        if "timeout" in kwargs and kwargs["timeout"] is None:
+            kwargs["timeout"] = httpx.Timeout(None, connect=10.0)
+        params = kwargs.get("params") or {}
+        if "timeout" in params:
+            kwargs["timeout"] = httpx.Timeout(float(params["timeout"]) + 30.0, connect=10.0)
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise transport_error(self.url, exc) from exc
+        raise_for_response(response, task)
+        return response
+
+    @property
+    def endpoints(self) -> dict[str, EndpointInfo]:
+        if self._endpoints is None:
+            self._endpoints = parse_schema(self._request("GET", "/schema.json", None).json())
+        return self._endpoints
+
+    def __getattr__(self, name: str) -> SyncEndpoint:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        info = self.endpoints.get(name)
+        if info is None:
+            raise AttributeError(f"The service at {self.url} has no endpoint {name!r}; it has {sorted(self.endpoints)}.")
+        return SyncEndpoint(self, info)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> SyncHTTPClient:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,129 @@
+"""Wake-ups between processes on one machine, for the SQLite queue.
+
+SQLite has no way to tell another process that a row changed, and polling it hard costs
+a core. Each process that waits binds a Unix datagram socket in a directory derived from the
+database path; writers send a few bytes to every socket of the right role after they
+commit. A lost datagram only costs latency: every waiter also polls with back-off.
+
+Messages: ``w`` (new work), ``c:ID`` (task cancelled), ``d:ID`` (task reached a terminal state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+
+WORKER = "w"
+API = "a"
+
+
+def wake_dir(db_path: str) -> str:
+    digest = hashlib.sha1(os.path.abspath(db_path).encode()).hexdigest()[:16]
+    # Socket paths are limited to ~100 bytes, so they live in the temp dir, not beside the db.
+    return os.path.join(tempfile.gettempdir(), f"taskserve-{digest}")
+
+
+class Waker:
+    def __init__(self, db_path: str) -> None:
+        self.dir = wake_dir(db_path)
+        self._send_sock: socket.socket | None = None
+        self._peers: dict[str, list[str]] = {}
+        self._listed_at = 0.0
+        self._own: dict[str, socket.socket] = {}
+        self._pending: dict[str, set[bytes]] = {}
+        self._flush_scheduled = False
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, role: str, message: bytes) -> None:
+        """Queue a message for every process of ``role``; sent once per event-loop turn."""
+        self._pending.setdefault(role, set()).add(message)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, {}
+        for role, messages in pending.items():
+            for path in self._list(role):
+                for message in messages:
+                    if not self._send_one(path, message):
+                        break
+
+    def _list(self, role: str) -> list[str]:
+        now = time.monotonic()
+        if now - self._listed_at > 0.5:
+            self._listed_at = now
+            self._peers = {}
+            with contextlib.suppress(FileNotFoundError):
+                for name in os.listdir(self.dir):
+                    if name.endswith(".sock"):
+                        self._peers.setdefault(name[0], []).append(os.path.join(self.dir, name))
+        return self._peers.get(role, [])
+
+    def _send_one(self, path: str, message: bytes) -> bool:
+        if self._send_sock is None:
+            self._send_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._send_sock.setblocking(False)
+        try:
+            self._send_sock.sendto(message, path)
+        except BlockingIOError:
+            return False  # its buffer is full: it has plenty to wake up for already
+        except (ConnectionRefusedError, FileNotFoundError):
+            # The process behind it died without cleaning up (kill -9).
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            self._listed_at = 0.0
+            return False
+        except OSError:
+            return False
+        return True
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def listen(self, role: str, on_message: Callable[[bytes], None]) -> None:
+        """Bind this process's socket for ``role`` and call ``on_message`` for each datagram."""
+        if role in self._own:
+            return
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        path = os.path.join(self.dir, f"{role}-{os.getpid()}-{os.urandom(4).hex()}.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.setblocking(False)
+        self._own[role] = sock
+        self._listed_at = 0.0
+
+        def readable() -> None:
+            while True:
+                try:
+                    data = sock.recv(4096)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    return
+                on_message(data)
+
+        asyncio.get_running_loop().add_reader(sock.fileno(), readable)
+
+    def close(self) -> None:
+        for sock in self._own.values():
+            path = sock.getsockname()
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._own.clear()
+        if self._send_sock is not None:
+            self._send_sock.close()
+            self._send_sock = None

@@ -1,0 +1,304 @@
+"""The queue interface every broker implements.
+
+Public methods hold the rules (states, fencing, timestamps, retention); backends implement
+the underscore methods, each of which must be atomic in the store itself, because API
+servers and workers in other processes and on other hosts share it.
+
+Shaped for what comes later: ``claim`` takes a ``limit`` (batching claims several tasks of a
+route at once), tasks carry ``priority`` and ``run_at`` (priorities, delays), and claim is
+given the routes to serve, so a per-route concurrency cap only narrows that list.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from .._types import Claim, NewTask, Outcome, Result, TaskRecord, TaskStatus
+from ..exceptions import InvalidTransition, TaskNotFound
+
+DEFAULT_RETENTION = 24 * 3600.0
+DEFAULT_LEASE = 30.0
+
+BACKENDS = {
+    "sqlite": "taskserve.queue.sqlite:SQLiteQueue",
+    "redis": "taskserve.queue.redis:RedisQueue",
+    "rediss": "taskserve.queue.redis:RedisQueue",
+}
+
+
+def now() -> float:
+    return time.time()
+
+
+class Watch:
+    """Sleeps for the given time; a backend's subclass returns early on a change."""
+
+    async def wait(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+
+    def close(self) -> None:
+        pass
+
+
+class Queue(abc.ABC):
+    """A durable queue of tasks shared by API servers and workers.
+
+    Args:
+        url: the broker URL this queue was opened with.
+        retention: seconds a finished task and its result are kept.
+    """
+
+    def __init__(self, url: str, *, retention: float = DEFAULT_RETENTION) -> None:
+        self.url = url
+        self.retention = retention
+        # Longest sleep between two reads of a task someone waits on. Backends that push
+        # changes raise it, since the poll is then only a safety net.
+        self.poll_cap = 0.25
+        # Called with a task id when the backend learns that a task was cancelled, so a
+        # worker can stop it at once instead of at its next lease renewal.
+        self.cancel_listeners: list[Callable[[str], None]] = []
+
+    @staticmethod
+    def from_url(url: str, **options: Any) -> Queue:
+        """Open the queue a broker URL names, importing its backend only now.
+
+        Example:
+            >>> queue = Queue.from_url("sqlite:///tasks.db")
+        """
+        scheme = urlparse(url).scheme
+        if scheme not in BACKENDS:
+            raise ValueError(
+                f"Unsupported broker URL {url!r}: use sqlite:///path/tasks.db or redis://host:6379/0."
+            )
+        module_name, _, attr = BACKENDS[scheme].partition(":")
+        import importlib
+
+        cls = getattr(importlib.import_module(module_name), attr)
+        query = {k: v[-1] for k, v in parse_qs(urlparse(url).query).items()}
+        if "retention" in query and "retention" not in options:
+            options["retention"] = float(query["retention"])
+        queue: Queue = cls(url, **options)
+        return queue
+
+    def describe(self) -> str:
+        """The URL with any password hidden, for logs."""
+        parsed = urlparse(self.url)
+        if parsed.password:
+            return self.url.replace(f":{parsed.password}@", ":***@")
+        return self.url
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def connect(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    async def ping(self) -> None:
+        """Raise ``QueueUnavailable`` unless the store answers."""
+        await self._ping()
+
+    # -- producer side ---------------------------------------------------------------------
+
+    async def enqueue(self, task: NewTask) -> TaskRecord:
+        """Store one task durably; returns once it is committed."""
+        return (await self.enqueue_many([task]))[0]
+
+    async def enqueue_many(self, tasks: Sequence[NewTask]) -> list[TaskRecord]:
+        """Store all the tasks or none of them."""
+        ts = now()
+        for task in tasks:
+            if task.run_at is None:
+                task.run_at = ts
+        await self._enqueue(tasks, ts)
+        return [
+            TaskRecord(
+                id=t.id,
+                route=t.route,
+                status=TaskStatus.PENDING,
+                created_at=ts,
+                max_attempts=t.max_attempts,
+                priority=t.priority,
+                timeout=t.timeout,
+            )
+            for t in tasks
+        ]
+
+    async def get(self, task_id: str, route: str | None = None) -> TaskRecord:
+        """The task's record; ``TaskNotFound`` if unknown, expired or of another route."""
+        record = await self._get(task_id)
+        if record is None or (route is not None and record.route != route):
+            raise TaskNotFound(task_id)
+        return record
+
+    async def get_result(self, task_id: str) -> Result | None:
+        return await self._get_result(task_id)
+
+    async def cancel(self, task_id: str, route: str | None = None) -> TaskRecord:
+        """Cancel a pending or running task; ``InvalidTransition`` if it already ended."""
+        record = await self.get(task_id, route)
+        if record.status.is_terminal:
+            raise InvalidTransition(
+                f"Task {task_id!r} is already {record.status.value} and cannot be cancelled.", record.status
+            )
+        record = await self._cancel(task_id, now())
+        if record is None:  # it finished between our read and our write
+            record = await self.get(task_id, route)
+            raise InvalidTransition(
+                f"Task {task_id!r} is already {record.status.value} and cannot be cancelled.", record.status
+            )
+        return record
+
+    async def retry(self, task_id: str, route: str | None = None) -> TaskRecord:
+        """Submit a new task with the arguments of a finished one; the old one is unchanged."""
+        record = await self.get(task_id, route)
+        if not record.status.is_terminal:
+            raise InvalidTransition(
+                f"Task {task_id!r} is still {record.status.value}; only a finished task can be retried.",
+                record.status,
+            )
+        args = await self._get_args(task_id)
+        if args is None:
+            raise TaskNotFound(task_id)
+        new = NewTask(
+            route=record.route,
+            args=args,
+            max_attempts=record.max_attempts,
+            timeout=record.timeout,
+            priority=record.priority,
+        )
+        return await self.enqueue(new)
+
+    async def wait(self, task_id: str, timeout: float, route: str | None = None) -> TaskRecord:
+        """Return the record once the task is terminal or ``timeout`` seconds have passed."""
+        deadline = now() + timeout
+        watch = self._watch(task_id)  # registered before the read, so no wake-up is missed
+        try:
+            record = await self.get(task_id, route)
+            delay = 0.005
+            while not record.status.is_terminal:
+                remaining = deadline - now()
+                if remaining <= 0:
+                    break
+                await watch.wait(min(delay, remaining))
+                delay = min(delay * 2, self.poll_cap)
+                record = await self.get(task_id, route)
+            return record
+        finally:
+            watch.close()
+
+    # -- worker side -----------------------------------------------------------------------
+
+    async def claim(
+        self, routes: Sequence[str], worker: str, *, limit: int = 1, lease: float = DEFAULT_LEASE
+    ) -> list[Claim]:
+        """Hand up to ``limit`` due tasks of ``routes`` to this worker, each to exactly one worker."""
+        if limit <= 0 or not routes:
+            return []
+        return await self._claim(list(routes), worker, limit, lease, now())
+
+    async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        """Record outcomes; each is applied only while its claim still holds the task.
+
+        Returns, per outcome, whether it was applied. A worker that lost its lease (it was
+        presumed dead, or the task was cancelled) gets ``False`` and its outcome is dropped.
+        """
+        if not outcomes:
+            return []
+        return await self._finish(list(outcomes), now())
+
+    async def extend(self, held: dict[str, str], lease: float = DEFAULT_LEASE) -> set[str]:
+        """Renew the leases of ``{task_id: token}``; returns the ids this worker still holds."""
+        if not held:
+            return set()
+        return await self._extend(held, lease, now())
+
+    async def still_held(self, held: dict[str, str]) -> set[str]:
+        """A read-only check of which ``{task_id: token}`` claims are still in force."""
+        if not held:
+            return set()
+        return await self._still_held(held)
+
+    async def abandon(self, worker: str) -> int:
+        """Treat every lease ``worker`` holds as lapsed now (its process is known to be dead)."""
+        return await self._abandon(worker, now())
+
+    async def wait_for_work(self, routes: Sequence[str], timeout: float) -> None:
+        """Sleep until new work may be due on ``routes`` or ``timeout`` passes."""
+        await self._wait_for_work(list(routes), timeout)
+
+    # -- maintenance -----------------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Re-queue tasks whose lease lapsed (their worker died); fail those out of attempts."""
+        return await self._recover(now())
+
+    async def purge(self) -> int:
+        """Delete finished tasks older than the retention time; returns how many."""
+        return await self._purge(now())
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        """``{(route, status): n}`` for the active states, for metrics and readiness."""
+        return await self._counts()
+
+    # -- backend hooks ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _ping(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _enqueue(self, tasks: Sequence[NewTask], ts: float) -> None: ...
+
+    @abc.abstractmethod
+    async def _get(self, task_id: str) -> TaskRecord | None: ...
+
+    @abc.abstractmethod
+    async def _get_args(self, task_id: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    async def _get_result(self, task_id: str) -> Result | None: ...
+
+    @abc.abstractmethod
+    async def _cancel(self, task_id: str, ts: float) -> TaskRecord | None:
+        """Atomically move a non-terminal task to ``cancelled``; ``None`` if it was terminal."""
+
+    @abc.abstractmethod
+    async def _claim(self, routes: list[str], worker: str, limit: int, lease: float, ts: float) -> list[Claim]: ...
+
+    @abc.abstractmethod
+    async def _finish(self, outcomes: list[Outcome], ts: float) -> list[bool]: ...
+
+    @abc.abstractmethod
+    async def _extend(self, held: dict[str, str], lease: float, ts: float) -> set[str]: ...
+
+    @abc.abstractmethod
+    async def _still_held(self, held: dict[str, str]) -> set[str]: ...
+
+    @abc.abstractmethod
+    async def _recover(self, ts: float) -> int: ...
+
+    @abc.abstractmethod
+    async def _purge(self, ts: float) -> int: ...
+
+    @abc.abstractmethod
+    async def _counts(self) -> dict[tuple[str, str], int]: ...
+
+    @abc.abstractmethod
+    async def _abandon(self, worker: str, ts: float) -> int: ...
+
+    async def _wait_for_work(self, routes: list[str], timeout: float) -> None:
+        await asyncio.sleep(timeout)
+
+    def _watch(self, task_id: str) -> Watch:
+        """A handle that wakes when the task may have changed; backends with push override it."""
+        return Watch()
+
+    def _notify_cancelled(self, task_id: str) -> None:
+        for listener in list(self.cancel_listeners):
+            listener(task_id)

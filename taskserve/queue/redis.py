@@ -1,0 +1,584 @@
+"""The shared broker: ``redis://host:6379/0`` (or ``rediss://``), for API servers and workers on many hosts.
+
+Every state change is one Lua script, so Redis itself makes it atomic: no lock, no
+read-modify-write race between processes. Keys, under a prefix (``taskserve``, or
+``?prefix=NAME`` so that several services or a test can share one Redis):
+
+    P:t:ID              hash: the task's fields, its args and its result; expires once terminal
+    P:ready:ROUTE       zset of due tasks: score -priority, member "run_at|ID" (ties by run_at)
+    P:delayed:ROUTE     zset of tasks not due yet, scored by run_at; claim promotes the due ones
+    P:leases:ROUTE      zset of running tasks, scored by lease expiry (recover, counts)
+    P:w:WORKER          set of the tasks a worker holds (abandon)
+    P:routes            set of routes with tasks (recover and counts visit these only)
+
+Channels: ``P:work:ROUTE`` (new or re-queued work), ``P:cancel`` and ``P:done`` (task ids).
+Durability is what Redis is configured for: use ``appendonly yes`` to survive a Redis crash.
+Scripts touch keys they compute from the prefix, so this needs one Redis, not a Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
+
+try:
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import RedisError, ResponseError
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("The Redis broker needs the redis package: pip install 'taskserve[redis]'.") from exc
+
+from .._types import WORKER_LOST, Claim, NewTask, Outcome, Result, TaskRecord, TaskStatus
+from ..exceptions import QueueError, QueueUnavailable
+from .base import DEFAULT_RETENTION, Queue, Watch, now
+
+logger = logging.getLogger("taskserve.queue")
+
+RECORD_FIELDS = tuple(
+    "route status created_at started_at completed_at attempts max_attempts error worker priority timeout".split()
+)
+
+# Helpers shared by every script. ARGV[1] is always the key prefix.
+PRELUDE = """
+local P = ARGV[1]
+local function tkey(id) return P .. ':t:' .. id end
+local function rkey(kind, route) return P .. ':' .. kind .. ':' .. route end
+local function hset(id, ...) redis.call('HSET', tkey(id), ...) end
+local function hdel(id, ...) redis.call('HDEL', tkey(id), ...) end
+local function member(id, run_at) return string.format('%017.6f|', tonumber(run_at)) .. id end
+local wake = {}
+-- Put a pending task where claim looks for it: ready if due, else delayed.
+local function queue(id, route, ts)
+  local h = redis.call('HMGET', tkey(id), 'run_at', 'priority')
+  if tonumber(h[1]) > tonumber(ts) then
+    redis.call('ZADD', rkey('delayed', route), h[1], id)
+  else
+    redis.call('ZADD', rkey('ready', route), 0 - tonumber(h[2]), member(id, h[1]))
+  end
+  wake[route] = true
+end
+local function publish_wakes()
+  for route in pairs(wake) do redis.call('PUBLISH', rkey('work', route), '') end
+end
+local function drop_lease(id, route, worker)
+  redis.call('ZREM', rkey('leases', route), id)
+  if worker then redis.call('SREM', P .. ':w:' .. worker, id) end
+end
+local function terminal(id, status, ts, retention)
+  hset(id, 'status', status, 'completed_at', ts)
+  hdel(id, 'token', 'lease')
+  redis.call('PEXPIRE', tkey(id), retention)
+  redis.call('PUBLISH', P .. ':done', id)
+end
+"""
+
+# ARGV: prefix, ts, then per task: id, route, priority, run_at, max_attempts, timeout, args.
+ENQUEUE = """
+local ts, seen, fresh, taken = ARGV[2], {}, 0, nil
+for i = 3, #ARGV, 7 do
+  local id = ARGV[i]
+  local created = redis.call('HGET', tkey(id), 'created_at')
+  if seen[id] or (created and created ~= ts) then return redis.error_reply('DUPLICATE ' .. id) end
+  seen[id] = true
+  if created then taken = id else fresh = fresh + 1 end
+end
+-- All stored with this very timestamp: a retry of a call whose reply was lost, so it succeeded.
+if fresh == 0 then return 0 end
+if taken then return redis.error_reply('DUPLICATE ' .. taken) end
+for i = 3, #ARGV, 7 do
+  local id, route = ARGV[i], ARGV[i + 1]
+  hset(id, 'route', route, 'status', 'pending', 'priority', ARGV[i + 2], 'run_at', ARGV[i + 3], 'created_at', ts,
+    'attempts', 0, 'max_attempts', ARGV[i + 4], 'args', ARGV[i + 6])
+  if ARGV[i + 5] ~= '' then hset(id, 'timeout', ARGV[i + 5]) end
+  redis.call('SADD', P .. ':routes', route)
+  queue(id, route, ts)
+end
+publish_wakes()
+return fresh
+"""
+
+# ARGV: prefix, ts, worker, token, limit, lease_until, routes...
+CLAIM = """
+local ts, worker, token, limit, lease_until = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local found, out = {}, {}
+for i = 7, #ARGV do
+  local route = ARGV[i]
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', rkey('delayed', route), '-inf', ts, 'LIMIT', 0, 500)) do
+    redis.call('ZREM', rkey('delayed', route), id)
+    queue(id, route, ts)
+  end
+  local top = redis.call('ZRANGE', rkey('ready', route), 0, limit - 1, 'WITHSCORES')
+  for j = 1, #top, 2 do table.insert(found, {tonumber(top[j + 1]), top[j], route}) end
+end
+table.sort(found, function(a, b) if a[1] ~= b[1] then return a[1] < b[1] end return a[2] < b[2] end)
+for k = 1, math.min(limit, #found) do
+  local m, route = found[k][2], found[k][3]
+  local id = string.sub(m, string.find(m, '|', 1, true) + 1)
+  redis.call('ZREM', rkey('ready', route), m)
+  if redis.call('HGET', tkey(id), 'status') == 'pending' then
+    local attempts = redis.call('HINCRBY', tkey(id), 'attempts', 1)
+    hset(id, 'status', 'in_progress', 'token', token, 'lease', lease_until, 'started_at', ts, 'worker', worker)
+    redis.call('ZADD', rkey('leases', route), lease_until, id)
+    redis.call('SADD', P .. ':w:' .. worker, id)
+    local h = redis.call('HMGET', tkey(id), 'args', 'max_attempts', 'timeout')
+    table.insert(out, {id, route, h[1], attempts, h[2], h[3] or ''})
+  end
+end
+return out
+"""
+
+# ARGV: prefix, ts, retention_ms, then per outcome: id, token, kind, result, content_type, error, retry_at.
+# kind: s = success, n = success without a result, p = hand back, f = failure (retried if retry_at ~= '').
+FINISH = """
+local ts, retention, out = ARGV[2], ARGV[3], {}
+for i = 4, #ARGV, 7 do
+  local id, kind = ARGV[i], ARGV[i + 2]
+  local h = redis.call('HMGET', tkey(id), 'status', 'token', 'route', 'worker', 'attempts', 'max_attempts')
+  local held = h[1] == 'in_progress' and h[2] == ARGV[i + 1]
+  if held then
+    drop_lease(id, h[3], h[4])
+    if kind == 'p' then
+      redis.call('HINCRBY', tkey(id), 'attempts', -1)
+      hset(id, 'status', 'pending')
+      hdel(id, 'token', 'lease', 'started_at', 'worker')
+      queue(id, h[3], ts)
+    elseif kind == 'f' then
+      if ARGV[i + 5] == '' then hdel(id, 'error') else hset(id, 'error', ARGV[i + 5]) end
+      if ARGV[i + 6] ~= '' and tonumber(h[5]) < tonumber(h[6]) then
+        hset(id, 'status', 'pending', 'run_at', ARGV[i + 6])
+        hdel(id, 'token', 'lease', 'worker')
+        queue(id, h[3], ts)
+      else
+        terminal(id, 'failure', ts, retention)
+      end
+    else
+      if kind == 's' then hset(id, 'result', ARGV[i + 3], 'content_type', ARGV[i + 4]) end
+      hdel(id, 'error')
+      terminal(id, 'success', ts, retention)
+    end
+  end
+  table.insert(out, held and 1 or 0)
+end
+publish_wakes()
+return out
+"""
+
+# ARGV: prefix, lease_until, then id, token pairs. Returns the ids still held.
+EXTEND = """
+local out = {}
+for i = 3, #ARGV, 2 do
+  local h = redis.call('HMGET', tkey(ARGV[i]), 'status', 'token', 'route')
+  if h[1] == 'in_progress' and h[2] == ARGV[i + 1] then
+    hset(ARGV[i], 'lease', ARGV[2])
+    redis.call('ZADD', rkey('leases', h[3]), ARGV[2], ARGV[i])
+    table.insert(out, ARGV[i])
+  end
+end
+return out
+"""
+
+# ARGV: prefix, ts, retention_ms, id, record fields... Returns the record, or nil if already terminal.
+CANCEL = """
+local id = ARGV[4]
+local h = redis.call('HMGET', tkey(id), 'status', 'route', 'worker', 'run_at')
+if h[1] == 'pending' then
+  redis.call('ZREM', rkey('ready', h[2]), member(id, h[4]))
+  redis.call('ZREM', rkey('delayed', h[2]), id)
+elseif h[1] == 'in_progress' then
+  drop_lease(id, h[2], h[3])
+  redis.call('PUBLISH', P .. ':cancel', id)
+else
+  return false
+end
+terminal(id, 'cancelled', ARGV[2], ARGV[3])
+return redis.call('HMGET', tkey(id), unpack(ARGV, 5))
+"""
+
+# ARGV: prefix, ts, retention_ms, error, worker ('' for none), its lapsed lease. First lapses what the
+# worker holds (abandon), then moves every lapsed lease back to pending, or to failure once out of attempts.
+RECOVER = """
+local ts, retention, err, worker, n = ARGV[2], ARGV[3], ARGV[4], ARGV[5], 0
+for _, id in ipairs(redis.call('SMEMBERS', P .. ':w:' .. worker)) do
+  local h = redis.call('HMGET', tkey(id), 'status', 'worker', 'route')
+  if h[1] == 'in_progress' and h[2] == worker then
+    hset(id, 'lease', ARGV[6])
+    redis.call('ZADD', rkey('leases', h[3]), ARGV[6], id)
+  end
+end
+for _, route in ipairs(redis.call('SMEMBERS', P .. ':routes')) do
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', rkey('leases', route), '-inf', '(' .. ts, 'LIMIT', 0, 1000)) do
+    local h = redis.call('HMGET', tkey(id), 'status', 'worker', 'attempts', 'max_attempts')
+    drop_lease(id, route, h[2])
+    if h[1] == 'in_progress' then
+      n = n + 1
+      hset(id, 'error', err)
+      if tonumber(h[3]) < tonumber(h[4]) then
+        hset(id, 'status', 'pending')
+        hdel(id, 'token', 'lease', 'worker')
+        queue(id, route, ts)
+      else
+        terminal(id, 'failure', ts, retention)
+      end
+    end
+  end
+end
+publish_wakes()
+return n
+"""
+
+# Returns {route, pending, in_progress} per route; with 'prune', forgets routes left with no active task.
+COUNTS = """
+local out = {}
+for _, route in ipairs(redis.call('SMEMBERS', P .. ':routes')) do
+  local pending = redis.call('ZCARD', rkey('ready', route)) + redis.call('ZCARD', rkey('delayed', route))
+  local running = redis.call('ZCARD', rkey('leases', route))
+  if pending + running == 0 and ARGV[2] == 'prune' then redis.call('SREM', P .. ':routes', route) end
+  table.insert(out, {route, pending, running})
+end
+return out
+"""
+
+
+def _record(task_id: str, values: Sequence[Any]) -> TaskRecord | None:
+    route, status, created, started, completed, attempts, max_attempts, error, worker, priority, timeout = (
+        None if v is None else v.decode() for v in values
+    )
+    if route is None or status is None or created is None:
+        return None
+    return TaskRecord(
+        id=task_id,
+        route=route,
+        status=TaskStatus(status),
+        created_at=float(created),
+        started_at=None if started is None else float(started),
+        completed_at=None if completed is None else float(completed),
+        attempts=int(attempts or 0),
+        max_attempts=int(max_attempts or 1),
+        error=error,
+        worker=worker,
+        priority=int(priority or 0),
+        timeout=None if timeout is None else float(timeout),
+    )
+
+
+class _RedisWatch(Watch):
+    """Wakes when ``P:done`` announces the task; the first wait also waits for the subscription."""
+
+    def __init__(self, queue: RedisQueue, task_id: str) -> None:
+        self._queue = queue
+        self._task_id = task_id
+        self._event = asyncio.Event()
+        queue._waiters.setdefault(task_id, set()).add(self._event)
+        queue._want([queue._key("done")])
+
+    async def wait(self, timeout: float) -> None:
+        subscribed = self._queue._want([self._queue._key("done")])[0]
+        if not subscribed.done():
+            # Return once the subscription is live, so that the caller's next read sees
+            # every change that no message will announce.
+            await asyncio.wait([subscribed], timeout=timeout)
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+        self._event.clear()
+
+    def close(self) -> None:
+        events = self._queue._waiters.get(self._task_id)
+        if events is not None:
+            events.discard(self._event)
+            if not events:
+                del self._queue._waiters[self._task_id]
+
+
+class RedisQueue(Queue):
+    """The broker for many machines: ``redis://host:6379/0``, ``rediss://`` for TLS.
+
+    Args:
+        url: the Redis URL; redis-py options such as ``socket_connect_timeout`` may be
+            given as query parameters, and ``prefix`` names the key prefix.
+        retention: seconds a finished task and its result are kept (Redis expires them).
+        prefix: the key prefix, ``taskserve`` unless the URL or this argument says otherwise.
+
+    Example:
+        >>> queue = RedisQueue("redis://localhost:6379/0?prefix=imagegen")
+    """
+
+    def __init__(self, url: str, *, retention: float = DEFAULT_RETENTION, prefix: str | None = None) -> None:
+        super().__init__(url, retention=retention)
+        parsed = urlparse(url)
+        query = dict(parse_qsl(parsed.query))
+        self.prefix = prefix or query.pop("prefix", None) or "taskserve"
+        query.pop("retention", None)  # ours, not redis-py's
+        options: dict[str, Any] = {"socket_connect_timeout": 5.0, "socket_timeout": 30.0, **query}
+        # A short retry rides out a restart or a dropped connection; longer outages surface
+        # as QueueUnavailable (HTTP 503) instead of hanging a request.
+        self._client = aioredis.Redis.from_url(
+            urlunparse(parsed._replace(query=urlencode(options))),
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            socket_keepalive=True,
+            health_check_interval=30,
+        )
+        scripts = {"enqueue": ENQUEUE, "claim": CLAIM, "finish": FINISH, "extend": EXTEND, "cancel": CANCEL}
+        scripts.update(recover=RECOVER, counts=COUNTS)
+        self._scripts = {name: self._client.register_script(PRELUDE + body) for name, body in scripts.items()}
+        # Pushed changes make polling a safety net only, for messages lost while reconnecting.
+        self.poll_cap = 5.0
+        self._pubsub = self._client.pubsub()
+        self._subscriptions: dict[str, asyncio.Future[None]] = {}  # resolved when Redis confirmed
+        self._subscribe_lock = asyncio.Lock()
+        self._listener: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._resubscribe = False  # set when a SUBSCRIBE failed, so the listener sends them all again
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._work = asyncio.Event()
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    @contextlib.contextmanager
+    def _translate(self) -> Iterator[None]:
+        """Turn redis-py's errors into ours at the boundary, so callers catch only taskserve's."""
+        try:
+            yield
+        except ResponseError as exc:
+            if str(exc).startswith("DUPLICATE"):
+                raise QueueError(f"Task id {str(exc)[10:]!r} is already taken; give each task a new id.") from exc
+            raise QueueUnavailable(f"Redis at {self.describe()} refused the operation: {exc}.") from exc
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(
+                f"Cannot reach Redis at {self.describe()} ({exc}); check that it runs, taskserve reconnects by itself."
+            ) from exc
+
+    async def _run(self, script: str, *args: Any) -> Any:
+        with self._translate():
+            return await self._scripts[script](args=[self.prefix, *args])
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Check that Redis answers and that every subscription asked for so far is live."""
+        await self._ping()
+        pending = [f for f in self._subscriptions.values() if not f.done()]
+        if pending and (await asyncio.wait(pending, timeout=5.0))[1]:
+            raise QueueUnavailable(f"Redis at {self.describe()} did not confirm a subscription in time; retry later.")
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._listener, *self._background) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._listener, self._subscriptions = None, {}
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(RedisError, OSError):
+            await self._client.aclose()
+
+    # -- notifications ---------------------------------------------------------------------
+
+    def _want(self, channels: Iterable[str]) -> list[asyncio.Future[None]]:
+        """Subscribe in the background; the futures resolve once Redis confirms each channel."""
+        channels = list(channels)
+        new = [c for c in channels if c not in self._subscriptions]
+        if new:
+            loop = asyncio.get_running_loop()
+            for channel in new:
+                self._subscriptions[channel] = loop.create_future()
+            if self._listener is None:
+                self._listener = loop.create_task(self._listen())  # subscribes to all on start
+            else:
+                task = loop.create_task(self._subscribe(new))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        return [self._subscriptions[c] for c in channels]
+
+    async def _subscribe(self, channels: list[str]) -> None:
+        try:
+            async with self._subscribe_lock:
+                await self._pubsub.subscribe(*channels)
+        except Exception:  # the listener retries every channel with back-off
+            self._resubscribe = True
+
+    async def _listen(self) -> None:
+        """Read this process's messages for as long as it lives, reconnecting with back-off."""
+        delay, lost = 0.05, False
+        self._resubscribe = True
+        while True:
+            try:
+                if self._resubscribe:
+                    async with self._subscribe_lock:
+                        self._resubscribe = False
+                        await self._pubsub.subscribe(*self._subscriptions)
+                message = await self._pubsub.get_message(timeout=5.0)
+            except Exception as exc:  # RedisError, OSError, or redis-py's state errors mid-reconnect
+                if not lost:
+                    logger.warning("Lost the Redis subscription at %s (%s); reconnecting.", self.describe(), exc)
+                    loop = asyncio.get_running_loop()
+                    # Fresh futures, so that connect() waits until the subscriptions are back.
+                    self._subscriptions = {
+                        c: loop.create_future() if f.done() else f for c, f in self._subscriptions.items()
+                    }
+                lost = self._resubscribe = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if lost:
+                logger.info("Redis subscription at %s is back.", self.describe())
+                lost, delay = False, 0.05
+                self._wake_all()  # messages sent while we were away are lost: make everyone look
+            if message is not None:
+                self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if not isinstance(message.get("channel"), bytes):
+            return  # a pong
+        channel = message["channel"].decode()
+        if message["type"] == "subscribe":
+            future = self._subscriptions.get(channel)
+            if future is not None and not future.done():
+                future.set_result(None)
+        elif message["type"] != "message":
+            return
+        elif channel == self._key("done"):
+            for event in self._waiters.get(message["data"].decode(), ()):
+                event.set()
+        elif channel == self._key("cancel"):
+            try:
+                self._notify_cancelled(message["data"].decode())
+            except Exception:  # a listener's bug must not stop this process's notifications
+                logger.exception("A cancel listener failed.")
+        else:
+            self._work.set()
+
+    def _wake_all(self) -> None:
+        self._work.set()
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
+
+    def _watch(self, task_id: str) -> Watch:
+        return _RedisWatch(self, task_id)
+
+    def listen_for_cancel(self) -> None:
+        """Call ``cancel_listeners`` when any process cancels a running task; ``connect()`` awaits it."""
+        self._want([self._key("cancel")])
+
+    async def _wait_for_work(self, routes: list[str], timeout: float) -> None:
+        self.listen_for_cancel()
+        deadline = now() + timeout
+        fresh = any(self._key("work", r) not in self._subscriptions for r in routes)
+        subscribed = [f for f in self._want([self._key("work", r) for r in routes]) if not f.done()]
+        if subscribed:
+            await asyncio.wait(subscribed, timeout=timeout)
+        replies: list[Any] = []
+        # Only a hint: with Redis away, sleep out the timeout and let the caller's claim report it.
+        with contextlib.suppress(RedisError, OSError):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for route in routes:
+                    pipe.zcard(self._key("ready", route))
+                    pipe.zrange(self._key("delayed", route), 0, 0, withscores=True)
+                replies = await pipe.execute()
+        # Work queued before we listened sends no message; after that, messages tell us.
+        if fresh and any(replies[0::2]):
+            return
+        due = [delayed[0][1] for delayed in replies[1::2] if delayed]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._work.wait(), max(0.0, min([deadline, *due]) - now()))
+        self._work.clear()
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    async def _ping(self) -> None:
+        with self._translate():
+            await self._client.ping()
+
+    async def _enqueue(self, tasks: Sequence[NewTask], ts: float) -> None:
+        args: list[Any] = [repr(ts)]
+        for t in tasks:
+            timeout = "" if t.timeout is None else repr(float(t.timeout))
+            run_at = ts if t.run_at is None else t.run_at
+            args += [t.id, t.route, t.priority, repr(float(run_at)), t.max_attempts, timeout, t.args]
+        await self._run("enqueue", *args)
+
+    async def _get(self, task_id: str) -> TaskRecord | None:
+        with self._translate():
+            values: list[Any] = await self._client.hmget(self._key("t", task_id), RECORD_FIELDS)
+        return _record(task_id, values)
+
+    async def _get_args(self, task_id: str) -> bytes | None:
+        with self._translate():
+            args: Any = await self._client.hget(self._key("t", task_id), "args")
+        return None if args is None else bytes(args)
+
+    async def _get_result(self, task_id: str) -> Result | None:
+        with self._translate():
+            fields: list[Any] = await self._client.hmget(self._key("t", task_id), ["status", "result", "content_type"])
+        status, body, content_type = fields
+        if status != b"success" or body is None:
+            return None
+        return Result(body, content_type.decode() if content_type else "application/octet-stream")
+
+    async def _cancel(self, task_id: str, ts: float) -> TaskRecord | None:
+        values = await self._run("cancel", repr(ts), self._retention_ms(), task_id, *RECORD_FIELDS)
+        return None if values is None else _record(task_id, values)
+
+    async def _claim(self, routes: list[str], worker: str, limit: int, lease: float, ts: float) -> list[Claim]:
+        token = os.urandom(8).hex()
+        rows = await self._run("claim", repr(ts), worker, token, limit, repr(ts + lease), *routes)
+        return [
+            Claim(task_id.decode(), route.decode(), args, token, int(n), int(max_n), float(t) if t else None)
+            for task_id, route, args, n, max_n, t in rows
+        ]
+
+    async def _finish(self, outcomes: list[Outcome], ts: float) -> list[bool]:
+        args: list[Any] = [repr(ts), self._retention_ms()]
+        for o in outcomes:
+            kind = {TaskStatus.SUCCESS: "n" if o.result is None else "s", TaskStatus.PENDING: "p"}.get(o.status, "f")
+            retry_at = repr(ts + o.retry_delay) if o.retry else ""
+            args += [o.id, o.token, kind, o.result or b"", o.content_type or "", o.error or "", retry_at]
+        applied = await self._run("finish", *args)
+        return [bool(a) for a in applied]
+
+    async def _extend(self, held: dict[str, str], lease: float, ts: float) -> set[str]:
+        pairs = [part for item in held.items() for part in item]
+        kept = await self._run("extend", repr(ts + lease), *pairs)
+        return {task_id.decode() for task_id in kept}
+
+    async def _still_held(self, held: dict[str, str]) -> set[str]:
+        with self._translate():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for task_id in held:
+                    pipe.hmget(self._key("t", task_id), ["status", "token"])
+                replies = await pipe.execute()
+        return {
+            task_id
+            for (task_id, token), (status, stored) in zip(held.items(), replies, strict=True)
+            if status == b"in_progress" and stored == token.encode()
+        }
+
+    async def _recover(self, ts: float, worker: str = "") -> int:
+        return int(await self._run("recover", repr(ts), self._retention_ms(), WORKER_LOST, worker, repr(ts - 1)))
+
+    async def _abandon(self, worker: str, ts: float) -> int:
+        return await self._recover(ts, worker)
+
+    async def _purge(self, ts: float) -> int:
+        # Redis expires finished tasks by itself; only the route index needs pruning.
+        await self._run("counts", "prune")
+        return 0
+
+    async def _counts(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for route, pending, running in await self._run("counts", ""):
+            for status, n in (("pending", pending), ("in_progress", running)):
+                if n:
+                    out[(route.decode(), status)] = int(n)
+        return out
+
+    def _retention_ms(self) -> int:
+        return max(1, int(self.retention * 1000))

@@ -1,0 +1,305 @@
+"""Routes of SPEC §3: one set per endpoint, plus the service-wide ones."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .._types import NewTask, TaskRecord, TaskStatus
+from ..codec import FileArg
+from ..exceptions import InvalidTransition, PayloadTooLarge, QueueUnavailable, ValidationFailed
+from ..queue.base import Queue
+from ..service import Endpoint, Service
+from . import openapi
+from ._errors import EXCEPTION_HANDLERS
+from .metrics import Metrics
+
+logger = logging.getLogger("taskserve.server")
+
+DEFAULT_MAX_BODY = 100 * 1024 * 1024
+MAX_WAIT = 300.0
+MAX_BATCH = 10_000
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes whether or not a length was sent."""
+    length = request.headers.get("content-length")
+    too_large = PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes; send a smaller one.")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # lets request.form() parse what we already read
+    return body
+
+
+def parse_json(body: bytes, expected: type) -> Any:
+    try:
+        data = json.loads(body) if body.strip() else ({} if expected is dict else None)
+    except ValueError as exc:
+        raise ValidationFailed(
+            f"The request body is not valid JSON ({exc}).", [{"loc": [], "msg": str(exc), "type": "json_invalid"}]
+        ) from None
+    if not isinstance(data, expected):
+        what = "an object of arguments" if expected is dict else "an array of argument objects"
+        raise ValidationFailed(
+            f"The request body must be a JSON {what}.", [{"loc": [], "msg": f"expected {what}", "type": "type_error"}]
+        )
+    return data
+
+
+def task_id_param(request: Request) -> str:
+    task_id = request.query_params.get("task_id")
+    if not task_id:
+        raise HTTPException(400, "Missing the task_id query parameter, as in ?task_id=ID.")
+    return task_id
+
+
+class EndpointRoutes:
+    """The handlers of one endpoint."""
+
+    def __init__(self, endpoint: Endpoint, queue: Queue, metrics: Metrics, max_body: int) -> None:
+        self.endpoint = endpoint
+        self.route = endpoint.route
+        self.codec = endpoint.codec
+        self.queue = queue
+        self.metrics = metrics
+        self.max_body = max_body
+
+    def routes(self) -> list[Route]:
+        r = self.route
+        direct = Route(r, self.call, methods=["POST"])
+        if not self.endpoint.is_task:
+            return [direct]
+        return [
+            Route(f"{r}/submit", self.submit, methods=["POST"]),
+            Route(f"{r}/submit_many", self.submit_many, methods=["POST"]),
+            Route(f"{r}/status", self.status, methods=["GET"]),
+            Route(f"{r}/get", self.get, methods=["GET"]),
+            Route(f"{r}/wait", self.wait, methods=["GET"]),
+            Route(f"{r}/retry", self.retry, methods=["POST", "PUT"]),
+            Route(f"{r}/cancel", self.cancel, methods=["POST", "PUT"]),
+            direct,
+        ]
+
+    # -- input -----------------------------------------------------------------------------
+
+    async def arguments(self, request: Request) -> bytes:
+        body = await read_body(request, self.max_body)
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype == "application/x-www-form-urlencoded" and body.lstrip()[:1] == b"{":
+            ctype = "application/json"  # curl -d '{...}' sends JSON under the form type
+        if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            data: dict[str, Any] = {}
+            async with request.form(max_files=1000, max_fields=1000, max_part_size=self.max_body) as form:
+                for key, value in form.multi_items():
+                    if isinstance(value, UploadFile):
+                        data[key] = FileArg(await value.read(), value.filename, value.content_type)
+                    else:
+                        data[key] = self.codec.form_value(key, value)
+            return self.codec.validate(data)
+        if ctype not in ("application/json", "", "text/plain") and not ctype.endswith("+json"):
+            raise HTTPException(415, f"Send arguments as application/json or multipart/form-data, not {ctype!r}.")
+        return self.codec.validate(parse_json(body, dict))
+
+    def new_task(self, args: bytes) -> NewTask:
+        ep = self.endpoint
+        return NewTask(self.route, args, max_attempts=ep.max_attempts, timeout=ep.timeout, priority=ep.priority)
+
+    # -- handlers --------------------------------------------------------------------------
+
+    async def submit(self, request: Request) -> Response:
+        started = time.perf_counter()
+        record = await self.queue.enqueue(self.new_task(await self.arguments(request)))
+        self.metrics.submitted.labels(self.endpoint.name).inc()
+        self.metrics.latency.labels(self.endpoint.name).observe(time.perf_counter() - started)
+        return JSONResponse({"task_id": record.id, "status": record.status.value})
+
+    async def submit_many(self, request: Request) -> Response:
+        items = parse_json(await read_body(request, self.max_body), list)
+        if len(items) > MAX_BATCH:
+            raise ValidationFailed(f"At most {MAX_BATCH} tasks per submit_many; got {len(items)}. Split the batch.")
+        tasks, errors = [], []
+        for index, item in enumerate(items):
+            try:
+                tasks.append(self.new_task(self.codec.validate(item)))
+            except ValidationFailed as exc:
+                errors.extend({"index": index, **d} for d in exc.detail)
+        if errors:
+            where = ", ".join(sorted({f"item {e['index']}" + (f" field {'.'.join(e['loc'])}" if e["loc"] else "") for e in errors}))
+            raise ValidationFailed(f"No task was submitted: invalid arguments in {where}.", errors)
+        records = await self.queue.enqueue_many(tasks)
+        self.metrics.submitted.labels(self.endpoint.name).inc(len(records))
+        return JSONResponse({"tasks": [{"task_id": r.id, "status": r.status.value} for r in records]})
+
+    async def status(self, request: Request) -> Response:
+        record = await self.queue.get(task_id_param(request), self.route)
+        return JSONResponse(record.to_json())
+
+    async def get(self, request: Request) -> Response:
+        record = await self.queue.get(task_id_param(request), self.route)
+        return await self.result_response(record)
+
+    async def result_response(self, record: TaskRecord, *, failure_code: int = 409) -> Response:
+        if record.status is TaskStatus.SUCCESS:
+            result = await self.queue.get_result(record.id)
+            if result is not None:
+                return Response(result.body, media_type=result.content_type, headers={"X-Task-Id": record.id})
+        reason = {
+            TaskStatus.PENDING: "is still pending; poll its status or wait",
+            TaskStatus.IN_PROGRESS: "is still in progress; poll its status or wait",
+            TaskStatus.FAILURE: f"failed: {record.error}",
+            TaskStatus.CANCELLED: "was cancelled",
+            TaskStatus.SUCCESS: "has no stored result (it expired)",
+        }[record.status]
+        code = failure_code if record.status is TaskStatus.FAILURE else 409
+        return JSONResponse(
+            {"error": f"Task {record.id!r} {reason}.", "status": record.status.value, "task_id": record.id,
+             "task_error": record.error},
+            status_code=code,
+        )
+
+    async def wait(self, request: Request) -> Response:
+        task_id = task_id_param(request)
+        raw = request.query_params.get("timeout", "30")
+        try:
+            timeout = float(raw)
+            if not 0 <= timeout < float("inf"):
+                raise ValueError
+        except ValueError:
+            raise HTTPException(400, f"timeout must be a number of seconds, got {raw!r}.") from None
+        record = await self.queue.wait(task_id, min(timeout, MAX_WAIT), self.route)
+        return JSONResponse(record.to_json())
+
+    async def retry(self, request: Request) -> Response:
+        record = await self.queue.retry(task_id_param(request), self.route)
+        self.metrics.submitted.labels(self.endpoint.name).inc()
+        return JSONResponse({"task_id": record.id, "status": record.status.value})
+
+    async def cancel(self, request: Request) -> Response:
+        record = await self.queue.cancel(task_id_param(request), self.route)
+        return JSONResponse({"task_id": record.id, "status": record.status.value})
+
+    async def call(self, request: Request) -> Response:
+        """Submit, wait for the end, answer with the result; a caller who hangs up cancels it."""
+        record = await self.queue.enqueue(self.new_task(await self.arguments(request)))
+        self.metrics.submitted.labels(self.endpoint.name).inc()
+        task_id = record.id
+        try:
+            while not record.status.is_terminal:
+                record = await self.queue.wait(task_id, 1.0)
+                if not record.status.is_terminal and await request.is_disconnected():
+                    raise asyncio.CancelledError
+        except asyncio.CancelledError:
+            with contextlib.suppress(InvalidTransition, QueueUnavailable, Exception):
+                await self.queue.cancel(task_id)
+            raise
+        self.metrics.finished.labels(self.endpoint.name, record.status.value).inc()
+        return await self.result_response(record, failure_code=500)
+
+
+def create_app(
+    service: Service,
+    queue: Queue,
+    *,
+    max_body_size: int = DEFAULT_MAX_BODY,
+    maintenance: bool = True,
+    worker_count: Callable[[], int] | None = None,
+) -> Starlette:
+    """The ASGI app serving ``service`` over ``queue``.
+
+    Args:
+        max_body_size: bytes accepted in one request; more is answered with 413.
+        maintenance: run lease recovery and retention purge in this process.
+        worker_count: reports live local workers for ``/readyz`` (``taskserve serve`` passes it).
+    """
+    metrics = Metrics()
+    routes: list[Route] = []
+    for endpoint in service.endpoints:
+        routes.extend(EndpointRoutes(endpoint, queue, metrics, max_body_size).routes())
+    schema = openapi.service_schema(service)
+    docs = openapi.openapi_document(service)
+
+    async def schema_json(request: Request) -> Response:
+        return JSONResponse(schema)
+
+    async def docs_json(request: Request) -> Response:
+        return JSONResponse(docs)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        await queue.ping()  # QueueUnavailable → 503
+        body: dict[str, Any] = {"status": "ready", "broker": queue.describe()}
+        if worker_count is not None:
+            body["local_workers"] = worker_count()
+        return JSONResponse(body)
+
+    async def metrics_text(request: Request) -> Response:
+        text = await metrics.render(queue, [ep.route for ep in service.endpoints])
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    routes += [
+        Route("/schema.json", schema_json, methods=["GET"]),
+        Route("/docs.json", docs_json, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_text, methods=["GET"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await queue.connect()
+        task = asyncio.create_task(_maintain(queue)) if maintenance else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await queue.close()
+
+    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app.state.queue = queue
+    app.state.service = service
+    app.state.metrics = metrics
+    return app
+
+
+async def _maintain(queue: Queue) -> None:
+    """Re-queue tasks of dead workers every second and purge expired ones every minute."""
+    last_purge = 0.0
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            await queue.recover()
+            if time.monotonic() - last_purge > 60:
+                last_purge = time.monotonic()
+                purged = await queue.purge()
+                if purged:
+                    logger.info("purged %d expired task(s)", purged)
+        except QueueUnavailable as exc:
+            logger.warning("maintenance skipped: %s", exc)
+        except Exception:
+            logger.exception("maintenance failed")

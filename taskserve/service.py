@@ -1,0 +1,239 @@
+"""Service definitions: the decorators and the plain data they build.
+
+``@task``/``@api`` only attach an :class:`Endpoint` to the function and return it unchanged,
+so a decorated method stays an ordinary method. ``@service`` collects them into a
+:class:`Service`. Everything also works without decorators: ``Service(cls, [Endpoint(...)])``.
+The API process builds a ``Service`` from the class alone; only workers instantiate it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from .exceptions import ServiceDefinitionError
+
+if TYPE_CHECKING:
+    from .codec import Codec
+
+F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C", bound=type)
+
+ENDPOINT_ATTR = "__taskserve_endpoint__"
+SERVICE_ATTR = "__taskserve_service__"
+
+
+@dataclass
+class Endpoint:
+    """One callable of a service, exposed at ``route``.
+
+    Args:
+        fn: the function (a method of the service class, taking ``self`` first).
+        name: the attribute clients call it by; defaults to the function's name.
+        route: the URL path; defaults to ``/`` + name.
+        is_task: a task (submit/status/get/...) or a plain ``@api`` endpoint.
+        timeout: seconds one attempt may run before it fails with a timeout.
+        max_attempts: how many times the task may be started; a worker that dies, or an
+            exception listed in ``retry_on``, uses one up.
+        retry_on: exception types after which the task runs again (opt-in).
+        priority: claimed before lower-priority work; ``@api`` calls default above tasks,
+            since a client is waiting on them.
+    """
+
+    fn: Callable[..., Any]
+    name: str = ""
+    route: str = ""
+    is_task: bool = True
+    timeout: float | None = None
+    max_attempts: int = 3
+    retry_on: tuple[type[BaseException], ...] = ()
+    priority: int = 0
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.fn.__name__
+        route = self.route or f"/{self.name}"
+        self.route = "/" + route.strip("/")
+        if self.route == "/":
+            raise ServiceDefinitionError(f"Endpoint {self.name!r} needs a route other than '/'.")
+        if self.max_attempts < 1:
+            raise ServiceDefinitionError(f"max_attempts of {self.name!r} must be at least 1, got {self.max_attempts}.")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ServiceDefinitionError(f"timeout of {self.name!r} must be positive, got {self.timeout}.")
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn)
+
+    @cached_property
+    def codec(self) -> Codec:
+        from .codec import Codec
+
+        return Codec(self.fn, self.name)
+
+
+def _endpoint_decorator(is_task: bool, fn: Any, options: dict[str, Any]) -> Any:
+    def wrap(f: F) -> F:
+        if not callable(f):
+            raise ServiceDefinitionError(f"@{'task' if is_task else 'api'} decorates a function, got {f!r}.")
+        opts = dict(options)
+        if not is_task:
+            opts.setdefault("max_attempts", 1)
+            opts.setdefault("priority", 10)
+        setattr(f, ENDPOINT_ATTR, Endpoint(fn=f, is_task=is_task, **opts))
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+@overload
+def task(fn: F) -> F: ...
+@overload
+def task(
+    *,
+    name: str = "",
+    route: str = "",
+    timeout: float | None = None,
+    max_attempts: int = 3,
+    retry_on: tuple[type[BaseException], ...] = (),
+    priority: int = 0,
+) -> Callable[[F], F]: ...
+def task(fn: Any = None, **options: Any) -> Any:
+    """Mark a method as a task: clients submit it, get an id at once and fetch the result later.
+
+    Args:
+        route: URL path, default ``/`` + the method name.
+        timeout: seconds one attempt may run.
+        max_attempts: starts allowed in all; a lost worker uses one up (default 3).
+        retry_on: exception types that make the task run again while attempts remain.
+        priority: higher runs first.
+
+    Example:
+        >>> @taskserve.task(timeout=600)
+        ... def generate(self, prompt: str) -> Image: ...
+    """
+    return _endpoint_decorator(True, fn, options)
+
+
+@overload
+def api(fn: F) -> F: ...
+@overload
+def api(*, name: str = "", route: str = "", timeout: float | None = None, priority: int = 10) -> Callable[[F], F]: ...
+def api(fn: Any = None, **options: Any) -> Any:
+    """Mark a method as a synchronous endpoint: ``POST /{route}`` answers with the result.
+
+    It still runs in a worker process (the only place the service is instantiated), at a
+    higher priority than tasks, so a waiting caller is served first.
+
+    Example:
+        >>> @taskserve.api
+        ... def describe(self, text: str) -> dict: ...
+    """
+    return _endpoint_decorator(False, fn, options)
+
+
+@dataclass
+class Service:
+    """A service class and its endpoints.
+
+    Args:
+        cls: the user's class; instantiated once per worker process.
+        endpoints: its tasks and APIs.
+        name: shown in logs and the schema; defaults to the class name.
+        workers: default number of worker processes for ``taskserve serve``.
+    """
+
+    cls: type
+    endpoints: list[Endpoint] = field(default_factory=list)
+    name: str = ""
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.cls.__name__
+        seen: dict[str, str] = {}
+        for ep in self.endpoints:
+            if ep.route in seen:
+                raise ServiceDefinitionError(
+                    f"Endpoints {seen[ep.route]!r} and {ep.name!r} both use route {ep.route!r}; give one another route."
+                )
+            seen[ep.route] = ep.name
+            ep.codec  # noqa: B018 - check every signature now, not at the first request
+        if not self.endpoints:
+            raise ServiceDefinitionError(f"{self.name} has no @taskserve.task or @taskserve.api methods.")
+
+    @classmethod
+    def from_class(cls, klass: type, *, name: str = "", workers: int = 1) -> Service:
+        endpoints = []
+        for attr in dir(klass):
+            member = inspect.getattr_static(klass, attr, None)
+            if isinstance(member, (staticmethod, classmethod)):
+                continue
+            ep = getattr(member, ENDPOINT_ATTR, None)
+            if isinstance(ep, Endpoint):
+                endpoints.append(ep)
+        endpoints.sort(key=lambda e: e.route)
+        return cls(klass, endpoints, name=name, workers=workers)
+
+    @property
+    def by_route(self) -> dict[str, Endpoint]:
+        return {ep.route: ep for ep in self.endpoints}
+
+    def instantiate(self) -> Any:
+        return self.cls()
+
+
+@overload
+def service(cls: C) -> C: ...
+@overload
+def service(*, name: str = "", workers: int = 1) -> Callable[[C], C]: ...
+def service(cls: Any = None, *, name: str = "", workers: int = 1) -> Any:
+    """Mark a class as a taskserve service, collecting its ``@task`` and ``@api`` methods.
+
+    Args:
+        name: the service's name, default the class name.
+        workers: default number of worker processes when served.
+
+    Example:
+        >>> @taskserve.service(workers=2)
+        ... class ImageGenerationService: ...
+    """
+
+    def wrap(klass: C) -> C:
+        setattr(klass, SERVICE_ATTR, Service.from_class(klass, name=name, workers=workers))
+        return klass
+
+    return wrap(cls) if cls is not None else wrap
+
+
+def load_service(target: str) -> Service:
+    """Import ``"module:Class"`` (from the working directory too, as uvicorn does) as a Service."""
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ServiceDefinitionError(f"Expected MODULE:Class, like examples.image_generation:Service; got {target!r}.")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ServiceDefinitionError(f"Cannot import module {module_name!r}: {exc}.") from exc
+        raise
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ServiceDefinitionError(f"Module {module_name!r} has no attribute {attr!r}.") from None
+    if isinstance(obj, Service):
+        return obj
+    spec = getattr(obj, SERVICE_ATTR, None)
+    if isinstance(spec, Service) and spec.cls is obj:
+        return spec
+    if isinstance(obj, type):
+        return Service.from_class(obj)
+    raise ServiceDefinitionError(f"{target!r} is not a service class.")

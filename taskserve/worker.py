@@ -1,0 +1,387 @@
+"""The worker: builds the service once, then claims and runs tasks until told to stop.
+
+One worker process runs up to ``concurrency`` tasks at once: ``async def`` tasks on its
+event loop, plain ``def`` tasks in a thread each, so the loop stays free to renew leases and
+hear cancels while a model call blocks.
+
+Stopping a sync task: Python cannot kill a thread, so the worker raises an exception inside
+it (which works while it runs Python code); if that does not end it within a few seconds
+(it is stuck in C), the worker hands its other tasks back and exits, and the supervisor
+starts a fresh process. That is the "interrupted or its worker recycled" of SPEC §4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._types import Claim, Outcome, TaskStatus
+from .exceptions import QueueUnavailable, Retry
+from .queue.base import DEFAULT_LEASE, Queue
+from .service import Endpoint, Service
+
+logger = logging.getLogger("taskserve.worker")
+
+EXIT_RECYCLE = 75  # asks the supervisor for a fresh process (a sync task could not be stopped)
+
+
+class TaskInterrupted(BaseException):
+    """Raised inside a sync task's thread to stop it (cancelled, timed out or shutting down)."""
+
+
+@dataclass
+class _SyncCall:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    thread_id: int | None = None
+    finished: bool = False
+
+    def interrupt(self) -> bool:
+        with self.lock:
+            if self.finished or self.thread_id is None:
+                return False
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), ctypes.py_object(TaskInterrupted))
+            return True
+
+
+@dataclass
+class _Running:
+    claim: Claim
+    task: asyncio.Task[None] = None  # type: ignore[assignment]  # set right after creation
+    sync: _SyncCall | None = None
+    # Why we stop it: "cancelled" (by a user, drop the result), "lost" (lease gone),
+    # "shutdown" (hand it back), "timeout".
+    stop_reason: str | None = None
+
+
+class Worker:
+    """Claims tasks of ``service`` from ``queue`` and runs them.
+
+    Args:
+        service: what to run; instantiated once, in ``run``.
+        queue: the broker.
+        concurrency: tasks run at once by this process.
+        lease: seconds a claim holds a task without renewal; a dead worker's tasks re-run after it.
+        grace: seconds running tasks may take to finish when the worker is told to stop.
+        name: identifies this worker in task records, default ``host:pid``.
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        queue: Queue,
+        *,
+        concurrency: int = 1,
+        lease: float = DEFAULT_LEASE,
+        grace: float = 30.0,
+        name: str | None = None,
+    ) -> None:
+        self.service = service
+        self.queue = queue
+        self.concurrency = max(1, concurrency)
+        self.lease = lease
+        self.grace = grace
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.routes = [ep.route for ep in service.endpoints]
+        self._endpoints = service.by_route
+        self._running: dict[str, _Running] = {}
+        self._stopping = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="taskserve-task")
+        self._instance: Any = None
+        self._tmp = tempfile.mkdtemp(prefix="taskserve-worker-")
+        self.recycle = False
+        self.completed = 0
+
+    def stop(self) -> None:
+        """Stop claiming; running tasks get ``grace`` seconds, then go back to the queue."""
+        self._stopping.set()
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Serve until ``stop()``; with ``burst``, return once no task is due and none runs."""
+        await self.queue.connect()
+        self.queue.cancel_listeners.append(self._on_cancel)
+        listen = getattr(self.queue, "listen_for_cancel", None)
+        if listen is not None:
+            listen()
+        if self._instance is None:
+            self._instance = self.service.instantiate()
+        logger.info("worker %s ready: %s, concurrency %d", self.name, ", ".join(self.routes), self.concurrency)
+        keeper = asyncio.create_task(self._keep_leases())
+        try:
+            await self._loop(burst)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            await self._drain()
+            self.queue.cancel_listeners.remove(self._on_cancel)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    async def _loop(self, burst: bool) -> None:
+        idle = 0.01
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._running)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._first(self._slot_free.wait())
+                continue
+            try:
+                claims = await self.queue.claim(self.routes, self.name, limit=free, lease=self.lease)
+            except QueueUnavailable as exc:
+                logger.warning("worker %s: %s; retrying in %.1fs", self.name, exc, idle)
+                claims = []
+                await self._first(asyncio.sleep(idle))
+                idle = min(idle * 2, 5.0)
+                continue
+            if claims:
+                idle = 0.01
+                for claim in claims:
+                    self._start(claim)
+                continue
+            if burst and not self._running:
+                return
+            await self._first(self.queue.wait_for_work(self.routes, idle))
+            idle = min(idle * 2, 1.0)
+
+    async def _first(self, aw: Any) -> None:
+        """Await ``aw`` unless a stop comes first."""
+        waiter = asyncio.ensure_future(aw)
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (waiter, stopper):
+                if not t.done():
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
+
+    def _start(self, claim: Claim) -> None:
+        endpoint = self._endpoints[claim.route]
+        running = _Running(claim)
+        self._running[claim.id] = running
+        running.task = asyncio.create_task(self._execute(running, endpoint))
+
+    async def _execute(self, running: _Running, endpoint: Endpoint) -> None:
+        claim = running.claim
+        outcome: Outcome | None
+        workdir = os.path.join(self._tmp, claim.id)
+        try:
+            kwargs = endpoint.codec.load(claim.args, workdir)
+            value = await self._call(running, endpoint, kwargs)
+            body, content_type = endpoint.codec.dump_result(value)
+            outcome = Outcome(claim.id, claim.token, TaskStatus.SUCCESS, result=body, content_type=content_type)
+        except (asyncio.CancelledError, TaskInterrupted):
+            outcome = self._stopped_outcome(running, endpoint)
+        except Retry as exc:
+            outcome = Outcome(
+                claim.id, claim.token, TaskStatus.FAILURE, error=_describe(exc), retry=True, retry_delay=exc.delay
+            )
+        except Exception as exc:
+            logger.info("task %s (%s) raised %s", claim.id, endpoint.name, _describe(exc))
+            retry = bool(endpoint.retry_on) and isinstance(exc, endpoint.retry_on)
+            outcome = Outcome(claim.id, claim.token, TaskStatus.FAILURE, error=_describe(exc), retry=retry)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            if outcome is not None:
+                await self._report(outcome)
+        finally:
+            self._running.pop(claim.id, None)
+            self._slot_free.set()
+            self.completed += 1
+
+    def _stopped_outcome(self, running: _Running, endpoint: Endpoint) -> Outcome | None:
+        claim = running.claim
+        if running.stop_reason == "timeout":
+            return Outcome(
+                claim.id,
+                claim.token,
+                TaskStatus.FAILURE,
+                error=f"TimeoutError: {endpoint.name} ran longer than its timeout of {endpoint.timeout}s",
+            )
+        if running.stop_reason == "shutdown":
+            return Outcome(claim.id, claim.token, TaskStatus.PENDING)
+        return None  # cancelled or lost: the store already says what happened
+
+    async def _report(self, outcome: Outcome) -> None:
+        delay = 0.05
+        deadline = time.monotonic() + max(self.lease, 5.0)
+        while True:
+            try:
+                await self.queue.finish([outcome])
+                return
+            except QueueUnavailable as exc:
+                # Past the lease the task will re-run elsewhere anyway; until then keep trying.
+                if time.monotonic() > deadline:
+                    logger.error("could not record the outcome of task %s: %s", outcome.id, exc)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _call(self, running: _Running, endpoint: Endpoint, kwargs: dict[str, Any]) -> Any:
+        fn = endpoint.fn
+        if endpoint.is_async:
+            coro = fn(self._instance, **kwargs)
+            if endpoint.timeout is None:
+                return await coro
+            try:
+                return await asyncio.wait_for(coro, endpoint.timeout)
+            except asyncio.TimeoutError:
+                running.stop_reason = "timeout"
+                raise asyncio.CancelledError from None
+        call = _SyncCall()
+        running.sync = call
+
+        def in_thread() -> Any:
+            with call.lock:
+                call.thread_id = threading.get_ident()
+            try:
+                return fn(self._instance, **kwargs)
+            finally:
+                with call.lock:
+                    call.finished = True
+
+        future = asyncio.get_running_loop().run_in_executor(self._pool, in_thread)
+        if endpoint.timeout is None:
+            return await future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), endpoint.timeout)
+        except asyncio.TimeoutError:
+            running.stop_reason = "timeout"
+            await self._interrupt(running, future)
+            raise TaskInterrupted from None
+
+    async def _interrupt(self, running: _Running, future: asyncio.Future[Any]) -> None:
+        """Stop a sync task's thread; recycle the process if it will not stop."""
+        assert running.sync is not None
+        running.sync.interrupt()
+        try:
+            await asyncio.wait_for(asyncio.shield(future), 3.0)
+        except BaseException:
+            pass
+        if not future.done():
+            logger.warning("task %s did not stop; recycling worker %s", running.claim.id, self.name)
+            self.recycle = True
+            self.stop()
+
+    def _stop_task(self, task_id: str, reason: str) -> None:
+        running = self._running.get(task_id)
+        if running is None or running.stop_reason is not None:
+            return
+        running.stop_reason = reason
+        if running.sync is not None:
+            future = running.task
+            asyncio.get_running_loop().create_task(self._stop_sync(running, future))
+        else:
+            running.task.cancel()
+
+    async def _stop_sync(self, running: _Running, task: asyncio.Task[None]) -> None:
+        assert running.sync is not None
+        running.sync.interrupt()
+        done, _ = await asyncio.wait({task}, timeout=3.0)
+        if not done:
+            logger.warning("task %s did not stop; recycling worker %s", running.claim.id, self.name)
+            self.recycle = True
+            self.stop()
+
+    def _on_cancel(self, task_id: str) -> None:
+        if task_id in self._running:
+            logger.info("task %s cancelled; stopping it", task_id)
+            self._stop_task(task_id, "cancelled")
+
+    async def _keep_leases(self) -> None:
+        """Renew leases; stop tasks whose lease is gone (cancelled, or presumed dead)."""
+        interval = max(self.lease / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            held = {tid: r.claim.token for tid, r in self._running.items() if r.stop_reason is None}
+            try:
+                kept = await self.queue.extend(held, self.lease)
+            except QueueUnavailable as exc:
+                logger.warning("worker %s could not renew leases: %s", self.name, exc)
+                continue
+            for task_id in held.keys() - kept:
+                self._stop_task(task_id, "lost")
+
+    async def _drain(self) -> None:
+        """Give running tasks ``grace`` seconds, then hand the rest back to the queue."""
+        if not self._running:
+            return
+        logger.info("worker %s draining %d running task(s)", self.name, len(self._running))
+        pending = {r.task for r in self._running.values()}
+        _, still = await asyncio.wait(pending, timeout=self.grace if not self.recycle else 0)
+        for running in list(self._running.values()):
+            if running.task in still:
+                self._stop_task(running.claim.id, "shutdown")
+        if still:
+            _, stuck = await asyncio.wait(still, timeout=5.0)
+            # A thread that will not stop: release its task ourselves, the process is exiting.
+            for running in list(self._running.values()):
+                if running.task in stuck:
+                    await self._report(Outcome(running.claim.id, running.claim.token, TaskStatus.PENDING))
+                    self.recycle = True
+
+
+def _describe(exc: BaseException) -> str:
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+async def run_worker_process(
+    target: str, broker: str, *, concurrency: int, lease: float, grace: float, retention: float | None
+) -> int:
+    """The body of one worker process: serve until SIGTERM/SIGINT or orphaned; returns the exit code."""
+    from .service import load_service
+
+    service = load_service(target)
+    options: dict[str, Any] = {}
+    if retention is not None:
+        options["retention"] = retention
+    queue = Queue.from_url(broker, **options)
+    worker = Worker(service, queue, concurrency=concurrency, lease=lease, grace=grace)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    parent = os.getppid()
+
+    async def watch_parent() -> None:
+        # Started by a supervisor that was killed (kill -9): drain and go, don't linger.
+        while True:
+            await asyncio.sleep(0.5)
+            if os.getppid() != parent:
+                logger.warning("worker %s lost its supervisor; stopping", worker.name)
+                worker.grace = 0
+                worker.stop()
+                return
+
+    watcher = asyncio.create_task(watch_parent()) if os.environ.get("TASKSERVE_SUPERVISED") else None
+
+    async def maintain() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(QueueUnavailable):
+                await queue.recover()
+
+    maintainer = asyncio.create_task(maintain())
+    try:
+        await worker.run()
+    finally:
+        for t in (watcher, maintainer):
+            if t is not None:
+                t.cancel()
+        await queue.close()
+    return EXIT_RECYCLE if worker.recycle else 0

@@ -1,0 +1,506 @@
+"""The contract every queue backend keeps, run against SQLite and Redis alike.
+
+Each test opens queue instances on one shared store, as the API server and the workers in
+separate processes would, and checks behaviour a user relies on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import anyio
+import pytest
+
+from taskserve._types import WORKER_LOST, Claim, NewTask, Outcome, TaskStatus
+from taskserve.exceptions import InvalidTransition, QueueError, QueueUnavailable, TaskNotFound
+from taskserve.queue import Queue
+
+pytestmark = pytest.mark.anyio
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+OpenQueue = Callable[..., Queue]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@cache
+def redis_reachable() -> bool:
+    parsed = urlparse(REDIS_URL)
+    try:
+        socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 6379), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def delete_keys(prefix: str) -> None:
+    import redis
+
+    with redis.Redis.from_url(REDIS_URL) as client:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+def with_prefix(url: str, prefix: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
+
+
+def require_redis() -> None:
+    if redis_reachable():
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"Redis at {REDIS_URL} is not reachable, and CI must run the Redis suite.")
+    pytest.skip(f"Redis at {REDIS_URL} is not reachable; start redis-server or set REDIS_URL.")
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own, whose keys are deleted afterwards."""
+    require_redis()
+    prefix = f"taskserve-test-{uuid.uuid4().hex}"
+    yield prefix
+    delete_keys(prefix)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+async def open_queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenQueue]:
+    """Opens queue instances on one store: a SQLite file, or a Redis key prefix of this test's own."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/tasks.db"
+    else:
+        url = with_prefix(REDIS_URL, request.getfixturevalue("redis_prefix"))
+    opened: list[Queue] = []
+
+    def open_(**options: Any) -> Queue:
+        opened.append(Queue.from_url(url, **options))
+        return opened[-1]
+
+    yield open_
+    for queue in opened:
+        await queue.close()
+
+
+@pytest.fixture
+def queue(open_queue: OpenQueue) -> Queue:
+    return open_queue()
+
+
+def task(route: str = "/gen", **options: Any) -> NewTask:
+    return NewTask(route=route, args=b'{"prompt": "a"}', **options)
+
+
+def done(claim: Claim, result: bytes = b"42", **options: Any) -> Outcome:
+    return Outcome(claim.id, claim.token, TaskStatus.SUCCESS, result, "application/json", **options)
+
+
+def failed(claim: Claim, **options: Any) -> Outcome:
+    return Outcome(claim.id, claim.token, TaskStatus.FAILURE, error="ValueError: boom", **options)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Call ``check`` (sync or async) until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await anyio.sleep(0.02)
+
+
+async def test_enqueue_then_get_is_pending(queue: Queue) -> None:
+    record = await queue.enqueue(task(max_attempts=3, priority=2))
+    stored = await queue.get(record.id, "/gen")
+    assert stored.status is TaskStatus.PENDING
+    assert (stored.attempts, stored.max_attempts, stored.priority) == (0, 3, 2)
+    assert stored.started_at is None and stored.completed_at is None
+    assert await queue.get_result(record.id) is None
+
+
+async def test_enqueue_many_is_all_or_none(queue: Queue) -> None:
+    existing = await queue.enqueue(task())
+    batch = [task(), task(), task(id=existing.id)]
+    with pytest.raises(QueueError):
+        await queue.enqueue_many(batch)
+    for new in batch[:2]:
+        with pytest.raises(TaskNotFound):
+            await queue.get(new.id)
+    assert await queue.counts() == {("/gen", "pending"): 1}
+
+
+async def test_concurrent_claimers_each_get_a_task_exactly_once(open_queue: OpenQueue) -> None:
+    ids = [r.id for r in await open_queue().enqueue_many([task() for _ in range(200)])]
+    claimed: list[str] = []
+
+    async def claim_loop(queue: Queue, worker: str) -> None:
+        while claims := await queue.claim(["/gen"], worker, limit=3):
+            claimed.extend(c.id for c in claims)
+
+    async with anyio.create_task_group() as tg:
+        for n in range(4):
+            tg.start_soon(claim_loop, open_queue(), f"worker-{n}")
+    assert sorted(claimed) == sorted(ids)
+
+
+async def test_claim_serves_only_the_given_routes_highest_priority_first(queue: Queue) -> None:
+    low = await queue.enqueue(task(priority=0))
+    high = await queue.enqueue(task(priority=5))
+    other = await queue.enqueue(task("/other", priority=9))
+    assert [c.id for c in await queue.claim(["/gen"], "w")] == [high.id]
+    assert [c.id for c in await queue.claim(["/gen"], "w")] == [low.id]
+    assert await queue.claim(["/gen"], "w") == []
+    assert [c.id for c in await queue.claim(["/gen", "/other"], "w")] == [other.id]
+
+
+async def test_claim_waits_for_run_at(queue: Queue) -> None:
+    later = await queue.enqueue(task(run_at=time.time() + 0.3, priority=9))
+    now = await queue.enqueue(task())
+    assert [c.id for c in await queue.claim(["/gen"], "w")] == [now.id]
+    assert await queue.claim(["/gen"], "w") == []
+    claims = await eventually(lambda: queue.claim(["/gen"], "w"))
+    assert [c.id for c in claims] == [later.id]
+    assert (await queue.get(later.id)).status is TaskStatus.IN_PROGRESS
+
+
+async def test_claim_with_limit_takes_several(queue: Queue) -> None:
+    await queue.enqueue_many([task() for _ in range(5)])
+    first = await queue.claim(["/gen"], "w", limit=3)
+    second = await queue.claim(["/gen"], "w", limit=3)
+    assert (len(first), len(second)) == (3, 2)
+    assert len({c.id for c in first + second}) == 5
+    assert await queue.counts() == {("/gen", "in_progress"): 5}
+
+
+async def test_finish_success_stores_the_result(queue: Queue) -> None:
+    record = await queue.enqueue(task())
+    [claim] = await queue.claim(["/gen"], "w")
+    assert claim.args == b'{"prompt": "a"}' and claim.attempts == 1
+    assert await queue.finish([done(claim, b"\x89PNG")]) == [True]
+    stored = await queue.get(record.id)
+    assert stored.status is TaskStatus.SUCCESS and stored.completed_at is not None
+    result = await queue.get_result(record.id)
+    assert result is not None and (result.body, result.content_type) == (b"\x89PNG", "application/json")
+
+
+async def test_stale_worker_is_fenced_out_after_recovery(open_queue: OpenQueue) -> None:
+    queue, other = open_queue(), open_queue()
+    record = await queue.enqueue(task(max_attempts=2))
+    [stale] = await queue.claim(["/gen"], "w1", lease=0.05)
+    await eventually(queue.recover)
+    [fresh] = await other.claim(["/gen"], "w2")
+    assert await queue.extend({stale.id: stale.token}) == set()
+    assert await queue.finish([failed(stale)]) == [False]
+    assert await other.finish([done(fresh)]) == [True]
+    assert await queue.finish([failed(stale)]) == [False]
+    assert (await queue.get(record.id)).status is TaskStatus.SUCCESS
+
+
+async def test_extend_keeps_a_lease_past_its_first_expiry(queue: Queue) -> None:
+    await queue.enqueue(task())
+    [claim] = await queue.claim(["/gen"], "w", lease=0.2)
+    assert await queue.extend({claim.id: claim.token}, lease=30) == {claim.id}
+    await anyio.sleep(0.3)
+    assert await queue.recover() == 0
+    assert await queue.still_held({claim.id: claim.token}) == {claim.id}
+    assert await queue.finish([done(claim)]) == [True]
+
+
+async def test_recover_requeues_then_fails_as_worker_lost(queue: Queue) -> None:
+    record = await queue.enqueue(task(max_attempts=2))
+    await queue.claim(["/gen"], "w1", lease=0.01)
+    await eventually(queue.recover)
+    [again] = await queue.claim(["/gen"], "w2", lease=0.01)
+    assert again.attempts == 2
+    await eventually(queue.recover)
+    stored = await queue.get(record.id)
+    assert (stored.status, stored.error, stored.attempts) == (TaskStatus.FAILURE, WORKER_LOST, 2)
+    assert await queue.finish([done(again)]) == [False]
+
+
+async def test_abandon_requeues_what_a_dead_worker_held(queue: Queue) -> None:
+    record = await queue.enqueue(task(max_attempts=3))
+    await queue.enqueue(task("/other"))
+    await queue.claim(["/gen"], "dead")
+    [survivor] = await queue.claim(["/other"], "alive")
+    assert await queue.abandon("dead") == 1
+    assert (await queue.get(record.id)).status is TaskStatus.PENDING
+    [again] = await queue.claim(["/gen"], "w2")
+    assert (again.id, again.attempts) == (record.id, 2)
+    assert await queue.still_held({survivor.id: survivor.token}) == {survivor.id}
+
+
+async def test_release_hands_a_task_back_without_using_an_attempt(queue: Queue) -> None:
+    record = await queue.enqueue(task())
+    [claim] = await queue.claim(["/gen"], "w")
+    assert await queue.finish([Outcome(claim.id, claim.token, TaskStatus.PENDING)]) == [True]
+    stored = await queue.get(record.id)
+    assert (stored.status, stored.attempts, stored.worker) == (TaskStatus.PENDING, 0, None)
+    [again] = await queue.claim(["/gen"], "w")
+    assert (again.id, again.attempts) == (record.id, 1)
+
+
+async def test_failure_with_retry_requeues_while_attempts_remain(queue: Queue) -> None:
+    record = await queue.enqueue(task(max_attempts=2))
+    [first] = await queue.claim(["/gen"], "w")
+    assert await queue.finish([failed(first, retry=True, retry_delay=0.2)]) == [True]
+    assert (await queue.get(record.id)).status is TaskStatus.PENDING
+    assert await queue.claim(["/gen"], "w") == []
+    [second] = await eventually(lambda: queue.claim(["/gen"], "w"))
+    assert await queue.finish([failed(second, retry=True)]) == [True]
+    stored = await queue.get(record.id)
+    assert (stored.status, stored.error, stored.attempts) == (TaskStatus.FAILURE, "ValueError: boom", 2)
+
+
+async def test_cancel_pending_task_is_never_claimed(queue: Queue) -> None:
+    record = await queue.enqueue(task())
+    cancelled = await queue.cancel(record.id, "/gen")
+    assert cancelled.status is TaskStatus.CANCELLED and cancelled.completed_at is not None
+    assert await queue.claim(["/gen"], "w") == []
+    assert (await queue.get(record.id)).status is TaskStatus.CANCELLED
+    assert await queue.counts() == {}
+
+
+async def test_cancel_running_task_reaches_its_worker(open_queue: OpenQueue) -> None:
+    api, worker = open_queue(), open_queue()
+    heard: list[str] = []
+    worker.cancel_listeners.append(heard.append)
+    worker.listen_for_cancel()  # type: ignore[attr-defined]  # not declared on Queue yet
+    await worker.connect()
+    record = await api.enqueue(task())
+    [claim] = await worker.claim(["/gen"], "w")
+    await api.cancel(record.id)
+    assert await eventually(lambda: heard) == [record.id]
+    assert await worker.still_held({claim.id: claim.token}) == set()
+    assert await worker.finish([done(claim)]) == [False]
+    assert (await api.get(record.id)).status is TaskStatus.CANCELLED
+
+
+@pytest.mark.parametrize("outcome", [done, failed])
+async def test_cancel_finished_task_is_refused(queue: Queue, outcome: Callable[[Claim], Outcome]) -> None:
+    record = await queue.enqueue(task())
+    [claim] = await queue.claim(["/gen"], "w")
+    await queue.finish([outcome(claim)])
+    with pytest.raises(InvalidTransition):
+        await queue.cancel(record.id)
+    assert (await queue.get(record.id)).status in {TaskStatus.SUCCESS, TaskStatus.FAILURE}
+
+
+async def test_retry_submits_a_new_task_with_the_same_arguments(queue: Queue) -> None:
+    record = await queue.enqueue(task(max_attempts=2, priority=3))
+    [claim] = await queue.claim(["/gen"], "w")
+    await queue.finish([failed(claim)])
+    new = await queue.retry(record.id, "/gen")
+    assert new.id != record.id and (new.status, new.max_attempts, new.priority) == (TaskStatus.PENDING, 2, 3)
+    [again] = await queue.claim(["/gen"], "w")
+    assert (again.id, again.args) == (new.id, claim.args)
+    assert (await queue.get(record.id)).status is TaskStatus.FAILURE
+
+
+async def test_retry_of_an_unfinished_task_is_refused(queue: Queue) -> None:
+    record = await queue.enqueue(task())
+    with pytest.raises(InvalidTransition):
+        await queue.retry(record.id)
+    await queue.claim(["/gen"], "w")
+    with pytest.raises(InvalidTransition):
+        await queue.retry(record.id)
+    assert await queue.counts() == {("/gen", "in_progress"): 1}
+
+
+async def test_get_of_another_route_or_unknown_id_is_not_found(queue: Queue) -> None:
+    record = await queue.enqueue(task())
+    with pytest.raises(TaskNotFound):
+        await queue.get(record.id, "/other")
+    with pytest.raises(TaskNotFound):
+        await queue.get("no-such-task")
+    with pytest.raises(TaskNotFound):
+        await queue.cancel(record.id, "/other")
+    assert (await queue.get(record.id, "/gen")).status is TaskStatus.PENDING
+
+
+async def test_wait_returns_once_another_instance_finishes(open_queue: OpenQueue) -> None:
+    api, worker = open_queue(), open_queue()
+    record = await api.enqueue(task())
+    [claim] = await worker.claim(["/gen"], "w")
+
+    async def finish_soon() -> None:
+        await anyio.sleep(0.3)
+        await worker.finish([done(claim)])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(finish_soon)
+        started = time.monotonic()
+        waited = await api.wait(record.id, timeout=20)
+    assert waited.status is TaskStatus.SUCCESS
+    assert time.monotonic() - started < 5
+
+
+async def test_wait_gives_the_unfinished_record_after_the_timeout(queue: Queue) -> None:
+    record = await queue.enqueue(task())
+    started = time.monotonic()
+    waited = await queue.wait(record.id, timeout=0.3)
+    assert waited.status is TaskStatus.PENDING
+    assert 0.25 < time.monotonic() - started < 3
+
+
+async def test_finished_tasks_are_deleted_after_the_retention_time(open_queue: OpenQueue) -> None:
+    queue = open_queue(retention=1.0)
+    kept, finished = await queue.enqueue_many([task("/keep"), task()])
+    [claim] = await queue.claim(["/gen"], "w")
+    await queue.finish([done(claim)])
+
+    async def expired() -> bool:
+        await queue.purge()  # SQLite deletes here; Redis has expired the keys by itself
+        return await queue.get_result(finished.id) is None
+
+    await eventually(expired)
+    with pytest.raises(TaskNotFound):
+        await queue.get(finished.id)
+    assert (await queue.get(kept.id)).status is TaskStatus.PENDING
+
+
+async def test_counts_active_tasks_by_route_and_state(queue: Queue) -> None:
+    await queue.enqueue_many([task(), task(), task(run_at=time.time() + 60), task("/other")])
+    [claim] = await queue.claim(["/gen"], "w")
+    assert await queue.counts() == {("/gen", "pending"): 2, ("/gen", "in_progress"): 1, ("/other", "pending"): 1}
+    await queue.finish([done(claim)])
+    assert await queue.counts() == {("/gen", "pending"): 2, ("/other", "pending"): 1}
+
+
+async def test_wait_for_work_wakes_when_another_instance_enqueues(open_queue: OpenQueue) -> None:
+    worker, api = open_queue(), open_queue()
+    claimed: list[float] = []
+
+    async def work() -> None:
+        while not await worker.claim(["/gen"], "w"):
+            await worker.wait_for_work(["/gen"], timeout=20)
+        claimed.append(time.monotonic())
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(work)
+            await anyio.sleep(0.3)  # let the worker settle into its wait
+            enqueued = time.monotonic()
+            await api.enqueue(task())
+    assert claimed[0] - enqueued < 3
+
+
+async def test_wait_for_work_wakes_when_a_delayed_task_falls_due(
+    open_queue: OpenQueue, request: pytest.FixtureRequest
+) -> None:
+    if request.node.callspec.params["open_queue"] == "sqlite":
+        reason = "SQLiteQueue._wait_for_work ignores run_at and sleeps out the whole timeout"
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+    queue = open_queue()
+    await queue.enqueue(task(run_at=time.time() + 0.3))
+    assert await queue.claim(["/gen"], "w") == []
+    started = time.monotonic()
+    await queue.wait_for_work(["/gen"], timeout=2)
+    assert time.monotonic() - started < 1.5
+    assert len(await queue.claim(["/gen"], "w")) == 1
+
+
+@pytest.mark.redis
+async def test_redis_unreachable_raises_queue_unavailable() -> None:
+    from taskserve.queue.redis import RedisQueue
+
+    queue = RedisQueue("redis://127.0.0.1:1/0?socket_connect_timeout=0.5")
+    started = time.monotonic()
+    for call in (queue.ping, lambda: queue.enqueue(task()), lambda: queue.claim(["/gen"], "w"), queue.counts):
+        with pytest.raises(QueueUnavailable, match="127.0.0.1:1"):
+            await call()
+    await queue.close()
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.redis
+async def test_redis_prefixes_keep_services_apart(redis_prefix: str) -> None:
+    from taskserve.queue.redis import RedisQueue
+
+    one = RedisQueue(with_prefix(REDIS_URL, redis_prefix))
+    two = RedisQueue(REDIS_URL, prefix=f"{redis_prefix}:two")
+    record = await one.enqueue(task())
+    with pytest.raises(TaskNotFound):
+        await two.get(record.id)
+    assert await two.claim(["/gen"], "w") == [] and await two.counts() == {}
+    assert await one.counts() == {("/gen", "pending"): 1}
+    await one.close()
+    await two.close()
+
+
+class RedisServer:
+    """A Redis server of one test's own, which the test may stop and start again."""
+
+    def __init__(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("This test needs the redis-server program, to restart a server of its own.")
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.redis
+async def test_redis_reconnects_and_listens_again_after_a_restart(redis_server: RedisServer) -> None:
+    from taskserve.queue.redis import RedisQueue
+
+    api, worker = RedisQueue(redis_server.url), RedisQueue(redis_server.url)
+    heard: list[str] = []
+    worker.cancel_listeners.append(heard.append)
+    worker.listen_for_cancel()
+    await worker.connect()
+    redis_server.stop()
+    with pytest.raises(QueueUnavailable):
+        await api.enqueue(task())
+    redis_server.start()
+    record = await api.enqueue(task())
+    await worker.claim(["/gen"], "w")
+    await worker.connect()  # returns once the listener has subscribed again
+    await api.cancel(record.id)
+    assert await eventually(lambda: heard) == [record.id]
+    await api.close()
+    await worker.close()
