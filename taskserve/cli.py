@@ -136,7 +136,7 @@ async def _serve(
         supervisor = Supervisor(
             target, broker, queue, workers=count, concurrency=concurrency, lease=lease, grace=grace, retention=retention
         )
-    app = create_app(service, queue, max_body_size=max_body_size, worker_count=supervisor.alive if supervisor else None)
+    app = create_app(service, queue, max_body_size=max_body_size, worker_pids=supervisor.pids if supervisor else None)
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager

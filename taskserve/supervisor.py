@@ -58,8 +58,9 @@ class Supervisor:
         self._stopping = False
         self.restarts = 0
 
-    def alive(self) -> int:
-        return sum(1 for p in self.processes.values() if p.returncode is None)
+    def pids(self) -> list[int]:
+        """Process ids of the live workers."""
+        return [p.pid for p in self.processes.values() if p.returncode is None]
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "taskserve", "run-worker", self.target, "--broker", self.broker]

@@ -112,9 +112,7 @@ class Worker:
         """Serve until ``stop()``; with ``burst``, return once no task is due and none runs."""
         await self.queue.connect()
         self.queue.cancel_listeners.append(self._on_cancel)
-        listen = getattr(self.queue, "listen_for_cancel", None)
-        if listen is not None:
-            listen()
+        self.queue.listen_for_cancel()
         if self._instance is None:
             self._instance = self.service.instantiate()
         logger.info("worker %s ready: %s, concurrency %d", self.name, ", ".join(self.routes), self.concurrency)
@@ -162,6 +160,9 @@ class Worker:
         stopper = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is not None:
+                # The broker failed while we waited: the next claim reports and backs off.
+                logger.debug("waiting for work failed: %s", waiter.exception())
         finally:
             for t in (waiter, stopper):
                 if not t.done():

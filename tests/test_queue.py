@@ -282,7 +282,7 @@ async def test_cancel_running_task_reaches_its_worker(open_queue: OpenQueue) -> 
     api, worker = open_queue(), open_queue()
     heard: list[str] = []
     worker.cancel_listeners.append(heard.append)
-    worker.listen_for_cancel()  # type: ignore[attr-defined]  # not declared on Queue yet
+    worker.listen_for_cancel()
     await worker.connect()
     record = await api.enqueue(task())
     [claim] = await worker.claim(["/gen"], "w")
@@ -402,12 +402,7 @@ async def test_wait_for_work_wakes_when_another_instance_enqueues(open_queue: Op
     assert claimed[0] - enqueued < 3
 
 
-async def test_wait_for_work_wakes_when_a_delayed_task_falls_due(
-    open_queue: OpenQueue, request: pytest.FixtureRequest
-) -> None:
-    if request.node.callspec.params["open_queue"] == "sqlite":
-        reason = "SQLiteQueue._wait_for_work ignores run_at and sleeps out the whole timeout"
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+async def test_wait_for_work_wakes_when_a_delayed_task_falls_due(open_queue: OpenQueue) -> None:
     queue = open_queue()
     await queue.enqueue(task(run_at=time.time() + 0.3))
     assert await queue.claim(["/gen"], "w") == []

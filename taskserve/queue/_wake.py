@@ -35,6 +35,7 @@ class Waker:
         self._send_sock: socket.socket | None = None
         self._peers: dict[str, list[str]] = {}
         self._listed_at = 0.0
+        self._mtime = 0
         self._own: dict[str, socket.socket] = {}
         self._pending: dict[str, set[bytes]] = {}
         self._flush_scheduled = False
@@ -61,9 +62,15 @@ class Waker:
                         break
 
     def _list(self, role: str) -> list[str]:
+        # A new listener changes the directory's mtime, so it is heard from at once.
+        try:
+            mtime = os.stat(self.dir).st_mtime_ns
+        except FileNotFoundError:
+            return []
         now = time.monotonic()
-        if now - self._listed_at > 0.5:
+        if mtime != self._mtime or now - self._listed_at > 5.0:
             self._listed_at = now
+            self._mtime = mtime
             self._peers = {}
             with contextlib.suppress(FileNotFoundError):
                 for name in os.listdir(self.dir):

@@ -229,6 +229,9 @@ class Queue(abc.ABC):
         """Treat every lease ``worker`` holds as lapsed now (its process is known to be dead)."""
         return await self._abandon(worker, now())
 
+    def listen_for_cancel(self) -> None:  # noqa: B027 - optional hook
+        """Start hearing cancels from other processes (calls ``cancel_listeners``); workers call it once."""
+
     async def wait_for_work(self, routes: Sequence[str], timeout: float) -> None:
         """Sleep until new work may be due on ``routes`` or ``timeout`` passes."""
         await self._wait_for_work(list(routes), timeout)

@@ -16,12 +16,13 @@ import os
 import queue as thread_queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlparse
 
 from .._types import WORKER_LOST, Claim, NewTask, Outcome, Result, TaskRecord, TaskStatus
-from ..exceptions import QueueUnavailable
+from ..exceptions import QueueError, QueueUnavailable
 from . import _wake
 from .base import DEFAULT_RETENTION, Queue, Watch
 
@@ -191,6 +192,8 @@ class _Connection:
         self._jobs.put((fn, fut, loop))
         try:
             return await fut
+        except sqlite3.IntegrityError as exc:
+            raise QueueError(f"The SQLite queue refused a write: {exc}.") from exc
         except sqlite3.Error as exc:
             raise QueueUnavailable(f"The SQLite queue at {self.path!r} failed: {exc}.") from exc
 
@@ -306,6 +309,15 @@ class SQLiteQueue(Queue):
 
     async def _wait_for_work(self, routes: list[str], timeout: float) -> None:
         self.listen_for_cancel()
+        marks = ",".join("?" * len(routes))
+        # Only delayed tasks can be pending here (the caller's claim found nothing due).
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT min(run_at) FROM tasks WHERE status = 'pending' AND route IN ({marks})", routes
+            ).fetchone()
+        )
+        if row is not None and row[0] is not None:
+            timeout = max(0.0, min(timeout, row[0] - time.time()))
         try:
             await asyncio.wait_for(self._work.wait(), timeout)
         except asyncio.TimeoutError:

@@ -223,14 +223,14 @@ def create_app(
     *,
     max_body_size: int = DEFAULT_MAX_BODY,
     maintenance: bool = True,
-    worker_count: Callable[[], int] | None = None,
+    worker_pids: Callable[[], list[int]] | None = None,
 ) -> Starlette:
     """The ASGI app serving ``service`` over ``queue``.
 
     Args:
         max_body_size: bytes accepted in one request; more is answered with 413.
         maintenance: run lease recovery and retention purge in this process.
-        worker_count: reports live local workers for ``/readyz`` (``taskserve serve`` passes it).
+        worker_pids: the live local worker processes, shown by ``/readyz`` (``taskserve serve`` passes it).
     """
     metrics = Metrics()
     routes: list[Route] = []
@@ -251,8 +251,8 @@ def create_app(
     async def readyz(request: Request) -> Response:
         await queue.ping()  # QueueUnavailable → 503
         body: dict[str, Any] = {"status": "ready", "broker": queue.describe()}
-        if worker_count is not None:
-            body["local_workers"] = worker_count()
+        if worker_pids is not None:
+            body["worker_pids"] = worker_pids()
         return JSONResponse(body)
 
     async def metrics_text(request: Request) -> Response:
@@ -288,13 +288,14 @@ def create_app(
 
 
 async def _maintain(queue: Queue) -> None:
-    """Re-queue tasks of dead workers every second and purge expired ones every minute."""
+    """Re-queue tasks of dead workers every second; purge expired ones every minute (or sooner)."""
     last_purge = 0.0
+    purge_every = min(60.0, max(1.0, queue.retention / 2))
     while True:
         await asyncio.sleep(1.0)
         try:
             await queue.recover()
-            if time.monotonic() - last_purge > 60:
+            if time.monotonic() - last_purge > purge_every:
                 last_purge = time.monotonic()
                 purged = await queue.purge()
                 if purged:

@@ -1,0 +1,216 @@
+"""Fixtures that start the real thing: ``taskserve serve`` in a subprocess on a free port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+SERVICE = "tests.services:TestService"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_available() -> bool:
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+        return True
+    except Exception:
+        return False
+
+
+def need_redis() -> None:
+    """In CI a missing Redis is a failure; on a laptop, a skip."""
+    if not redis_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Redis is not reachable at {REDIS_URL}, and CI=true needs it.")
+        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+
+
+def clear_redis(prefix: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(f"{prefix}:*", count=1000))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {check}")
+        time.sleep(interval)
+
+
+@dataclass
+class Server:
+    """A running ``taskserve serve``; ``url`` is its base URL, ``log`` its output file."""
+
+    args: list[str]
+    port: int
+    log: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    extra: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> Server:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        wait_until(self.ready, timeout, 0.05)
+        return self
+
+    def ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"taskserve serve exited with {self.proc.returncode}:\n{self.log.read_text()}")
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def workers_ready(self, n: int) -> None:
+        wait_until(lambda: self.log.read_text().count("ready:") >= n, 30)
+
+    def worker_pids(self) -> list[int]:
+        pids: list[int] = httpx.get(f"{self.url}/readyz", timeout=5).json()["worker_pids"]
+        return pids
+
+    def kill_all(self) -> None:
+        """SIGKILL the API process and every worker at once, as a machine crash would."""
+        pids = self.worker_pids()
+        assert self.proc is not None
+        for pid in [self.proc.pid, *pids]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(30)
+        for pid in pids:
+            wait_until(lambda pid=pid: not _alive(pid), 10)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        for p in self.extra:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie whose parent died is reaped by init soon; treat it as gone.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    return False
+
+
+ServerFactory = Callable[..., Server]
+
+
+BROKERS = ["sqlite", pytest.param("redis", marks=pytest.mark.redis)]
+
+
+@contextlib.contextmanager
+def fresh_broker(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh SQLite file, or Redis under a fresh key prefix (deleted afterwards)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'tasks.db'}"
+        return
+    need_redis()
+    prefix = f"tstest-{uuid.uuid4().hex[:10]}"
+    try:
+        yield f"{REDIS_URL}?prefix={prefix}"
+    finally:
+        clear_redis(prefix)
+
+
+@pytest.fixture(params=BROKERS)
+def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Each broker the contract holds on; tests taking it run once per broker."""
+    with fresh_broker(request.param, tmp_path_factory) as url:
+        yield url
+
+
+@pytest.fixture(scope="module", params=BROKERS)
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server with two workers per module and broker, for tests that only add tasks."""
+    with fresh_broker(request.param, tmp_path_factory) as url:
+        port = free_port()
+        args = [sys.executable, "-m", "taskserve", "serve", SERVICE, "--port", str(port), "--broker", url]
+        args += ["--workers", "2", "--concurrency", "2", "--lease", "2", "--max-body-size", "3000000"]
+        log = tmp_path_factory.mktemp("served") / "server.log"
+        server = Server(args, port, log, {**os.environ, "PYTHONPATH": str(ROOT)}).start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[ServerFactory]:
+    """Start ``taskserve serve`` with the given options; everything started is stopped afterwards."""
+    servers: list[Server] = []
+
+    def make(
+        broker: str, *options: str, workers: int = 1, service: str = SERVICE, start: bool = True, port: int | None = None
+    ) -> Server:
+        port = port or free_port()
+        args = [sys.executable, "-m", "taskserve", "serve", service, "--port", str(port), "--broker", broker]
+        args += ["--workers", str(workers), "--lease", "2", "--grace", "5", *options]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        server = Server(args, port, tmp_path / f"server-{len(servers)}.log", env)
+        servers.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in servers:
+        server.stop()

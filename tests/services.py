@@ -1,0 +1,105 @@
+"""Services the tests serve. Module level, so worker processes can import them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+from pydantic import BaseModel
+
+import taskserve
+
+
+class Point(BaseModel):
+    x: float
+    y: float
+
+
+def _touch(path: str | None, text: str = "") -> None:
+    if path:
+        with open(path, "a") as f:
+            f.write(text + "\n")
+
+
+@taskserve.service(name="testsvc")
+class TestService:
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.built_at = time.time()
+
+    @taskserve.task
+    def echo(self, text: str) -> str:
+        return text
+
+    @taskserve.task
+    def add(self, a: int, b: int = 1) -> int:
+        return a + b
+
+    @taskserve.task
+    def record(self, x: int, log: str) -> int:
+        """Appends x to ``log``, so a test can count how many times each task ran."""
+        _touch(log, str(x))
+        return x * 2
+
+    @taskserve.task
+    def fail(self, message: str) -> str:
+        raise ValueError(message)
+
+    @taskserve.task
+    async def slow_async(self, seconds: float, marker: str | None = None) -> str:
+        _touch(marker, "started")
+        await asyncio.sleep(seconds)
+        _touch(marker, "finished")
+        return "slept"
+
+    @taskserve.task
+    def slow_sync(self, seconds: float, marker: str | None = None) -> dict[str, int]:
+        _touch(marker, "started")
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        _touch(marker, "finished")
+        return {"pid": os.getpid()}
+
+    @taskserve.task(timeout=0.5, max_attempts=1)
+    async def too_slow(self) -> str:
+        await asyncio.sleep(30)
+        return "never"
+
+    @taskserve.task
+    def image(self, prompt: str, size: int = 64) -> Image.Image:
+        img = Image.new("RGB", (size, size), (len(prompt) * 10 % 256, 80, 160))
+        ImageDraw.Draw(img).ellipse((4, 4, size - 4, size - 4), fill=(250, 250, 0))
+        return img
+
+    @taskserve.task
+    def invert(self, img: Image.Image) -> Image.Image:
+        return ImageOps.invert(img.convert("RGB"))
+
+    @taskserve.task
+    def file_info(self, upload: pathlib.Path) -> dict[str, object]:
+        return {"name": upload.name, "size": upload.stat().st_size, "head": upload.read_bytes()[:5].decode()}
+
+    @taskserve.task
+    def reverse_bytes(self, data: bytes) -> bytes:
+        return data[::-1]
+
+    @taskserve.task
+    def transpose(self, matrix: np.ndarray) -> np.ndarray:
+        return matrix.T
+
+    @taskserve.task
+    def midpoint(self, a: Point, b: Point) -> Point:
+        return Point(x=(a.x + b.x) / 2, y=(a.y + b.y) / 2)
+
+    @taskserve.task
+    def whoami(self) -> dict[str, float]:
+        return {"pid": self.pid, "built_at": self.built_at}
+
+    @taskserve.api
+    def describe(self, text: str) -> dict[str, object]:
+        return {"text": text, "length": len(text)}
