@@ -95,8 +95,11 @@ def _run_shard(driver: Any, indices: list[int], job: dict) -> list[dict]:
     task, window, mode = job["task"], job.get("window", 1), job.get("mode", "poll")
     poll, deadline = job.get("poll_ms", 2) / 1000, now() + job.get("deadline_s", 120)
     task_timeout = job.get("task_timeout_s", 60)  # a task not done by then counts as lost
+    stop_submitting = now() + job.get("max_seconds", 1e9)  # bounded in time as well as count
     todo, inflight, done = deque(indices), [], []
     while todo or inflight:
+        if now() > stop_submitting:
+            todo.clear()
         while todo and len(inflight) < window:
             record = {"i": todo.popleft(), "t0": now()}
             try:
@@ -179,7 +182,7 @@ def job_drain(job: dict) -> dict:
     driver, task, ids = make_driver(job["driver"]), job["task"], job["ids"]
     driver.connect()
     deadline = now() + job.get("deadline_s", 120)
-    first_word = driver.status(task, ids[0][1])[0]
+    first_word = first_seen = driver.status(task, ids[0][1])[0]
     print("READY", flush=True)
     while first_word == PENDING and now() < deadline:
         time.sleep(0.002)
@@ -202,7 +205,7 @@ def job_drain(job: dict) -> dict:
             r["word"], r["info"] = driver.status(task, r["id"])
         left = [r for r in left if r["word"] not in TERMINAL]
         t_done = now()
-    return {"records": records, "t_first": t_first, "t_done": t_done, "first_seen": first_word}
+    return {"records": records, "t_first": t_first, "t_done": t_done, "first_seen": first_seen}
 
 
 def job_prefill(job: dict) -> dict:

@@ -130,7 +130,8 @@ def checks_text(res: Results) -> list[str]:
     for name, result in res.items():
         for scenario, notes in (result.get("checks") or {}).items():
             bad = [n for n in notes if not n.startswith("ok")]
-            summary = "; ".join(sorted(set(bad))) if bad else f"ok in all {len(notes)} runs ({notes[0].split('[')[-1].rstrip(']')} each)"
+            sizes = ", ".join(sorted({n.split("[")[-1].rstrip("]") for n in notes}))
+            summary = "; ".join(sorted(set(bad))) if bad else f"ok in all {len(notes)} runs [{sizes}]"
             lines.append(f"{name:15} {scenario:22} {summary}")
     return lines
 

@@ -31,7 +31,6 @@ from .exceptions import (
 from .service import Endpoint, Service, api, service, task
 
 __all__ = [
-    "TERMINAL_STATUSES",
     "AsyncHTTPClient",
     "AsyncTask",
     "ClientError",
@@ -43,6 +42,7 @@ __all__ = [
     "Service",
     "ServiceDefinitionError",
     "SyncHTTPClient",
+    "TERMINAL_STATUSES",
     "Task",
     "TaskCancelled",
     "TaskFailed",

@@ -101,8 +101,8 @@ async def _connect(queue: Any) -> None:
     try:
         await queue.connect()
     except QueueUnavailable as exc:
-        # Keep serving: requests answer 503 until the broker comes back.
-        logger.warning("%s; serving anyway, requests will get 503 until it answers", exc)
+        # Keep running: the API answers 503 and workers retry until the broker comes back.
+        logger.warning("%s Carrying on; it will be retried.", exc)
 
 
 @contextlib.contextmanager
@@ -129,8 +129,7 @@ async def _serve(
 
     service = load_service(target)
     count = service.workers if workers is None else workers
-    queue = _open_queue(broker, retention)
-    await _connect(queue)
+    queue = _open_queue(broker, retention)  # connected by the app's lifespan
     supervisor = None
     if count:
         supervisor = Supervisor(

@@ -192,7 +192,7 @@ class Codec:
             fields[f"p_{pname}"] = (field_type, Field(default, alias=pname))
         try:
             self.model: type[pydantic.BaseModel] = pydantic.create_model(  # type: ignore[call-overload]
-                f"{_camel(name)}Input", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields
+                f"{_camel(name)}Input", __config__=ConfigDict(extra="forbid"), **fields
             )
             self.model.model_json_schema()
         except (pydantic.PydanticSchemaGenerationError, TypeError, pydantic.errors.PydanticUserError) as exc:

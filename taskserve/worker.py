@@ -110,7 +110,7 @@ class Worker:
 
     async def run(self, *, burst: bool = False) -> None:
         """Serve until ``stop()``; with ``burst``, return once no task is due and none runs."""
-        await self.queue.connect()
+        await self._connect()
         self.queue.cancel_listeners.append(self._on_cancel)
         self.queue.listen_for_cancel()
         if self._instance is None:
@@ -127,6 +127,17 @@ class Worker:
             self.queue.cancel_listeners.remove(self._on_cancel)
             self._pool.shutdown(wait=False, cancel_futures=True)
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+    async def _connect(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self.queue.connect()
+                return
+            except QueueUnavailable as exc:
+                logger.warning("worker %s: %s Retrying in %.1fs.", self.name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _loop(self, burst: bool) -> None:
         idle = 0.01

@@ -84,18 +84,30 @@ class Server:
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
     extra: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    clients: list[Any] = field(default_factory=list)
+
+    def client(self) -> Any:
+        """A SyncHTTPClient on this server, closed when the server is stopped."""
+        import taskserve
+
+        client = taskserve.SyncHTTPClient(self.url)
+        self.clients.append(client)
+        return client
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Server:
+        self.start_no_wait()
+        wait_until(self.ready, timeout, 0.05)
+        return self
+
+    def start_no_wait(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 self.args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        wait_until(self.ready, timeout, 0.05)
-        return self
 
     def ready(self) -> bool:
         assert self.proc is not None
@@ -130,6 +142,8 @@ class Server:
             self.proc.wait(30)
 
     def stop(self) -> None:
+        for client in self.clients:
+            client.close()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

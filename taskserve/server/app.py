@@ -269,7 +269,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await queue.connect()
+        try:
+            await queue.connect()
+        except QueueUnavailable as exc:
+            # Serve anyway: requests answer 503 until the broker is back, /healthz stays up.
+            logger.warning("%s Requests get 503 until it answers.", exc)
         task = asyncio.create_task(_maintain(queue)) if maintenance else None
         try:
             yield

@@ -1,0 +1,191 @@
+"""SPEC §4: durability, crash recovery, cancel and drain, with processes really killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+import taskserve
+
+from .conftest import ServerFactory, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def status(url: str, route: str, task_id: str) -> dict:
+    return dict(httpx.get(f"{url}/{route}/status", params={"task_id": task_id}).json())
+
+
+def started(marker: Path) -> bool:
+    return marker.exists() and "started" in marker.read_text()
+
+
+def test_a_worker_killed_mid_task_is_replaced_and_the_task_runs_again(
+    broker: str, make_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = make_server(broker, workers=1)
+    client = server.client()
+    marker = tmp_path / "marker"
+    task = client.slow_sync.submit(seconds=1.5, marker=str(marker))
+    wait_until(lambda: started(marker))
+    victim = int(str(task.status()["worker"]).rsplit(":", 1)[1])
+    os.kill(victim, signal.SIGKILL)
+    assert task.wait(timeout=40).value == "success"
+    info = task.status()
+    assert info["attempts"] >= 2
+    assert task.get()["pid"] != victim
+    assert marker.read_text().count("started") >= 2
+
+
+def test_killing_everything_loses_no_accepted_task_nor_result(
+    broker: str, make_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = make_server(broker, workers=1)
+    client = server.client()
+    done = client.add.submit(a=1, b=2)
+    assert done.wait(timeout=20).value == "success"
+    running = client.slow_sync.submit(seconds=30, marker=str(tmp_path / "m"))
+    wait_until(lambda: running.get_status().value == "in_progress")
+    queued = [client.add.submit(a=i) for i in range(5)]
+    server.kill_all()
+
+    # Enough slots that the re-run of the 30 s task does not hold up the others.
+    again = make_server(broker, "--concurrency", "4", workers=1, port=server.port)
+    client = again.client()
+    assert client.add.task(done.id).get() == 3
+    for i, task in enumerate(queued):
+        assert client.add.task(task.id).get(timeout=30) == i + 1
+    # The task that was running when the machine died runs again once its lease lapses.
+    assert client.slow_sync.task(running.id).get_status().value in ("pending", "in_progress")
+    client.slow_sync.task(running.id).cancel()
+
+
+@pytest.mark.anyio
+async def test_500_concurrent_submits_each_run_once_with_its_own_result(
+    broker: str, make_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = make_server(broker, "--concurrency", "4", workers=2)
+    log = tmp_path / "runs.log"
+    limit = anyio.Semaphore(50)
+    ids: dict[int, str] = {}
+
+    async with taskserve.AsyncHTTPClient(server.url) as client:
+
+        async def one(x: int) -> None:
+            async with limit:
+                ids[x] = (await client.record.submit(x=x, log=str(log))).id
+
+        async with anyio.create_task_group() as tg:
+            for x in range(500):
+                tg.start_soon(one, x)
+        assert len(set(ids.values())) == 500
+        for x, task_id in ids.items():
+            assert await client.record.task(task_id).get(timeout=60) == x * 2
+    runs = log.read_text().split()
+    assert sorted(map(int, runs)) == list(range(500))  # each ran exactly once
+
+
+def test_cancel_a_pending_task_and_it_never_runs(broker: str, make_server: ServerFactory, tmp_path: Path) -> None:
+    server = make_server(broker, workers=1)
+    client = server.client()
+    blocker = client.slow_async.submit(seconds=1.5, marker=str(tmp_path / "blocker"))
+    wait_until(lambda: started(tmp_path / "blocker"))
+    never = tmp_path / "never"
+    task = client.slow_async.submit(seconds=0, marker=str(never))
+    assert task.cancel().value == "cancelled"
+    assert blocker.wait(timeout=20).value == "success"
+    after = client.echo.submit(text="after")  # the worker is free and has looked at the queue again
+    assert after.get(timeout=20) == "after"
+    assert task.get_status().value == "cancelled"
+    assert not never.exists()
+    with pytest.raises(taskserve.TaskCancelled):
+        task.get()
+
+
+@pytest.mark.parametrize("route", ["slow_async", "slow_sync"])
+def test_cancel_a_running_task_stops_it(broker: str, make_server: ServerFactory, tmp_path: Path, route: str) -> None:
+    server = make_server(broker, workers=1)
+    client = server.client()
+    marker = tmp_path / "marker"
+    task = getattr(client, route).submit(seconds=30, marker=str(marker))
+    wait_until(lambda: started(marker))
+    assert task.cancel().value == "cancelled"
+    # The single worker is free again long before the 30 s task would have ended.
+    assert client.echo.submit(text="next").get(timeout=10) == "next"
+    assert task.get_status().value == "cancelled"
+    assert "finished" not in marker.read_text()
+
+
+def test_sigterm_drains_running_tasks_and_hands_back_the_rest(
+    broker: str, make_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = make_server(broker, "--grace", "1", workers=1)
+    client = server.client()
+    quick, slow = tmp_path / "quick", tmp_path / "slow"
+    short = client.slow_async.submit(seconds=0.5, marker=str(quick))
+    wait_until(lambda: started(quick))
+    long = client.slow_async.submit(seconds=30, marker=str(slow))
+    assert short.wait(timeout=20).value == "success"
+    wait_until(lambda: started(slow))
+    server.stop()  # SIGTERM: the long task outlives the 1 s grace and goes back to the queue
+    assert server.proc is not None and server.proc.returncode == 0
+
+    again = make_server(broker, "--workers", "0", workers=0)
+    record = status(again.url, "slow_async", long.id)
+    assert record["status"] == "pending"
+    assert record["attempts"] == 0
+
+
+def test_finished_tasks_expire_after_the_retention_time(broker: str, make_server: ServerFactory) -> None:
+    server = make_server(broker, "--retention", "1", workers=1)
+    client = server.client()
+    task = client.echo.submit(text="short-lived")
+    assert task.get(timeout=20) == "short-lived"
+    wait_until(lambda: httpx.get(f"{server.url}/echo/status", params={"task_id": task.id}).status_code == 404, 10)
+
+
+def test_a_worker_started_alone_serves_an_api_only_server(
+    broker: str, make_server: ServerFactory, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from .conftest import ROOT, SERVICE
+
+    api = make_server(broker, workers=0)
+    task = api.client().add.submit(a=2, b=2)
+    time.sleep(0.3)
+    assert task.get_status().value == "pending"  # nobody to run it yet
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "taskserve", "worker", SERVICE, "--broker", broker, "--concurrency", "2"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    api.extra.append(worker)
+    assert task.get(timeout=30) == 4
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+
+
+def test_unreachable_broker_gives_503_and_the_server_stays_up(make_server: ServerFactory) -> None:
+    server = make_server("redis://127.0.0.1:1/0", workers=0, start=False)
+    server.start_no_wait()
+    wait_until(lambda: _answers(server.url), 20)
+    r = httpx.post(f"{server.url}/echo/submit", json={"text": "x"}, timeout=30)
+    assert r.status_code == 503
+    assert "redis" in r.json()["error"].lower()
+    assert httpx.get(f"{server.url}/readyz", timeout=30).status_code == 503
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
