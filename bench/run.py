@@ -55,10 +55,10 @@ def guarded(what: str, name: str, errors: dict[str, str], fn: object, *args: obj
     try:
         fn(*args)  # type: ignore[operator]
     except Unavailable as exc:
-        errors[name] = f"{what}: {exc}"
+        errors[name] = "; ".join(filter(None, [errors.get(name), f"{what}: {exc}"]))
         say(f"{name}: skipped {what}: {exc}")
     except Exception as exc:  # one system failing must not end the run for the others
-        errors[name] = f"{what} failed: {exc!r}"
+        errors[name] = "; ".join(filter(None, [errors.get(name), f"{what} failed: {exc!r}"]))
         say(f"{name}: {what} failed: {exc!r}\n{traceback.format_exc(limit=4)}")
 
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped[system.name] = str(exc)
             say(f"{system.name}: skipped: {exc}")
 
-    benches = {s.name: Bench(s, lg, settings) for s in ready}
+    benches = {s.name: Bench(s, lg, settings, say) for s in ready}
     try:
         for system in ready:
             if wanted & {1, 2, 5, 6} & system.scenarios:
@@ -92,11 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             for system in ready:
                 for broker in system.drains:
                     guarded(f"scenario 3 on {broker}", system.name, skipped, benches[system.name].drain, broker)
-        if 4 in wanted:
-            for system in ready:
-                if 4 in system.scenarios:
-                    for variant in system.concurrency_variants:
-                        guarded(f"scenario 4 ({variant})", system.name, skipped, benches[system.name].concurrency, variant)
+        for system in ready:
+            for variant in benches[system.name].concurrency_variants(wanted):
+                guarded(f"scenario 4 ({variant})", system.name, skipped, benches[system.name].concurrency, variant)
     finally:
         for db in (TS_REDIS_DB, CELERY_REDIS_DB):
             try:

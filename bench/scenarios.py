@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from bench import procs
 from bench.procs import LoadGen
@@ -38,14 +38,14 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(repeats=1, throughput_n=500, stored_n=10_000, latency_n=100, drain_n=5000, burst_n=100, images_n=30, run_cap_s=10)
+        return cls(repeats=1, throughput_n=400, stored_n=5000, latency_n=60, drain_n=2000, burst_n=40, images_n=20, run_cap_s=8)
 
 
 class Bench:
     """One system's measurements within a run: a load generator, settings and the figures."""
 
-    def __init__(self, system: System, lg: LoadGen, settings: Settings) -> None:
-        self.system, self.lg, self.s = system, lg, settings
+    def __init__(self, system: System, lg: LoadGen, settings: Settings, say: Callable[[str], None] = print) -> None:
+        self.system, self.lg, self.s, self.say = system, lg, settings, say
         self.out: dict[str, Any] = {"checks": {}}
         self._index = 0
 
@@ -115,26 +115,46 @@ class Bench:
     # -- scenarios 1, 2, 5, 6 share one start of the system -------------------------------
 
     def main_block(self, wanted: set[int]) -> None:
+        """Scenarios 1, 2, 5, 6 (and 4's default variant where that is the same set-up) on one start."""
         running = self.system.start()
         try:
-            time.sleep(1.0)
+            time.sleep(0.5)
             self.out["rss_idle"] = running.memory()
             mem0 = procs.redis_used_memory(CELERY_REDIS_DB) if isinstance(self.system, Celery) else 0
             self.warm_up(running)
             if 2 in wanted:
+                self.say("  2 latency")
                 self.latency(running)
             if 5 in wanted and 5 in self.system.scenarios:
+                self.say("  5 images")
                 self.images(running)
+            if 4 in wanted and self.s4_in_main:
+                self.say("  4 concurrency (default)")
+                self.concurrency("default", running)
             if wanted & {1, 6}:
+                self.say("  1 throughput, fresh")
                 self.throughput(running, "s1_fresh")
                 self.out["rss_after_s1"] = running.memory()
             if 1 in wanted:
+                self.say(f"  1 pre-fill {self.s.stored_n}")
                 self.prefill(running)
+                self.say("  1 throughput, stored")
                 self.throughput(running, "s1_stored")
             if 6 in wanted:
                 self.footprint(running, mem0)
         finally:
             running.stop()
+
+    @property
+    def s4_in_main(self) -> bool:
+        # Celery needs `task_track_started` for scenario 4, which costs it elsewhere: a start of its own.
+        return 4 in self.system.scenarios and not isinstance(self.system, Celery)
+
+    def concurrency_variants(self, wanted: set[int]) -> list[str]:
+        if 4 not in wanted or 4 not in self.system.scenarios:
+            return []
+        variants = self.system.concurrency_variants
+        return [v for v in variants if v != "default"] if self.s4_in_main and wanted & {1, 2, 5, 6} else list(variants)
 
     def throughput(self, running: Running, key: str) -> None:
         n = self.s.throughput_n
@@ -209,11 +229,13 @@ class Bench:
 
     # -- scenario 4: many sleeping tasks at once ------------------------------------------
 
-    def concurrency(self, variant: str) -> None:
+    def concurrency(self, variant: str, running: Running | None = None) -> None:
         n, key = self.s.burst_n, f"s4_{variant}"
-        running = self.system.start(concurrency=variant, track_started=True)
+        own = running is None
+        running = running or self.system.start(concurrency=variant, track_started=True)
         try:
-            self.warm_up(running)
+            if own:
+                self.warm_up(running)
             for _ in self.repeats():
                 threads = 8
                 records = self.run(running, "sleep", n, threads=threads, window=-(-n // threads), poll_ms=20)
@@ -223,7 +245,8 @@ class Bench:
                 self.add(f"{key}_peak_sampled", _peak([(r["run0"], r["run1"]) for r in records if "run0" in r]))
                 self.verify(key, running, "sleep", records, n)
         finally:
-            running.stop()
+            if own:
+                running.stop()
 
 
 def _rate(records: list[dict]) -> float:

@@ -37,11 +37,38 @@ def _common(fn: Any) -> Any:
             show_default=True,
             help="sqlite:///path/tasks.db or redis://host:port/db (env TASKSERVE_BROKER).",
         ),
-        click.option("--concurrency", default=1, show_default=True, type=click.IntRange(min=1), help="Tasks each worker process runs at once."),
-        click.option("--lease", default=30.0, show_default=True, type=click.FloatRange(min=0.1), envvar="TASKSERVE_LEASE", help="Seconds before a silent worker's task runs again."),
-        click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(min=0), help="Seconds running tasks get to finish at shutdown."),
-        click.option("--retention", default=None, type=click.FloatRange(min=0), envvar="TASKSERVE_RETENTION", help="Seconds finished tasks and results are kept [default: 86400]."),
-        click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True),
+        click.option(
+            "--concurrency",
+            default=1,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="Tasks each worker process runs at once.",
+        ),
+        click.option(
+            "--lease",
+            default=30.0,
+            show_default=True,
+            type=click.FloatRange(min=0.1),
+            envvar="TASKSERVE_LEASE",
+            help="Seconds before a silent worker's task runs again.",
+        ),
+        click.option(
+            "--grace",
+            default=30.0,
+            show_default=True,
+            type=click.FloatRange(min=0),
+            help="Seconds running tasks get to finish at shutdown.",
+        ),
+        click.option(
+            "--retention",
+            default=None,
+            type=click.FloatRange(min=0),
+            envvar="TASKSERVE_RETENTION",
+            help="Seconds finished tasks and results are kept [default: 86400].",
+        ),
+        click.option(
+            "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -58,8 +85,19 @@ def cli() -> None:
 @_common
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True, type=int)
-@click.option("--workers", default=None, type=click.IntRange(min=0), help="Worker processes; 0 runs the API alone [default: the service's own, else 1].")
-@click.option("--max-body-size", default=100 * 1024 * 1024, show_default=True, type=int, help="Largest request body accepted, in bytes.")
+@click.option(
+    "--workers",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Worker processes; 0 runs the API alone [default: the service's own, else 1].",
+)
+@click.option(
+    "--max-body-size",
+    default=100 * 1024 * 1024,
+    show_default=True,
+    type=int,
+    help="Largest request body accepted, in bytes.",
+)
 def serve(target: str, host: str, port: int, workers: int | None, max_body_size: int, **options: Any) -> None:
     """Run the API server and worker processes for TARGET (module:Class)."""
     _setup_logging(options.pop("log_level"))
@@ -118,8 +156,17 @@ def _signals(on_signal: Any) -> Generator[None, None, None]:
 
 
 async def _serve(
-    target: str, host: str, port: int, workers: int | None, max_body_size: int, *, broker: str, concurrency: int,
-    lease: float, grace: float, retention: float | None,
+    target: str,
+    host: str,
+    port: int,
+    workers: int | None,
+    max_body_size: int,
+    *,
+    broker: str,
+    concurrency: int,
+    lease: float,
+    grace: float,
+    retention: float | None,
 ) -> None:
     import uvicorn
 
@@ -159,7 +206,12 @@ async def _serve(
     with _signals(on_signal):
         logger.info(
             "serving %s at http://%s:%d | broker %s | %d worker process(es) x concurrency %d",
-            service.name, host, port, queue.describe(), count, concurrency,
+            service.name,
+            host,
+            port,
+            queue.describe(),
+            count,
+            concurrency,
         )
         if supervisor is not None:
             await supervisor.start()
@@ -187,7 +239,10 @@ async def _workers_only(
     with _signals(stop.set):
         logger.info(
             "running %d worker process(es) x concurrency %d for %s | broker %s",
-            workers, concurrency, service.name, queue.describe(),
+            workers,
+            concurrency,
+            service.name,
+            queue.describe(),
         )
         await supervisor.start()
         await stop.wait()

@@ -185,13 +185,15 @@ class Codec:
             default = ... if p.default is inspect.Parameter.empty else p.default
             required = default is ...
             if kind != "json" and not required and default is not None:
-                raise ServiceDefinitionError(f"Parameter {pname!r} of {name!r}: a file parameter can only default to None.")
+                raise ServiceDefinitionError(
+                    f"Parameter {pname!r} of {name!r}: a file parameter can only default to None."
+                )
             self.params.append(Param(pname, ann, kind, optional, required))
             # Fields get a prefix and the real name as alias, so a parameter may be called
             # ``json`` or ``schema`` without clashing with pydantic's own attributes.
             fields[f"p_{pname}"] = (field_type, Field(default, alias=pname))
         try:
-            self.model: type[pydantic.BaseModel] = pydantic.create_model(  # type: ignore[call-overload]
+            self.model: type[pydantic.BaseModel] = pydantic.create_model(
                 f"{_camel(name)}Input", __config__=ConfigDict(extra="forbid"), **fields
             )
             self.model.model_json_schema()
@@ -295,7 +297,9 @@ class Codec:
 def _json_fallback(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy arrays and scalars
         return value.tolist()
-    raise TypeError(f"Cannot encode a {type(value).__name__} result as JSON; return JSON types, bytes, an image or a Path.")
+    raise TypeError(
+        f"Cannot encode a {type(value).__name__} result as JSON; return JSON types, bytes, an image or a Path."
+    )
 
 
 def _camel(name: str) -> str:

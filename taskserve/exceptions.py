@@ -1,18 +1,18 @@
 """Every error taskserve raises on purpose.
 
-    TaskserveError
-    ├── ServiceDefinitionError     a service class or signature taskserve cannot serve
-    ├── QueueError
-    │   ├── QueueUnavailable       the broker cannot be reached (HTTP 503)
-    │   └── TaskNotFound           no such task on this route (HTTP 404)
-    ├── InvalidTransition          retry/cancel on a task in the wrong state (HTTP 409)
-    ├── ValidationFailed           arguments do not match the signature (HTTP 422)
-    ├── PayloadTooLarge            request body over the limit (HTTP 413)
-    ├── ClientError                the client could not talk to the server
-    ├── TaskNotReady               get() before the task finished
-    ├── TaskFailed                 get() on a failed task; carries the remote error
-    ├── TaskCancelled              get() on a cancelled task
-    └── Retry                      raised by task code to ask for another attempt
+TaskserveError
+├── ServiceDefinitionError     a service class or signature taskserve cannot serve
+├── QueueError
+│   ├── QueueUnavailable       the broker cannot be reached (HTTP 503)
+│   └── TaskNotFound           no such task on this route (HTTP 404)
+├── InvalidTransition          retry/cancel on a task in the wrong state (HTTP 409)
+├── ValidationFailed           arguments do not match the signature (HTTP 422)
+├── PayloadTooLarge            request body over the limit (HTTP 413)
+├── ClientError                the client could not talk to the server
+├── TaskNotReady               get() before the task finished
+├── TaskFailed                 get() on a failed task; carries the remote error
+├── TaskCancelled              get() on a cancelled task
+└── Retry                      raised by task code to ask for another attempt
 """
 
 from __future__ import annotations

@@ -51,7 +51,9 @@ class _SyncCall:
         with self.lock:
             if self.finished or self.thread_id is None:
                 return False
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), ctypes.py_object(TaskInterrupted))
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(self.thread_id), ctypes.py_object(TaskInterrupted)
+            )
             return True
 
 

@@ -215,7 +215,12 @@ def make_server(tmp_path: Path) -> Iterator[ServerFactory]:
     servers: list[Server] = []
 
     def make(
-        broker: str, *options: str, workers: int = 1, service: str = SERVICE, start: bool = True, port: int | None = None
+        broker: str,
+        *options: str,
+        workers: int = 1,
+        service: str = SERVICE,
+        start: bool = True,
+        port: int | None = None,
     ) -> Server:
         port = port or free_port()
         args = [sys.executable, "-m", "taskserve", "serve", service, "--port", str(port), "--broker", broker]

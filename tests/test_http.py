@@ -82,7 +82,9 @@ def test_status_json_has_the_contract_fields(served: Server) -> None:
         ("DELETE", "/add/submit", {}, 405),
     ],
 )
-def test_errors_are_json_with_a_message(served: Server, method: str, path: str, params: dict[str, str], code: int) -> None:
+def test_errors_are_json_with_a_message(
+    served: Server, method: str, path: str, params: dict[str, str], code: int
+) -> None:
     r = httpx.request(method, served.url + path, params=params)
     assert r.status_code == code
     assert isinstance(r.json()["error"], str) and r.json()["error"]

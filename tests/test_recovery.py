@@ -164,8 +164,11 @@ def test_a_worker_started_alone_serves_an_api_only_server(
     assert task.get_status().value == "pending"  # nobody to run it yet
     worker = subprocess.Popen(
         [sys.executable, "-m", "taskserve", "worker", SERVICE, "--broker", broker, "--concurrency", "2"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     api.extra.append(worker)
     assert task.get(timeout=30) == 4

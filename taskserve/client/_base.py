@@ -41,7 +41,11 @@ class EndpointInfo:
     @classmethod
     def from_schema(cls, entry: dict[str, Any]) -> EndpointInfo:
         return cls(
-            entry["name"], entry["route"], entry["task"], entry.get("output", {}).get("kind", "json"), entry.get("files", [])
+            entry["name"],
+            entry["route"],
+            entry["task"],
+            entry.get("output", {}).get("kind", "json"),
+            entry.get("files", []),
         )
 
 

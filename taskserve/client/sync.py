@@ -40,7 +40,9 @@ class Task:
         return f"<Task {self.endpoint.info.name} {self.id}>"
 
     def _request(self, method: str, action: str, **params: Any) -> httpx.Response:
-        return self.endpoint.client._request(method, f"{self.endpoint.info.route}/{action}", self, params={"task_id": self.id, **params})
+        return self.endpoint.client._request(
+            method, f"{self.endpoint.info.route}/{action}", self, params={"task_id": self.id, **params}
+        )
 
     def status(self) -> dict[str, Any]:
         """The full status record: ``status``, timestamps, ``attempts``, ``error``."""
@@ -127,7 +129,11 @@ class SyncHTTPClient:
     """
 
     def __init__(
-        self, url: str, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, transport: httpx.BaseTransport | None = None,
+        self,
+        url: str,
+        *,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        transport: httpx.BaseTransport | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
@@ -158,7 +164,9 @@ class SyncHTTPClient:
             raise AttributeError(name)
         info = self.endpoints.get(name)
         if info is None:
-            raise AttributeError(f"The service at {self.url} has no endpoint {name!r}; it has {sorted(self.endpoints)}.")
+            raise AttributeError(
+                f"The service at {self.url} has no endpoint {name!r}; it has {sorted(self.endpoints)}."
+            )
         return SyncEndpoint(self, info)
 
     def close(self) -> None:

@@ -72,9 +72,7 @@ class Queue(abc.ABC):
         """
         scheme = urlparse(url).scheme
         if scheme not in BACKENDS:
-            raise ValueError(
-                f"Unsupported broker URL {url!r}: use sqlite:///path/tasks.db or redis://host:6379/0."
-            )
+            raise ValueError(f"Unsupported broker URL {url!r}: use sqlite:///path/tasks.db or redis://host:6379/0.")
         module_name, _, attr = BACKENDS[scheme].partition(":")
         import importlib
 
@@ -147,13 +145,13 @@ class Queue(abc.ABC):
             raise InvalidTransition(
                 f"Task {task_id!r} is already {record.status.value} and cannot be cancelled.", record.status
             )
-        record = await self._cancel(task_id, now())
-        if record is None:  # it finished between our read and our write
+        cancelled = await self._cancel(task_id, now())
+        if cancelled is None:  # it finished between our read and our write
             record = await self.get(task_id, route)
             raise InvalidTransition(
                 f"Task {task_id!r} is already {record.status.value} and cannot be cancelled.", record.status
             )
-        return record
+        return cancelled
 
     async def retry(self, task_id: str, route: str | None = None) -> TaskRecord:
         """Submit a new task with the arguments of a finished one; the old one is unchanged."""

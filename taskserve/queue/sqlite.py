@@ -183,7 +183,7 @@ class _Connection:
             except sqlite3.Error:
                 pass
             outcomes = [(None, exc)] * len(batch)
-        for (_, fut, loop), (value, error) in zip(batch, outcomes):
+        for (_, fut, loop), (value, error) in zip(batch, outcomes, strict=True):
             _settle(loop, fut, value, error)
 
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -334,9 +334,7 @@ class SQLiteQueue(Queue):
         await self._read(lambda c: c.execute("SELECT 1").fetchone())
 
     async def _enqueue(self, tasks: Sequence[NewTask], ts: float) -> None:
-        rows = [
-            (t.id, t.route, t.priority, t.run_at, ts, t.max_attempts, t.timeout, t.args) for t in tasks
-        ]
+        rows = [(t.id, t.route, t.priority, t.run_at, ts, t.max_attempts, t.timeout, t.args) for t in tasks]
 
         def insert(conn: sqlite3.Connection) -> None:
             conn.executemany(
@@ -532,9 +530,12 @@ class SQLiteQueue(Queue):
         total = 0
         while True:
             deleted = await self._write(
-                lambda c: c.execute(
-                    "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE expires_at < ? LIMIT 2000)", (ts,)
-                ).rowcount
+                lambda c: (
+                    c.execute(
+                        "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE expires_at < ? LIMIT 2000)",
+                        (ts,),
+                    ).rowcount
+                )
             )
             total += deleted
             if deleted < 2000:

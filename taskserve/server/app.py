@@ -138,14 +138,17 @@ class EndpointRoutes:
         items = parse_json(await read_body(request, self.max_body), list)
         if len(items) > MAX_BATCH:
             raise ValidationFailed(f"At most {MAX_BATCH} tasks per submit_many; got {len(items)}. Split the batch.")
-        tasks, errors = [], []
+        tasks: list[NewTask] = []
+        errors: list[dict[str, Any]] = []
         for index, item in enumerate(items):
             try:
                 tasks.append(self.new_task(self.codec.validate(item)))
             except ValidationFailed as exc:
                 errors.extend({"index": index, **d} for d in exc.detail)
         if errors:
-            where = ", ".join(sorted({f"item {e['index']}" + (f" field {'.'.join(e['loc'])}" if e["loc"] else "") for e in errors}))
+            where = ", ".join(
+                sorted({f"item {e['index']}" + (f" field {'.'.join(e['loc'])}" if e["loc"] else "") for e in errors})
+            )
             raise ValidationFailed(f"No task was submitted: invalid arguments in {where}.", errors)
         records = await self.queue.enqueue_many(tasks)
         self.metrics.submitted.labels(self.endpoint.name).inc(len(records))
@@ -173,8 +176,12 @@ class EndpointRoutes:
         }[record.status]
         code = failure_code if record.status is TaskStatus.FAILURE else 409
         return JSONResponse(
-            {"error": f"Task {record.id!r} {reason}.", "status": record.status.value, "task_id": record.id,
-             "task_error": record.error},
+            {
+                "error": f"Task {record.id!r} {reason}.",
+                "status": record.status.value,
+                "task_id": record.id,
+                "task_error": record.error,
+            },
             status_code=code,
         )
 

@@ -20,7 +20,10 @@ class Metrics:
             registry=self.registry,
         )
         self.requests = Counter(
-            "taskserve_http_requests", "HTTP requests by endpoint and status code.", ["path", "code"], registry=self.registry
+            "taskserve_http_requests",
+            "HTTP requests by endpoint and status code.",
+            ["path", "code"],
+            registry=self.registry,
         )
         self.latency = Histogram(
             "taskserve_submit_seconds",
@@ -30,7 +33,10 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
         self.active = Gauge(
-            "taskserve_queue_tasks", "Tasks queued or running, by endpoint route.", ["route", "status"], registry=self.registry
+            "taskserve_queue_tasks",
+            "Tasks queued or running, by endpoint route.",
+            ["route", "status"],
+            registry=self.registry,
         )
         self.up = Gauge("taskserve_queue_up", "1 if the broker answered the last scrape.", registry=self.registry)
 

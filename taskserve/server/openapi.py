@@ -36,7 +36,9 @@ def _result_response(ep: Endpoint) -> dict[str, Any]:
     if kind == "image":
         content = {"image/png": {"schema": {"type": "string", "contentMediaType": "image/png"}}}
     elif kind in ("file", "bytes"):
-        content = {"application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}
+        content = {
+            "application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}
+        }
     else:
         content = {"application/json": {"schema": ep.codec.output_schema or {}}}
     return {"description": "The result.", "content": content}
@@ -143,7 +145,9 @@ def openapi_document(service: Service) -> dict[str, Any]:
                         "Queued, in order.",
                         {
                             "type": "object",
-                            "properties": {"tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Submitted"}}},
+                            "properties": {
+                                "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Submitted"}}
+                            },
                         },
                     ),
                     "422": invalid,
