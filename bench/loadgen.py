@@ -6,8 +6,9 @@ event loop or interpreter lock caps the offered load. All threads start together
 have connected. Every loop is bounded by a count and by the job's deadline.
 
 Jobs:
-  run      submit tasks and poll (or long-poll) each to its end, `window` in flight per thread
-  check    fetch status (and optionally the result) of given ids, verifying every result
+  run      submit tasks and poll (or long-poll) each to its end, `window` in flight per thread;
+           with "verify", then fetch and check every result (after the measured window)
+  check    fetch the status of given ids (and with "verify", check their results)
   submit   enqueue tasks in bulk (submit_many in chunks) without waiting for them
   drain    watch ids being drained by workers started after READY is printed
   prefill  store finished results directly (Celery only)
@@ -46,21 +47,29 @@ def expected_result(task: str, i: int, job: dict) -> Any:
 # -- the parallel engine -------------------------------------------------------------------
 
 
-def _child(job: dict, shards: list[list], work: Callable, barrier: Any, out: Any) -> None:
+def _child(job: dict, shards: list[list], work: Callable, barriers: tuple[Any, Any], out: Any) -> None:
     drivers = [make_driver(job["driver"]) for _ in shards]
     results: list[list] = [[] for _ in shards]
 
     def thread_main(k: int) -> None:
         try:
             drivers[k].connect()
-            local_barrier.wait()
+            started.wait()
             results[k] = work(drivers[k], shards[k], job)
         except Exception:
             results[k] = [{"error": traceback.format_exc(limit=3)}]
+        try:
+            # Results are checked only once every thread everywhere is done measuring.
+            finished.wait()
+            if job.get("verify"):
+                _verify_results(drivers[k], results[k], job)
+        except Exception:
+            results[k].append({"error": traceback.format_exc(limit=3)})
         finally:
             drivers[k].close()
 
-    local_barrier = threading.Barrier(len(shards), action=barrier.wait)
+    started = threading.Barrier(len(shards), action=barriers[0].wait)
+    finished = threading.Barrier(len(shards), action=barriers[1].wait)
     threads = [threading.Thread(target=thread_main, args=(k,)) for k in range(len(shards))]
     for t in threads:
         t.start()
@@ -78,11 +87,11 @@ def parallel(job: dict, items: list, work: Callable) -> list[dict]:
     groups = [g for g in (shards[p::procs] for p in range(procs)) if g]
     # spawn, not fork: a child must not share the parent's sockets (Celery's pools included).
     ctx = multiprocessing.get_context("spawn")
-    barrier, out = ctx.Barrier(len(groups)), ctx.Queue()
-    children = [ctx.Process(target=_child, args=(job, g, work, barrier, out)) for g in groups]
+    barriers, out = (ctx.Barrier(len(groups)), ctx.Barrier(len(groups))), ctx.Queue()
+    children = [ctx.Process(target=_child, args=(job, g, work, barriers, out)) for g in groups]
     for c in children:
         c.start()
-    records = [r for _ in children for r in out.get(timeout=job.get("deadline_s", 120) + 60)]
+    records = [r for _ in children for r in out.get(timeout=job.get("deadline_s", 120) + 120)]
     for c in children:
         c.join(timeout=10)
     return records
@@ -129,17 +138,26 @@ def _run_shard(driver: Any, indices: list[int], job: dict) -> list[dict]:
 
 
 def _check_shard(driver: Any, items: list[list], job: dict) -> list[dict]:
-    task, fetch, out = job["task"], job.get("results", False), []
+    task, out = job["task"], []
     for i, task_id in items:
         record: dict[str, Any] = {"i": i, "id": task_id}
         try:
             record["word"], record["info"] = driver.status(task, task_id)
-            if fetch and record["word"] == SUCCESS:
-                record["ok"] = _result_ok(task, i, driver.result(task, task_id), job)
         except Exception as exc:
             record["word"], record["error"] = "error", str(exc)
         out.append(record)
     return out
+
+
+def _verify_results(driver: Any, records: list[dict], job: dict) -> None:
+    """Fetch the result of every successful task (every `verify_every`-th one) and check it."""
+    every = job.get("verify_every", 1)
+    for record in records:
+        if record.get("word") == SUCCESS and record["i"] % every == 0:
+            try:
+                record["ok"] = _result_ok(job["task"], record["i"], driver.result(job["task"], record["id"]), job)
+            except Exception as exc:
+                record["ok"], record["error"] = False, f"get: {exc}"
 
 
 def _result_ok(task: str, i: int, value: Any, job: dict) -> bool:
@@ -197,14 +215,16 @@ def job_drain(job: dict) -> dict:
     # The tail may finish before stragglers elsewhere: confirm all (or a sample, when only
     # settling a pre-fill), and wait for any left.
     checked = random.sample(ids, min(job["sample"], len(ids))) if job.get("sample") else ids
-    records = job_check({**job, "ids": checked, "results": False})["records"]
-    left = [r for r in records if r["word"] not in TERMINAL]
+    records = job_check({**job, "ids": checked})["records"]
+    left = stragglers = [r for r in records if r["word"] not in TERMINAL]
     while left and now() < deadline:
         time.sleep(0.02)
         for r in left:
             r["word"], r["info"] = driver.status(task, r["id"])
         left = [r for r in left if r["word"] not in TERMINAL]
         t_done = now()
+    if job.get("verify"):
+        _verify_results(driver, stragglers, job)
     return {"records": records, "t_first": t_first, "t_done": t_done, "first_seen": first_seen}
 
 

@@ -8,8 +8,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Generator
-from typing import Any
+from collections.abc import Coroutine, Generator
+from typing import Any, TypeVar
 
 import click
 
@@ -17,6 +17,16 @@ from . import __version__
 
 DEFAULT_BROKER = "sqlite:///taskserve.db"
 logger = logging.getLogger("taskserve")
+T = TypeVar("T")
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where it is installed (the API and workers spend their time in the loop)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def _setup_logging(level: str) -> None:
@@ -101,7 +111,7 @@ def cli() -> None:
 def serve(target: str, host: str, port: int, workers: int | None, max_body_size: int, **options: Any) -> None:
     """Run the API server and worker processes for TARGET (module:Class)."""
     _setup_logging(options.pop("log_level"))
-    asyncio.run(_serve(target, host, port, workers, max_body_size, **options))
+    _run(_serve(target, host, port, workers, max_body_size, **options))
 
 
 @cli.command()
@@ -110,7 +120,7 @@ def serve(target: str, host: str, port: int, workers: int | None, max_body_size:
 def worker(target: str, workers: int, **options: Any) -> None:
     """Run worker processes only (for instance on another machine) for TARGET."""
     _setup_logging(options.pop("log_level"))
-    asyncio.run(_workers_only(target, workers, **options))
+    _run(_workers_only(target, workers, **options))
 
 
 @cli.command("run-worker", hidden=True)
@@ -121,7 +131,7 @@ def run_worker(target: str, **options: Any) -> None:
     from .worker import run_worker_process
 
     broker = options.pop("broker")
-    sys.exit(asyncio.run(run_worker_process(target, broker, **options)))
+    sys.exit(_run(run_worker_process(target, broker, **options)))
 
 
 def _open_queue(broker: str, retention: float | None) -> Any:

@@ -13,6 +13,7 @@ starts a fresh process. That is the "interrupted or its worker recycled" of SPEC
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import logging
@@ -77,6 +78,8 @@ class Worker:
         lease: seconds a claim holds a task without renewal; a dead worker's tasks re-run after it.
         grace: seconds running tasks may take to finish when the worker is told to stop.
         name: identifies this worker in task records, default ``host:pid``.
+        prefetch: extra tasks claimed ahead while tasks finish in milliseconds, so that
+            a flood of quick tasks costs one claim per batch rather than per task.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class Worker:
         lease: float = DEFAULT_LEASE,
         grace: float = 30.0,
         name: str | None = None,
+        prefetch: int = 64,
     ) -> None:
         self.service = service
         self.queue = queue
@@ -105,6 +109,12 @@ class Worker:
         self._tmp = tempfile.mkdtemp(prefix="taskserve-worker-")
         self.recycle = False
         self.completed = 0
+        self.prefetch = prefetch
+        self._buffer: collections.deque[Claim] = collections.deque()
+        self._outbox: list[Outcome] = []
+        self._outbox_ready = asyncio.Event()
+        self._closing = False
+        self._avg_run = 1.0  # moving average of task run time, in seconds
 
     def stop(self) -> None:
         """Stop claiming; running tasks get ``grace`` seconds, then go back to the queue."""
@@ -119,6 +129,7 @@ class Worker:
             self._instance = self.service.instantiate()
         logger.info("worker %s ready: %s, concurrency %d", self.name, ", ".join(self.routes), self.concurrency)
         keeper = asyncio.create_task(self._keep_leases())
+        reporter = asyncio.create_task(self._report_loop())
         try:
             await self._loop(burst)
         finally:
@@ -126,6 +137,9 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
             await self._drain()
+            self._closing = True
+            self._outbox_ready.set()
+            await reporter
             self.queue.cancel_listeners.remove(self._on_cancel)
             self._pool.shutdown(wait=False, cancel_futures=True)
             shutil.rmtree(self._tmp, ignore_errors=True)
@@ -141,26 +155,35 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    def _claim_limit(self, free: int) -> int:
+        # Claims held before a slot is free only pay off for quick tasks; slow ones are left
+        # in the queue, where an idle worker elsewhere can take them.
+        if self._avg_run < 0.005:
+            return max(free, free + self.prefetch - len(self._buffer))
+        return free
+
     async def _loop(self, burst: bool) -> None:
         idle = 0.01
         while not self._stopping.is_set():
             free = self.concurrency - len(self._running)
+            if free > 0 and self._buffer:
+                for _ in range(min(free, len(self._buffer))):
+                    self._start(self._buffer.popleft())
+                continue
             if free <= 0:
                 self._slot_free.clear()
                 await self._first(self._slot_free.wait())
                 continue
             try:
-                claims = await self.queue.claim(self.routes, self.name, limit=free, lease=self.lease)
+                claims = await self.queue.claim(self.routes, self.name, limit=self._claim_limit(free), lease=self.lease)
             except QueueUnavailable as exc:
                 logger.warning("worker %s: %s; retrying in %.1fs", self.name, exc, idle)
-                claims = []
                 await self._first(asyncio.sleep(idle))
                 idle = min(idle * 2, 5.0)
                 continue
             if claims:
                 idle = 0.01
-                for claim in claims:
-                    self._start(claim)
+                self._buffer.extend(claims)
                 continue
             if burst and not self._running:
                 return
@@ -195,7 +218,9 @@ class Worker:
         workdir = os.path.join(self._tmp, claim.id)
         try:
             kwargs = endpoint.codec.load(claim.args, workdir)
+            began = time.perf_counter()
             value = await self._call(running, endpoint, kwargs)
+            self._avg_run = 0.8 * self._avg_run + 0.2 * (time.perf_counter() - began)
             body, content_type = endpoint.codec.dump_result(value)
             outcome = Outcome(claim.id, claim.token, TaskStatus.SUCCESS, result=body, content_type=content_type)
         except (asyncio.CancelledError, TaskInterrupted):
@@ -210,13 +235,13 @@ class Worker:
             outcome = Outcome(claim.id, claim.token, TaskStatus.FAILURE, error=_describe(exc), retry=retry)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        try:
-            if outcome is not None:
-                await self._report(outcome)
-        finally:
-            self._running.pop(claim.id, None)
-            self._slot_free.set()
-            self.completed += 1
+        if outcome is not None:
+            # Recorded by the reporter in batches; until then the lease still covers the task.
+            self._outbox.append(outcome)
+            self._outbox_ready.set()
+        self._running.pop(claim.id, None)
+        self._slot_free.set()
+        self.completed += 1
 
     def _stopped_outcome(self, running: _Running, endpoint: Endpoint) -> Outcome | None:
         claim = running.claim
@@ -231,17 +256,28 @@ class Worker:
             return Outcome(claim.id, claim.token, TaskStatus.PENDING)
         return None  # cancelled or lost: the store already says what happened
 
-    async def _report(self, outcome: Outcome) -> None:
+    async def _report_loop(self) -> None:
+        """Write outcomes in batches: whatever piled up while the last write was under way."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            batch, self._outbox = self._outbox, []
+            if batch:
+                await self._report(batch)
+            elif self._closing:
+                return
+
+    async def _report(self, outcomes: list[Outcome]) -> None:
         delay = 0.05
         deadline = time.monotonic() + max(self.lease, 5.0)
         while True:
             try:
-                await self.queue.finish([outcome])
+                await self.queue.finish(outcomes)
                 return
             except QueueUnavailable as exc:
-                # Past the lease the task will re-run elsewhere anyway; until then keep trying.
+                # Past the lease the tasks will re-run elsewhere anyway; until then keep trying.
                 if time.monotonic() > deadline:
-                    logger.error("could not record the outcome of task %s: %s", outcome.id, exc)
+                    logger.error("could not record the outcome of %d task(s): %s", len(outcomes), exc)
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -312,7 +348,12 @@ class Worker:
             self.recycle = True
             self.stop()
 
+    def _drop_buffered(self, task_ids: set[str]) -> None:
+        if any(c.id in task_ids for c in self._buffer):
+            self._buffer = collections.deque(c for c in self._buffer if c.id not in task_ids)
+
     def _on_cancel(self, task_id: str) -> None:
+        self._drop_buffered({task_id})
         if task_id in self._running:
             logger.info("task %s cancelled; stopping it", task_id)
             self._stop_task(task_id, "cancelled")
@@ -323,16 +364,23 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             held = {tid: r.claim.token for tid, r in self._running.items() if r.stop_reason is None}
+            held.update((c.id, c.token) for c in self._buffer)
             try:
                 kept = await self.queue.extend(held, self.lease)
             except QueueUnavailable as exc:
                 logger.warning("worker %s could not renew leases: %s", self.name, exc)
                 continue
-            for task_id in held.keys() - kept:
+            lost = held.keys() - kept
+            self._drop_buffered(lost)
+            for task_id in lost:
                 self._stop_task(task_id, "lost")
 
     async def _drain(self) -> None:
         """Give running tasks ``grace`` seconds, then hand the rest back to the queue."""
+        if self._buffer:
+            self._outbox.extend(Outcome(c.id, c.token, TaskStatus.PENDING) for c in self._buffer)
+            self._buffer.clear()
+            self._outbox_ready.set()
         if not self._running:
             return
         logger.info("worker %s draining %d running task(s)", self.name, len(self._running))
@@ -346,7 +394,7 @@ class Worker:
             # A thread that will not stop: release its task ourselves, the process is exiting.
             for running in list(self._running.values()):
                 if running.task in stuck:
-                    await self._report(Outcome(running.claim.id, running.claim.token, TaskStatus.PENDING))
+                    self._outbox.append(Outcome(running.claim.id, running.claim.token, TaskStatus.PENDING))
                     self.recycle = True
 
 

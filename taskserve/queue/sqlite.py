@@ -112,7 +112,10 @@ class _Connection:
     def _open(self) -> sqlite3.Connection:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        # The writer waits for the write lock itself (see _begin): SQLite's own busy handler
+        # sleeps in steps of 1 ms and more, far longer than our transactions hold the lock.
+        timeout = 0.0 if self.batch_writes else 10.0
+        conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         return conn
@@ -158,7 +161,7 @@ class _Connection:
         """All jobs in one transaction, each in a savepoint so one failing job fails alone."""
         outcomes: list[tuple[Any, BaseException | None]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
         except sqlite3.Error as exc:
             for _, fut, loop in batch:
                 _settle(loop, fut, None, exc)
@@ -185,6 +188,20 @@ class _Connection:
             outcomes = [(None, exc)] * len(batch)
         for (_, fut, loop), (value, error) in zip(batch, outcomes, strict=True):
             _settle(loop, fut, value, error)
+
+    @staticmethod
+    def _begin(conn: sqlite3.Connection, patience: float = 10.0) -> None:
+        deadline = time.monotonic() + patience
+        delay = 0.00005
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.002)
 
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -256,6 +273,7 @@ class SQLiteQueue(Queue):
         self._waker = _wake.Waker(self.path)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._work = asyncio.Event()
+        self._work_hint = False  # told of new work: a claim may skip its probe read
 
     def describe(self) -> str:
         return f"sqlite:///{os.path.abspath(self.path)}"
@@ -296,6 +314,7 @@ class SQLiteQueue(Queue):
 
     def _on_worker_message(self, data: bytes) -> None:
         if data == b"w":
+            self._work_hint = True
             self._work.set()
         elif data.startswith(b"c:"):
             self._notify_cancelled(data[2:].decode())
@@ -388,7 +407,8 @@ class SQLiteQueue(Queue):
         probe = f"SELECT 1 FROM tasks WHERE status = 'pending' AND run_at <= ? AND route IN ({marks}) LIMIT 1"
 
         # A cheap read first, so that an idle worker's poll never takes the write lock.
-        if await self._read(lambda c: c.execute(probe, (ts, *routes)).fetchone()) is None:
+        hinted, self._work_hint = self._work_hint, False
+        if not hinted and await self._read(lambda c: c.execute(probe, (ts, *routes)).fetchone()) is None:
             return []
 
         def claim(conn: sqlite3.Connection) -> list[Any]:
