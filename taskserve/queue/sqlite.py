@@ -270,6 +270,7 @@ class SQLiteQueue(Queue):
         self.poll_cap = 1.0
         self._writer: _Connection | None = None
         self._reader: _Connection | None = None
+        self._inline: sqlite3.Connection | None = None
         self._waker = _wake.Waker(self.path)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._work = asyncio.Event()
@@ -291,13 +292,32 @@ class SQLiteQueue(Queue):
         for conn in (self._writer, self._reader):
             if conn is not None:
                 conn.close()
+        if self._inline is not None:
+            self._inline.close()
         self._writer = self._reader = None
+        self._inline = None
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer is None:
             await self.connect()
         assert self._writer is not None
         return await self._writer.call(fn)
+
+    async def _quick_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A point read on the event loop's own thread.
+
+        A lookup by key takes tens of microseconds, less than handing it to a thread and
+        back; WAL readers do not wait for writers. If SQLite is busy anyway (a checkpoint,
+        recovery), the read goes to the reader thread instead of stalling the loop.
+        """
+        if self._inline is None:
+            if self._reader is None:
+                await self.connect()
+            self._inline = sqlite3.connect(self.path, timeout=0.0, isolation_level=None, check_same_thread=False)
+        try:
+            return fn(self._inline)
+        except sqlite3.OperationalError:
+            return await self._read(fn)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._reader is None:
@@ -336,7 +356,7 @@ class SQLiteQueue(Queue):
             ).fetchone()
         )
         if row is not None and row[0] is not None:
-            timeout = max(0.0, min(timeout, row[0] - time.time()))
+            timeout = max(0.0, min(timeout, row[0] - time.time() + 0.002))
         try:
             await asyncio.wait_for(self._work.wait(), timeout)
         except asyncio.TimeoutError:
@@ -363,10 +383,13 @@ class SQLiteQueue(Queue):
             )
 
         await self._write(insert)
-        self._waker.send(_wake.WORKER, b"w")
+        # Delayed tasks wake nobody: an idle worker sleeps at most a second, then plans its
+        # next wake-up from the earliest run_at.
+        if any(t.run_at is None or t.run_at <= ts for t in tasks):
+            self._waker.send(_wake.WORKER, b"w")
 
     async def _get(self, task_id: str) -> TaskRecord | None:
-        row = await self._read(
+        row = await self._quick_read(
             lambda c: c.execute(f"SELECT {RECORD_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
         )
         return None if row is None else _record(row)
@@ -376,7 +399,7 @@ class SQLiteQueue(Queue):
         return None if row is None else bytes(row[0])
 
     async def _get_result(self, task_id: str) -> Result | None:
-        row = await self._read(
+        row = await self._quick_read(
             lambda c: c.execute(
                 "SELECT result, content_type FROM tasks WHERE id = ? AND status = 'success'", (task_id,)
             ).fetchone()
@@ -408,7 +431,7 @@ class SQLiteQueue(Queue):
 
         # A cheap read first, so that an idle worker's poll never takes the write lock.
         hinted, self._work_hint = self._work_hint, False
-        if not hinted and await self._read(lambda c: c.execute(probe, (ts, *routes)).fetchone()) is None:
+        if not hinted and await self._quick_read(lambda c: c.execute(probe, (ts, *routes)).fetchone()) is None:
             return []
 
         def claim(conn: sqlite3.Connection) -> list[Any]:
@@ -530,7 +553,7 @@ class SQLiteQueue(Queue):
 
         # Probe with a read first: recovery runs every second in every process.
         probe = "SELECT 1 FROM tasks WHERE status = 'in_progress' AND lease_expires < ? LIMIT 1"
-        if await self._read(lambda c: c.execute(probe, (ts,)).fetchone()) is None:
+        if await self._quick_read(lambda c: c.execute(probe, (ts,)).fetchone()) is None:
             return 0
         requeued, failed = await self._write(recover)
         if requeued:
