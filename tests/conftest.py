@@ -194,6 +194,13 @@ def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         yield url
 
 
+@pytest.fixture
+def redis_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The shared Redis under a fresh key prefix, for tests about several hosts."""
+    with fresh_broker("redis", tmp_path_factory) as url:
+        yield url
+
+
 @pytest.fixture(scope="module", params=BROKERS)
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server with two workers per module and broker, for tests that only add tasks."""
@@ -233,3 +240,54 @@ def make_server(tmp_path: Path) -> Iterator[ServerFactory]:
     yield make
     for server in servers:
         server.stop()
+
+
+class RedisServer:
+    """A Redis server of one test's own, which the test may stop and start again.
+
+    With ``appendonly``, it keeps every write in an fsynced log in ``directory``, as a
+    production Redis that must not lose accepted tasks across a restart would.
+    """
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        if self.directory is not None:
+            args += ["--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            args += ["--appendonly", "no"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private, persistent Redis (AOF, fsync always) that a test may restart."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("This test needs the redis-server program, and CI=true needs it.")
+        pytest.skip("This test needs the redis-server program, to restart a server of its own.")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,6 +23,8 @@ import pytest
 from taskserve._types import WORKER_LOST, Claim, NewTask, Outcome, TaskStatus
 from taskserve.exceptions import InvalidTransition, QueueError, QueueUnavailable, TaskNotFound
 from taskserve.queue import Queue
+
+from .conftest import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -438,45 +438,6 @@ async def test_redis_prefixes_keep_services_apart(redis_prefix: str) -> None:
     assert await one.counts() == {("/gen", "pending"): 1}
     await one.close()
     await two.close()
-
-
-class RedisServer:
-    """A Redis server of one test's own, which the test may stop and start again."""
-
-    def __init__(self) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("This test needs the redis-server program, to restart a server of its own.")
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.redis
