@@ -7,15 +7,11 @@ separate processes would, and checks behaviour a user relies on.
 from __future__ import annotations
 
 import inspect
-import os
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import anyio
 import pytest
@@ -24,58 +20,24 @@ from taskserve._types import WORKER_LOST, Claim, NewTask, Outcome, TaskStatus
 from taskserve.exceptions import InvalidTransition, QueueError, QueueUnavailable, TaskNotFound
 from taskserve.queue import Queue
 
-from .conftest import RedisServer
+from .conftest import REDIS_URL, RedisServer, clear_redis, need_redis
 
 pytestmark = pytest.mark.anyio
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-
 OpenQueue = Callable[..., Queue]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@cache
-def redis_reachable() -> bool:
-    parsed = urlparse(REDIS_URL)
-    try:
-        socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 6379), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
-def delete_keys(prefix: str) -> None:
-    import redis
-
-    with redis.Redis.from_url(REDIS_URL) as client:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
 
 
 def with_prefix(url: str, prefix: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
 
 
-def require_redis() -> None:
-    if redis_reachable():
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"Redis at {REDIS_URL} is not reachable, and CI must run the Redis suite.")
-    pytest.skip(f"Redis at {REDIS_URL} is not reachable; start redis-server or set REDIS_URL.")
-
-
 @pytest.fixture
 def redis_prefix() -> Iterator[str]:
     """A key prefix of this test's own, whose keys are deleted afterwards."""
-    require_redis()
+    need_redis()
     prefix = f"taskserve-test-{uuid.uuid4().hex}"
     yield prefix
-    delete_keys(prefix)
+    clear_redis(prefix)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
