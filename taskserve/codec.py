@@ -210,8 +210,9 @@ class Codec:
         self.by_name = {p.name: p for p in self.params}
 
     @property
-    def has_binary_input(self) -> bool:
-        return any(p.kind in BINARY_KINDS for p in self.params)
+    def writes_files(self) -> bool:
+        """Whether ``load`` writes uploads under its workdir (``Path`` parameters)."""
+        return any(p.kind == "file" for p in self.params)
 
     # -- API side --------------------------------------------------------------------------
 
