@@ -203,9 +203,15 @@ class Worker:
                 self._slot_free.clear()
                 await self._first(self._slot_free.wait())
                 continue
+            # Outcomes not yet written go along with the claim: one commit for both.
+            outcomes, self._outbox = self._outbox, []
             try:
-                claims = await self.queue.claim(self.routes, self.name, limit=self._claim_limit(free), lease=self.lease)
+                claims = await self.queue.finish_and_claim(
+                    outcomes, self.routes, self.name, limit=self._claim_limit(free), lease=self.lease
+                )
             except QueueUnavailable as exc:
+                self._outbox[:0] = outcomes  # the reporter retries them
+                self._outbox_ready.set()
                 logger.warning("worker %s: %s; retrying in %.1fs", self.name, exc, idle)
                 await self._first(asyncio.sleep(idle))
                 idle = min(idle * 2, 5.0)

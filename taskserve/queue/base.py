@@ -211,6 +211,23 @@ class Queue(abc.ABC):
             return []
         return await self._finish(list(outcomes), now())
 
+    async def finish_and_claim(
+        self,
+        outcomes: Sequence[Outcome],
+        routes: Sequence[str],
+        worker: str,
+        *,
+        limit: int = 1,
+        lease: float = DEFAULT_LEASE,
+    ) -> list[Claim]:
+        """Record outcomes and claim more work in one go (one transaction where the backend can)."""
+        if not outcomes:
+            return await self.claim(routes, worker, limit=limit, lease=lease)
+        if limit <= 0 or not routes:
+            await self.finish(outcomes)
+            return []
+        return await self._finish_and_claim(list(outcomes), list(routes), worker, limit, lease, now())
+
     async def extend(self, held: dict[str, str], lease: float = DEFAULT_LEASE) -> set[str]:
         """Renew the leases of ``{task_id: token}``; returns the ids this worker still holds."""
         if not held:
@@ -274,6 +291,12 @@ class Queue(abc.ABC):
 
     @abc.abstractmethod
     async def _finish(self, outcomes: list[Outcome], ts: float) -> list[bool]: ...
+
+    async def _finish_and_claim(
+        self, outcomes: list[Outcome], routes: list[str], worker: str, limit: int, lease: float, ts: float
+    ) -> list[Claim]:
+        await self._finish(outcomes, ts)
+        return await self._claim(routes, worker, limit, lease, ts)
 
     @abc.abstractmethod
     async def _extend(self, held: dict[str, str], lease: float, ts: float) -> set[str]: ...

@@ -476,30 +476,62 @@ class SQLiteQueue(Queue):
         return _record(row)
 
     async def _claim(self, routes: list[str], worker: str, limit: int, lease: float, ts: float) -> list[Claim]:
-        token = os.urandom(8).hex()
+        if not await self._maybe_due(routes, ts):
+            return []
+        return await self._quick_write(self._claim_job(routes, worker, limit, lease, ts))
+
+    async def _finish_and_claim(
+        self, outcomes: list[Outcome], routes: list[str], worker: str, limit: int, lease: float, ts: float
+    ) -> list[Claim]:
+        finish, after = self._finish_job(outcomes, ts)
+        if not await self._maybe_due(routes, ts):
+            await self._quick_write(finish)
+            after()
+            return []
+        claim = self._claim_job(routes, worker, limit, lease, ts)
+        _, claims = await self._quick_write(lambda c: (finish(c), claim(c)))
+        after()
+        return claims
+
+    async def _maybe_due(self, routes: list[str], ts: float) -> bool:
+        """A cheap read first, so that an idle worker's poll never takes the write lock."""
+        hinted, self._work_hint = self._work_hint, False
+        if hinted:
+            return True
         marks = ",".join("?" * len(routes))
         probe = f"SELECT 1 FROM tasks WHERE status = 'pending' AND run_at <= ? AND route IN ({marks}) LIMIT 1"
+        return await self._quick_read(lambda c: c.execute(probe, (ts, *routes)).fetchone()) is not None
 
-        # A cheap read first, so that an idle worker's poll never takes the write lock.
-        hinted, self._work_hint = self._work_hint, False
-        if not hinted and await self._quick_read(lambda c: c.execute(probe, (ts, *routes)).fetchone()) is None:
-            return []
+    def _claim_job(
+        self, routes: list[str], worker: str, limit: int, lease: float, ts: float
+    ) -> Callable[[sqlite3.Connection], list[Claim]]:
+        token = os.urandom(8).hex()
+        marks = ",".join("?" * len(routes))
 
-        def claim(conn: sqlite3.Connection) -> list[Any]:
-            return conn.execute(
+        def claim(conn: sqlite3.Connection) -> list[Claim]:
+            rows = conn.execute(
                 "UPDATE tasks SET status = 'in_progress', attempts = attempts + 1, token = ?, lease_expires = ?,"
                 " started_at = ?, worker = ? WHERE rowid IN (SELECT rowid FROM tasks WHERE status = 'pending'"
                 f" AND run_at <= ? AND route IN ({marks}) ORDER BY priority DESC, run_at LIMIT ?)"
                 " RETURNING id, route, args, attempts, max_attempts, timeout",
                 (token, ts + lease, ts, worker, ts, *routes, limit),
             ).fetchall()
+            claims = [Claim(r[0], r[1], bytes(r[2]), token, r[3], r[4], r[5]) for r in rows]
+            claims.sort(key=lambda c: c.id)
+            return claims
 
-        rows = await self._quick_write(claim)
-        claims = [Claim(r[0], r[1], bytes(r[2]), token, r[3], r[4], r[5]) for r in rows]
-        claims.sort(key=lambda c: c.id)
-        return claims
+        return claim
 
     async def _finish(self, outcomes: list[Outcome], ts: float) -> list[bool]:
+        finish, after = self._finish_job(outcomes, ts)
+        result = await self._quick_write(finish)
+        after()
+        return result
+
+    def _finish_job(
+        self, outcomes: list[Outcome], ts: float
+    ) -> tuple[Callable[[sqlite3.Connection], list[bool]], Callable[[], None]]:
+        """The finishing writes, and what to announce once they are committed."""
         expires = ts + self.retention
         applied_terminal: list[str] = []
         requeued = False
@@ -551,11 +583,12 @@ class SQLiteQueue(Queue):
                 applied.append(done)
             return applied
 
-        result = await self._quick_write(finish)
-        self._done(applied_terminal)
-        if requeued:
-            self._waker.send(_wake.WORKER, b"w")
-        return result
+        def after() -> None:
+            self._done(applied_terminal)
+            if requeued:
+                self._waker.send(_wake.WORKER, b"w")
+
+        return finish, after
 
     async def _extend(self, held: dict[str, str], lease: float, ts: float) -> set[str]:
         items = list(held.items())
