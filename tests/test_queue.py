@@ -151,6 +151,21 @@ async def test_claim_with_limit_takes_several(queue: Queue) -> None:
     assert await queue.counts() == {("/gen", "in_progress"): 5}
 
 
+async def test_finish_and_claim_records_outcomes_and_hands_out_more(queue: Queue) -> None:
+    first = await queue.enqueue(task())
+    [claim] = await queue.claim(["/gen"], "w")
+    stale = failed(claim)
+    stale.token = "stale"  # an outcome whose claim no longer holds is still dropped
+    assert await queue.finish_and_claim([stale], ["/gen"], "w", limit=5) == []
+    assert (await queue.get(first.id)).status is TaskStatus.IN_PROGRESS
+    second = await queue.enqueue(task())
+    more = await queue.finish_and_claim([done(claim)], ["/gen"], "w", limit=5)
+    assert [c.id for c in more] == [second.id]
+    assert (await queue.get(first.id)).status is TaskStatus.SUCCESS
+    assert await queue.finish_and_claim([done(more[0])], ["/gen"], "w", limit=5) == []
+    assert (await queue.get(second.id)).status is TaskStatus.SUCCESS
+
+
 async def test_finish_success_stores_the_result(queue: Queue) -> None:
     record = await queue.enqueue(task())
     [claim] = await queue.claim(["/gen"], "w")
