@@ -15,7 +15,7 @@ class Metrics:
         )
         self.finished = Counter(
             "taskserve_tasks_finished",
-            "Terminal outcomes this API process observed (status, get, wait and direct calls).",
+            "Outcomes of direct calls (POST /{route}) answered by this API process.",
             ["endpoint", "status"],
             registry=self.registry,
         )
