@@ -1,0 +1,163 @@
+"""A sqlite3 connection driven by a thread of its own, for the SQLite queue.
+
+sqlite3 calls block, so each connection lives in one thread and takes jobs from a queue;
+callers await a future. The writer's thread runs every job that queued up while it was busy
+in one transaction (group commit), each job in a savepoint so one failing job fails alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue as thread_queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..exceptions import QueueError, QueueUnavailable
+
+T = TypeVar("T")
+
+
+class ThreadedConnection:
+    """One sqlite3 connection driven by its own thread; jobs return asyncio futures."""
+
+    def __init__(self, path: str, synchronous: str, *, batch_writes: bool, name: str) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.batch_writes = batch_writes
+        self._jobs: thread_queue.SimpleQueue[Any] = thread_queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise QueueUnavailable(f"Cannot open the SQLite queue at {path!r}: {self._error}.")
+
+    def _open(self) -> sqlite3.Connection:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        # The writer waits for the write lock itself (see _begin): SQLite's own busy handler
+        # sleeps in steps of 1 ms and more, far longer than our transactions hold the lock.
+        timeout = 0.0 if self.batch_writes else 10.0
+        conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA wal_autocheckpoint=0")  # see SQLiteQueue._checkpoints
+        return conn
+
+    def _run(self) -> None:
+        try:
+            conn = self._open()
+        except BaseException as exc:  # reported to the opener
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            batch = [job]
+            if self.batch_writes:
+                while len(batch) < 256:
+                    try:
+                        nxt = self._jobs.get_nowait()
+                    except thread_queue.Empty:
+                        break
+                    if nxt is None:
+                        self._jobs.put(None)
+                        break
+                    batch.append(nxt)
+                self._run_batch(conn, batch)
+            else:
+                fn, fut, loop = job
+                self._resolve_call(conn, fn, fut, loop)
+        conn.close()
+
+    @staticmethod
+    def _resolve_call(conn: sqlite3.Connection, fn: Callable[..., Any], fut: Any, loop: Any) -> None:
+        try:
+            value, error = fn(conn), None
+        except BaseException as exc:
+            value, error = None, exc
+        _settle(loop, fut, value, error)
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        """All jobs in one transaction, each in a savepoint so one failing job fails alone."""
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            self._begin(conn)
+        except sqlite3.Error as exc:
+            for _, fut, loop in batch:
+                _settle(loop, fut, None, exc)
+            return
+        for fn, _, _ in batch:
+            conn.execute("SAVEPOINT job")
+            try:
+                outcomes.append((fn(conn), None))
+                conn.execute("RELEASE job")
+            except BaseException as exc:
+                outcomes.append((None, exc))
+                try:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                except sqlite3.Error:
+                    pass
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            outcomes = [(None, exc)] * len(batch)
+        for (_, fut, loop), (value, error) in zip(batch, outcomes, strict=True):
+            _settle(loop, fut, value, error)
+
+    @staticmethod
+    def _begin(conn: sqlite3.Connection, patience: float = 10.0) -> None:
+        deadline = time.monotonic() + patience
+        delay = 0.00005
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.002)
+
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((fn, fut, loop))
+        try:
+            return await fut
+        except sqlite3.IntegrityError as exc:
+            raise QueueError(f"The SQLite queue refused a write: {exc}.") from exc
+        except sqlite3.Error as exc:
+            raise QueueUnavailable(f"The SQLite queue at {self.path!r} failed: {exc}.") from exc
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=5)
+
+
+def _settle(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    def apply() -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
+
+    try:
+        loop.call_soon_threadsafe(apply)
+    except RuntimeError:  # the loop closed while the job ran
+        pass
