@@ -119,7 +119,7 @@ class Worker:
         lease: float = DEFAULT_LEASE,
         grace: float = 30.0,
         name: str | None = None,
-        prefetch: int = 64,
+        prefetch: int = 256,
     ) -> None:
         self.service = service
         self.queue = queue
