@@ -197,7 +197,14 @@ class CeleryDriver:
         pipe = backend.client.pipeline(transaction=False)
         for i in range(n):
             task_id = f"prefill-{i}"
-            meta = {"status": "SUCCESS", "result": i, "traceback": None, "children": [], "date_done": now, "task_id": task_id}
+            meta = {
+                "status": "SUCCESS",
+                "result": i,
+                "traceback": None,
+                "children": [],
+                "date_done": now,
+                "task_id": task_id,
+            }
             pipe.set(backend.get_key_for_task(task_id), backend.encode(meta), ex=86400)
             if i % 5000 == 4999:
                 pipe.execute()

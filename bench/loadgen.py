@@ -25,7 +25,8 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from bench.drivers import PENDING, RUNNING, SUCCESS, TERMINAL, make_driver
 
@@ -157,7 +158,7 @@ def _verify_results(driver: Any, records: list[dict], job: dict) -> None:
             try:
                 record["ok"] = _result_ok(job["task"], record["i"], driver.result(job["task"], record["id"]), job)
             except Exception as exc:
-                record["ok"], record["error"] = False, f"get: {exc}"
+                record["ok"], record["get_error"] = False, str(exc)
 
 
 def _result_ok(task: str, i: int, value: Any, job: dict) -> bool:
@@ -183,16 +184,29 @@ def job_check(job: dict) -> dict:
     return {"records": parallel(job, job["ids"], _check_shard)}
 
 
+def _submit_shard(driver: Any, blocks: list[list[int]], job: dict) -> list[dict]:
+    task, chunk, out = job["task"], job.get("chunk", 1000), []
+    for block in blocks:
+        for start in range(0, len(block), chunk):
+            indices = block[start : start + chunk]
+            task_ids = driver.submit_many(task, [task_args(task, i, job) for i in indices])
+            out.extend({"i": i, "id": t} for i, t in zip(indices, task_ids, strict=True))
+        out[-1]["tail"] = True  # the last task this submitter enqueued
+    return out
+
+
 def job_submit(job: dict) -> dict:
-    driver, task, first, chunk = make_driver(job["driver"]), job["task"], job.get("first_index", 0), job.get("chunk", 1000)
-    driver.connect()
-    ids: list[list] = []
+    """Enqueue `n` tasks in bulk: each submitter sends one contiguous block, in chunks."""
+    first, n = job.get("first_index", 0), job["n"]
+    submitters = job.get("procs", 1) * job.get("threads", 1)
+    size = -(-n // submitters)
+    blocks = [list(range(first + k, min(first + k + size, first + n))) for k in range(0, n, size)]
     t0 = now()
-    for start in range(first, first + job["n"], chunk):
-        indices = list(range(start, min(start + chunk, first + job["n"])))
-        task_ids = driver.submit_many(task, [task_args(task, i, job) for i in indices])
-        ids.extend([i, t] for i, t in zip(indices, task_ids))
-    return {"ids": ids, "seconds": now() - t0}
+    records = sorted(parallel(job, blocks, _submit_shard), key=lambda r: r["i"])
+    if any("error" in r for r in records):
+        raise RuntimeError(next(r["error"] for r in records if "error" in r))
+    tails = [r["id"] for r in records if r.get("tail")]
+    return {"ids": [[r["i"], r["id"]] for r in records], "tails": tails, "seconds": now() - t0}
 
 
 def job_drain(job: dict) -> dict:
@@ -206,7 +220,8 @@ def job_drain(job: dict) -> dict:
         time.sleep(0.002)
         first_word = driver.status(task, ids[0][1])[0]
     t_first = now()
-    tail = [task_id for _, task_id in ids[-5:]]
+    # The last tasks enqueued finish last: every submitter's last one, and the last five.
+    tail = list(dict.fromkeys(job.get("tails", []) + [task_id for _, task_id in ids[-5:]]))
     while tail and now() < deadline:
         tail = [t for t in tail if driver.status(task, t)[0] not in TERMINAL]
         if tail:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -82,7 +83,9 @@ def start(name: str, cmd: list[str], env: dict[str, str] | None = None, role: st
     with open(log, "ab") as out:
         out.write(f"\n$ {' '.join(cmd)}\n".encode())
         out.flush()
-        popen = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        popen = subprocess.Popen(
+            cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     return Proc(name, popen, log, role)
 
 
@@ -164,6 +167,44 @@ def command_name(pid: int) -> str:
         return "?"
 
 
+class CpuWatch(threading.Thread):
+    """Once a second, adds up the CPU time of processes that are neither the bench's own (its
+    descendants) nor Redis: other work on the machine that would lower and blur the figures."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.foreign = 0.0  # CPU seconds
+        self._done = threading.Event()
+        self._hz = os.sysconf("SC_CLK_TCK")
+
+    def run(self) -> None:
+        previous = self._sample()
+        while not self._done.wait(1.0):
+            current = self._sample()
+            self.foreign += sum(t - previous.get(pid, 0) for pid, t in current.items()) / self._hz
+            previous = current
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _sample(self) -> dict[int, int]:
+        stats: dict[int, tuple[int, str, int]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    head, _, rest = (entry / "stat").read_text().rpartition(")")
+                    fields = rest.split()
+                    stats[int(entry.name)] = (int(fields[1]), head.partition("(")[2], int(fields[11]) + int(fields[12]))
+                except (OSError, IndexError, ValueError):
+                    continue
+        ours = {os.getpid(), *descendants(os.getpid())}
+        return {
+            pid: ticks
+            for pid, (ppid, name, ticks) in stats.items()
+            if pid not in ours and ppid != 2 and pid != 2 and not name.startswith("redis-server")
+        }
+
+
 # -- the load generator --------------------------------------------------------------------
 
 
@@ -179,7 +220,14 @@ class LoadGen:
 
     def open(self, job: dict) -> subprocess.Popen:
         env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
-        proc = subprocess.Popen([str(self.python), "-m", "bench.loadgen"], cwd=ROOT, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [str(self.python), "-m", "bench.loadgen"],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(job))
         proc.stdin.close()

@@ -37,7 +37,8 @@ def rows(s: Settings) -> list[tuple[int, str, str, str]]:
         (6, "rss_idle.workers", "6 RSS idle, workers together (MB)", "{:.0f}"),
         (6, "rss_after_s1.main", "6 RSS after scenario 1, main (MB)", "{:.0f}"),
         (6, "rss_after_s1.workers", "6 RSS after scenario 1, workers (MB)", "{:.0f}"),
-        (6, "bytes_per_task", "6 store bytes per stored task", "{:.0f}"),
+        (6, "bytes_per_task_db", "6 store bytes per stored task, database file", "{:.0f}"),
+        (6, "bytes_per_task", "6 store bytes per stored task, with -wal / Redis", "{:.0f}"),
     ]
 
 
@@ -77,7 +78,9 @@ def targets(res: Results) -> list[tuple[str, str, str, str]]:
     celery_redis = [m for name in ("celery-solo", "celery-prefork") if (m := median(res.get(name), "s3_redis"))]
     lines = []
 
-    def ratio(label: str, a: float | None, b: float | None, need: float | None, fmt: str = "{:.2f}x", at_most: bool = False) -> None:
+    def ratio(
+        label: str, a: float | None, b: float | None, need: float | None, fmt: str = "{:.2f}x", at_most: bool = False
+    ) -> None:
         if a is None or b is None or not b:
             lines.append((label, _need(need, at_most, fmt), "–", "not measured"))
             return
@@ -107,14 +110,19 @@ def _need(need: float | None, at_most: bool, fmt: str) -> str:
 
 def table(res: Results, systems: list[str], s: Settings, wanted: set[int]) -> list[list[str]]:
     header = ["metric", *systems]
-    body = [[label, *(cell(res.get(name), key, fmt) for name in systems)] for sc, key, label, fmt in rows(s) if sc in wanted]
+    body = [
+        [label, *(cell(res.get(name), key, fmt) for name in systems)] for sc, key, label, fmt in rows(s) if sc in wanted
+    ]
     body = [line for line in body if any(c != "–" for c in line[1:])]
     return [header, *body]
 
 
 def render_text(grid: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in grid) for i in range(len(grid[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in grid]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in grid
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -130,9 +138,13 @@ def checks_text(res: Results) -> list[str]:
     for name, result in res.items():
         for scenario, notes in (result.get("checks") or {}).items():
             bad = [n for n in notes if not n.startswith("ok")]
-            sizes = ", ".join(sorted({n.split("[")[-1].rstrip("]") for n in notes}))
+            sizes = ", ".join(n.split("[")[-1].rstrip("]") for n in notes)
+            if len(set(sizes.split(", "))) == 1:
+                sizes = sizes.split(", ")[0]
             summary = "; ".join(sorted(set(bad))) if bad else f"ok in all {len(notes)} runs [{sizes}]"
             lines.append(f"{name:15} {scenario:22} {summary}")
+        for key, cut in (result.get("repeats_cut") or {}).items():
+            lines.append(f"{name:15} {key:22} repeated {cut} times only, to stay within the time budget")
     return lines
 
 
@@ -141,15 +153,27 @@ def write(res: Results, systems: list[str], skipped: dict[str, str], s: Settings
     goal_lines = targets(res)
     text = [render_text(grid), "", "Targets (medians over repeats):"]
     text += [f"  {t:42} required {r:>9}  measured {m:>10}  {v}" for t, r, m, v in goal_lines]
-    text += ["", "Checks (every task: lost, duplicated, failed, run twice, wrong result):"] + ["  " + c for c in checks_text(res)]
+    text += ["", "Checks (every task: lost, duplicated, failed, run twice, wrong result):"] + [
+        "  " + c for c in checks_text(res)
+    ]
     if skipped:
         text += ["", "Skipped:"] + [f"  {name}: {why}" for name, why in skipped.items()]
-    md = [f"# Benchmark {meta['started']}", "", f"`{meta['command']}` — {meta['machine']}", "", render_markdown(grid), ""]
+    others = meta.get("cpu_used_by_others") or {}
+    if others:
+        text += ["", "Other processes were using the CPU (these figures are lower and noisier than they should be):"]
+        text += [f"  {step}: {share:.0%} of the machine" for step, share in others.items()]
+    about = f"`{meta['command']}` — {meta['machine']}; {meta['seconds']:.0f} s"
+    about += f"; CPU busy before the start {meta['cpu_busy_before']:.0%}"
+    md = [f"# Benchmark {meta['started']}", "", about, "", render_markdown(grid), ""]
     md += ["## Targets", "", "| target | required | measured | verdict |", "| --- | ---: | ---: | --- |"]
     md += [f"| {t} | {r} | {m} | {v} |" for t, r, m, v in goal_lines]
     md += ["", "## Checks", "", "```", *checks_text(res), "```"]
     if skipped:
         md += ["", "## Skipped", ""] + [f"- **{name}**: {why}" for name, why in skipped.items()]
+    if others:
+        md += ["", "## Other load on the machine", ""] + [
+            f"- {step}: {share:.0%} of the CPU" for step, share in others.items()
+        ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     payload = {"meta": meta, "settings": s.__dict__, "results": res, "skipped": skipped, "targets": goal_lines}

@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import procs, report  # noqa: E402
-from bench.procs import LoadGen, Unavailable  # noqa: E402
-from bench.scenarios import Bench, Settings  # noqa: E402
-from bench.systems import CELERY_REDIS_DB, OPT_IN, TS_REDIS_DB, all_systems  # noqa: E402
+from bench import procs, report
+from bench.procs import LoadGen, Unavailable
+from bench.scenarios import Bench, Settings
+from bench.systems import CELERY_REDIS_DB, CELERY_REQUIREMENTS, OPT_IN, TS_REDIS_DB, all_systems
 
 T0 = time.monotonic()
 
@@ -35,7 +35,12 @@ def say(message: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller counts and one repeat")
-    parser.add_argument("--only", default="", help="systems, comma-separated: ceiling,taskserve,bentoml,celery (or celery-solo, celery-prefork); bentoml-2w runs only when named")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="systems, comma-separated: ceiling,taskserve,bentoml,celery (or celery-solo, celery-prefork);"
+        " bentoml-2w runs only when named",
+    )
     parser.add_argument("--scenarios", default="1,2,3,4,5,6", help="scenario numbers, comma-separated")
     parser.add_argument("--repeats", type=int, help="repeats of every measurement (default 3, 1 with --quick)")
     return parser.parse_args(argv)
@@ -44,14 +49,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def loadgen_python() -> Path:
     """The load generator runs where Celery's client is installed (its HTTP client is stdlib)."""
     try:
-        return procs.ensure_venv("celery", ["celery[redis]>=5.7,<5.8", "pillow"]) / "bin" / "python"
+        return procs.ensure_venv("celery", CELERY_REQUIREMENTS) / "bin" / "python"
     except Unavailable as exc:
         say(f"Celery's venv is unavailable ({exc}); the load generator runs in the project venv")
         return procs.TASKSERVE_VENV / "bin" / "python"
 
 
+def busy_fraction(seconds: float = 1.0) -> float:
+    """How much of the machine's CPU was in use over `seconds`, before the bench starts anything."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+WATCH = procs.CpuWatch()
+INTERFERENCE: dict[str, float] = {}
+
+
 def guarded(what: str, name: str, errors: dict[str, str], fn: object, *args: object) -> None:
     say(f"{name}: {what}")
+    began, foreign = time.monotonic(), WATCH.foreign
     try:
         fn(*args)  # type: ignore[operator]
     except Unavailable as exc:
@@ -60,6 +83,11 @@ def guarded(what: str, name: str, errors: dict[str, str], fn: object, *args: obj
     except Exception as exc:  # one system failing must not end the run for the others
         errors[name] = "; ".join(filter(None, [errors.get(name), f"{what} failed: {exc!r}"]))
         say(f"{name}: {what} failed: {exc!r}\n{traceback.format_exc(limit=4)}")
+    finally:
+        share = (WATCH.foreign - foreign) / ((os.cpu_count() or 1) * (time.monotonic() - began))
+        if share > 0.05:
+            INTERFERENCE[f"{name}: {what}"] = round(share, 3)
+            say(f"warning: other processes used {share:.0%} of the CPU during {name}: {what}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,9 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         settings.repeats = args.repeats
     wanted = {int(x) for x in args.scenarios.split(",") if x.strip()}
     only = {x.strip() for x in args.only.split(",") if x.strip()}
-    systems = [s for s in all_systems() if s.name in only or (s.name.startswith("celery") and "celery" in only) or (not only and s.name not in OPT_IN)]
+    systems = [
+        s
+        for s in all_systems()
+        if s.name in only or (s.name.startswith("celery") and "celery" in only) or (not only and s.name not in OPT_IN)
+    ]
     say(f"systems {', '.join(s.name for s in systems)}; scenarios {sorted(wanted)}; {settings}")
 
+    busy = busy_fraction()
+    if busy > 0.15:
+        say(f"warning: {busy:.0%} of the CPU was busy before the bench started; figures will be lower and noisier")
+    WATCH.start()
     lg = LoadGen(loadgen_python())
     skipped: dict[str, str] = {}
     ready = []
@@ -86,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     benches = {s.name: Bench(s, lg, settings, say) for s in ready}
     try:
         for system in ready:
-            if wanted & {1, 2, 5, 6} & system.scenarios:
-                guarded("scenarios 1, 2, 5, 6", system.name, skipped, benches[system.name].main_block, wanted)
+            if shared := sorted(wanted & {1, 2, 5, 6} & system.scenarios):
+                what = "scenario" + ("s " if len(shared) > 1 else " ") + ", ".join(map(str, shared))
+                guarded(what, system.name, skipped, benches[system.name].main_block, wanted)
         if 3 in wanted:
             for system in ready:
                 for broker in system.drains:
@@ -108,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}",
         "seconds": round(time.monotonic() - T0, 1),
+        "cpu_busy_before": round(busy, 3),
+        "cpu_used_by_others": INTERFERENCE,
     }
+    WATCH.stop()
     print()
     print(report.write(results, [s.name for s in systems if s.name in results], skipped, settings, wanted, meta))
     say(f"done; written to {procs.RESULTS}/latest.md and latest.json")

@@ -52,9 +52,10 @@ class Running:
             procs.stop(proc)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def memory(self) -> dict[str, float]:
-        """RSS in MB of the main process(es) and of all their descendants (the workers)."""
-        main = sum(procs.rss_mb(p.pid) for p in self.procs if p.role == "main")
+    def memory(self) -> dict[str, float | None]:
+        """RSS in MB of the main process (None if there is none) and of all the workers together."""
+        mains = [p for p in self.procs if p.role == "main"]
+        main = sum(procs.rss_mb(p.pid) for p in mains) if mains else None
         kids = [pid for p in self.procs for pid in ([p.pid] if p.role == "worker" else []) + procs.descendants(p.pid)]
         return {"main": main, "workers": sum(procs.rss_mb(pid) for pid in kids), "worker_count": len(kids)}
 
@@ -81,10 +82,12 @@ class System:
         """Store `n` finished tasks without the API, if that is the system's fastest way."""
         return False
 
-    def store_bytes(self, running: Running) -> int | None:
-        if running.store is None:
+    def store_bytes(self, running: Running, wal: bool = True) -> int | None:
+        """Bytes on disk of the SQLite store: the database file, and with `wal` its -wal/-shm too."""
+        if running.store is None or not running.store.exists():
             return None
-        return sum(f.stat().st_size for f in running.store.parent.glob(running.store.name + "*"))
+        files = running.store.parent.glob(running.store.name + "*") if wal else [running.store]
+        return sum(f.stat().st_size for f in files)
 
     def _tmp(self) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
@@ -105,7 +108,17 @@ class Ceiling(System):
     def start(self, **_: Any) -> Running:
         port = procs.free_port()
         uvicorn = str(procs.TASKSERVE_VENV / "bin" / "uvicorn")
-        cmd = [uvicorn, "bench.peers.ceiling_app:app", "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
+        cmd = [
+            uvicorn,
+            "bench.peers.ceiling_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
         proc = procs.start("ceiling", cmd)
         url = f"http://127.0.0.1:{port}"
         procs.wait_http(url + "/readyz", proc)
@@ -135,7 +148,19 @@ class TaskServe(System):
         tmp = self._tmp()
         url, store = self._broker(broker, tmp)
         port = procs.free_port()
-        cmd = [str(self.exe), "serve", TS_TARGET, "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--broker", url]
+        cmd = [
+            str(self.exe),
+            "serve",
+            TS_TARGET,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--broker",
+            url,
+        ]
         if concurrency == "c8":
             cmd += ["--concurrency", "8"]
         proc = procs.start(f"taskserve-{broker}-{concurrency}-w{workers}", cmd, _env(tmp))
@@ -180,7 +205,15 @@ class BentoML(System):
             # Like the ceiling and taskserve, no access log; BentoML's own task log stays on.
             "BENTOML_CONFIG_OPTIONS": "api_server.logging.access.enabled=false",
         }
-        cmd = [str(self.venv / "bin" / "bentoml"), "serve", "bench.peers.bentoml_service:Bench", "--host", "127.0.0.1", "--port", str(port)]
+        cmd = [
+            str(self.venv / "bin" / "bentoml"),
+            "serve",
+            "bench.peers.bentoml_service:Bench",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
         proc = procs.start(self.name, cmd, env)
         base = f"http://127.0.0.1:{port}"
         try:
@@ -223,7 +256,9 @@ class Celery(System):
         except OSError as exc:
             raise Unavailable(f"no Redis at 127.0.0.1:6379 ({exc})") from None
 
-    def start(self, *, concurrency: str = "default", workers: int = 2, track_started: bool = False, **_: Any) -> Running:
+    def start(
+        self, *, concurrency: str = "default", workers: int = 2, track_started: bool = False, **_: Any
+    ) -> Running:
         procs.redis(CELERY_REDIS_DB, "FLUSHDB")
         extra = {"concurrency": concurrency, "track_started": track_started}
         running = Running(self, [], {"kind": "celery", "redis": self.redis_url}, self._tmp(), extra=extra)
@@ -234,15 +269,34 @@ class Celery(System):
     def start_workers(self, running: Running, n: int = 2) -> list[Proc]:
         """solo: `n` single-task worker processes; prefork: one worker with `n` (x8 for c8) children."""
         celery = str(self.venv / "bin" / "celery")
-        base = [celery, "-A", "bench.peers.celery_app", "worker", "-l", "warning", "--without-gossip", "--without-mingle", "--without-heartbeat"]
-        env = {"BENCH_CELERY_REDIS": self.redis_url, "BENCH_CELERY_TRACK_STARTED": "1" if running.extra.get("track_started") else "0", **_env(running.tmp)}
+        base = [
+            celery,
+            "-A",
+            "bench.peers.celery_app",
+            "worker",
+            "-l",
+            "warning",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+        env = {
+            "BENCH_CELERY_REDIS": self.redis_url,
+            "BENCH_CELERY_TRACK_STARTED": "1" if running.extra.get("track_started") else "0",
+            **_env(running.tmp),
+        }
         if self.pool == "solo":
-            return [procs.start(f"celery-solo-{k}", [*base, "--pool=solo", "-n", f"solo{k}@%h"], env, role="worker") for k in range(n)]
+            return [
+                procs.start(f"celery-solo-{k}", [*base, "--pool=solo", "-n", f"solo{k}@%h"], env, role="worker")
+                for k in range(n)
+            ]
         slots = n * (8 if running.extra.get("concurrency") == "c8" else 1)
-        return [procs.start("celery-prefork", [*base, "--pool=prefork", f"--concurrency={slots}", "-n", "prefork@%h"], env)]
+        return [
+            procs.start("celery-prefork", [*base, "--pool=prefork", f"--concurrency={slots}", "-n", "prefork@%h"], env)
+        ]
 
-    def store_bytes(self, running: Running) -> int | None:
-        return None  # Redis keeps results in memory; see `memory_per_task` in the scenario
+    def store_bytes(self, running: Running, wal: bool = True) -> int | None:
+        return None  # Redis keeps results in memory: scenario 6 measures its used_memory instead
 
 
 def all_systems() -> list[System]:
@@ -251,4 +305,3 @@ def all_systems() -> list[System]:
 
 
 OPT_IN = {"bentoml-2w"}
-

@@ -14,7 +14,9 @@ def render(prompt: str) -> Image.Image:
     seed = hashlib.sha256(prompt.encode()).digest()
     top, bottom = seed[0:3], seed[3:6]
     gradient = Image.linear_gradient("L").resize((SIZE, SIZE))
-    image = Image.composite(Image.new("RGB", (SIZE, SIZE), tuple(bottom)), Image.new("RGB", (SIZE, SIZE), tuple(top)), gradient)
+    image = Image.composite(
+        Image.new("RGB", (SIZE, SIZE), tuple(bottom)), Image.new("RGB", (SIZE, SIZE), tuple(top)), gradient
+    )
     draw = ImageDraw.Draw(image)
     for i in range(8):
         x, y, r = seed[6 + 3 * i], seed[7 + 3 * i], 8 + seed[8 + 3 * i] % 48

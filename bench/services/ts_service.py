@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-import taskserve
 from PIL.Image import Image
 
+import taskserve
 from bench.services import execlog
 from bench.services.render import render
 
