@@ -62,6 +62,8 @@ MIGRATIONS: list[tuple[int, str]] = [
     ),
 ]
 
+WAL_LIMIT = 64 * 1024 * 1024
+
 RECORD_COLUMNS = (
     "id, route, status, created_at, started_at, completed_at, attempts, max_attempts, error, worker, priority, timeout"
 )
@@ -161,8 +163,16 @@ class SQLiteQueue(Queue):
         """
         while True:
             await asyncio.sleep(1.0)
+            # Under constant load a PASSIVE checkpoint never finds the moment to restart the
+            # WAL, so it only grows; past a bound, TRUNCATE waits for that moment (writers
+            # pause for the copy, a few ms per MB) and gives the space back.
+            try:
+                wal = os.path.getsize(f"{self.path}-wal")
+            except OSError:
+                wal = 0
+            mode = "TRUNCATE" if wal > WAL_LIMIT else "PASSIVE"
             with contextlib.suppress(QueueUnavailable):
-                await self._read(lambda c: c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+                await self._read(lambda c, mode=mode: c.execute(f"PRAGMA wal_checkpoint({mode})").fetchone())
 
     async def close(self) -> None:
         if self._checkpointer is not None:
