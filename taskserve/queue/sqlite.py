@@ -170,9 +170,13 @@ class SQLiteQueue(Queue):
                 wal = os.path.getsize(f"{self.path}-wal")
             except OSError:
                 wal = 0
-            mode = "TRUNCATE" if wal > WAL_LIMIT else "PASSIVE"
+            sql = "PRAGMA wal_checkpoint(TRUNCATE)" if wal > WAL_LIMIT else "PRAGMA wal_checkpoint(PASSIVE)"
+
+            def checkpoint(conn: sqlite3.Connection, sql: str = sql) -> None:
+                conn.execute(sql).fetchone()
+
             with contextlib.suppress(QueueUnavailable):
-                await self._read(lambda c, mode=mode: c.execute(f"PRAGMA wal_checkpoint({mode})").fetchone())
+                await self._read(checkpoint)
 
     async def close(self) -> None:
         if self._checkpointer is not None:
