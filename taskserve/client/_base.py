@@ -165,5 +165,14 @@ def raise_for_response(response: httpx.Response, task: Any = None) -> None:
     raise ClientError(message, code)
 
 
+def request_timeout(kwargs: dict[str, Any]) -> None:
+    """Give waiting requests time enough: direct calls none at all, long polls their wait plus slack."""
+    if "timeout" in kwargs and kwargs["timeout"] is None:
+        kwargs["timeout"] = httpx.Timeout(None, connect=10.0)
+    params = kwargs.get("params") or {}
+    if "timeout" in params:
+        kwargs["timeout"] = httpx.Timeout(float(params["timeout"]) + 30.0, connect=10.0)
+
+
 def transport_error(url: Any, exc: Exception) -> ClientError:
     return ClientError(f"Cannot reach the taskserve server at {url}: {exc}.")

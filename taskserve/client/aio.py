@@ -19,6 +19,7 @@ from ._base import (
     encode_json_item,
     parse_schema,
     raise_for_response,
+    request_timeout,
     transport_error,
 )
 
@@ -147,11 +148,7 @@ class AsyncHTTPClient:
         self._endpoints: dict[str, EndpointInfo] | None = None
 
     async def _request(self, method: str, path: str, task: Any, **kwargs: Any) -> httpx.Response:
-        if "timeout" in kwargs and kwargs["timeout"] is None:
-            kwargs["timeout"] = httpx.Timeout(None, connect=10.0)
-        params = kwargs.get("params") or {}
-        if "timeout" in params:
-            kwargs["timeout"] = httpx.Timeout(float(params["timeout"]) + 30.0, connect=10.0)
+        request_timeout(kwargs)
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:

@@ -19,6 +19,7 @@ from ._base import (
     encode_json_item,
     parse_schema,
     raise_for_response,
+    request_timeout,
     transport_error,
 )
 
@@ -141,11 +142,7 @@ class SyncHTTPClient:
         self._endpoints: dict[str, EndpointInfo] | None = None
 
     def _request(self, method: str, path: str, task: Any, **kwargs: Any) -> httpx.Response:
-        if "timeout" in kwargs and kwargs["timeout"] is None:
-            kwargs["timeout"] = httpx.Timeout(None, connect=10.0)
-        params = kwargs.get("params") or {}
-        if "timeout" in params:
-            kwargs["timeout"] = httpx.Timeout(float(params["timeout"]) + 30.0, connect=10.0)
+        request_timeout(kwargs)
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
