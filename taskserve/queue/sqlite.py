@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlparse
 from .._types import WORKER_LOST, Claim, NewTask, Outcome, Result, TaskRecord, TaskStatus
 from ..exceptions import QueueUnavailable
 from . import _wake
-from ._sqlite_thread import ThreadedConnection
+from ._sqlite_thread import ThreadedConnection, configure
 from .base import DEFAULT_RETENTION, Queue, Watch
 
 T = TypeVar("T")
@@ -62,7 +62,7 @@ MIGRATIONS: list[tuple[int, str]] = [
     ),
 ]
 
-WAL_LIMIT = 64 * 1024 * 1024
+WAL_LIMIT = 16 * 1024 * 1024
 
 RECORD_COLUMNS = (
     "id, route, status, created_at, started_at, completed_at, attempts, max_attempts, error, worker, priority, timeout"
@@ -205,8 +205,7 @@ class SQLiteQueue(Queue):
             if self._reader is None:
                 await self.connect()
             conn = sqlite3.connect(self.path, timeout=0.0, isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")  # per connection, FULL by default
-            conn.execute("PRAGMA wal_autocheckpoint=0")
+            configure(conn, self.synchronous)
             self._inline = conn
         return self._inline
 
