@@ -142,7 +142,7 @@ class Worker:
         self._outbox: list[Outcome] = []
         self._outbox_ready = asyncio.Event()
         self._closing = False
-        self._avg_run = 1.0  # moving average of task run time, in seconds
+        self._route_avg: dict[str, float] = {}  # moving average of run time per route, seconds
         self._timings: dict[str, _Timing] = {}
 
     def stop(self) -> None:
@@ -184,12 +184,32 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _claim_limit(self, free: int) -> int:
-        # Claims held before a slot is free only pay off for quick tasks; slow ones are left
-        # in the queue, where an idle worker elsewhere can take them.
-        if self._avg_run < 0.005:
-            return max(free, free + self.prefetch - len(self._buffer))
-        return free
+    def _quick_routes(self) -> list[str]:
+        # Claims held before a slot is free only pay off for quick tasks; slow ones (and
+        # routes not seen yet) are left in the queue, where an idle worker can take them.
+        return [r for r in self.routes if self._route_avg.get(r, 1.0) < 0.005]
+
+    async def _claim(self, free: int) -> list[Claim]:
+        """Claim for the free slots, and ahead of them while the work is quick."""
+        quick = self._quick_routes()
+        room = max(0, self.prefetch - len(self._buffer))
+        every_route_quick = len(quick) == len(self.routes)
+        # Outcomes not yet written go along with the claim: one commit for both.
+        outcomes, self._outbox = self._outbox, []
+        try:
+            claims = await self.queue.finish_and_claim(
+                outcomes, self.routes, self.name, limit=free + room if every_route_quick else free, lease=self.lease
+            )
+        except QueueUnavailable:
+            self._outbox[:0] = outcomes  # the reporter retries them
+            self._outbox_ready.set()
+            raise
+        if claims and quick and not every_route_quick and all(c.route in quick for c in claims):
+            more = room - len(claims)
+            if more > 0:
+                with contextlib.suppress(QueueUnavailable):  # what we hold already is enough to go on
+                    claims += await self.queue.claim(quick, self.name, limit=more, lease=self.lease)
+        return claims
 
     async def _loop(self, burst: bool) -> None:
         idle = 0.01
@@ -203,15 +223,9 @@ class Worker:
                 self._slot_free.clear()
                 await self._first(self._slot_free.wait())
                 continue
-            # Outcomes not yet written go along with the claim: one commit for both.
-            outcomes, self._outbox = self._outbox, []
             try:
-                claims = await self.queue.finish_and_claim(
-                    outcomes, self.routes, self.name, limit=self._claim_limit(free), lease=self.lease
-                )
+                claims = await self._claim(free)
             except QueueUnavailable as exc:
-                self._outbox[:0] = outcomes  # the reporter retries them
-                self._outbox_ready.set()
                 logger.warning("worker %s: %s; retrying in %.1fs", self.name, exc, idle)
                 await self._first(asyncio.sleep(idle))
                 idle = min(idle * 2, 5.0)
@@ -255,7 +269,8 @@ class Worker:
             kwargs = endpoint.codec.load(claim.args, workdir)
             began = time.perf_counter()
             value = await self._call(running, endpoint, kwargs)
-            self._avg_run = 0.8 * self._avg_run + 0.2 * (time.perf_counter() - began)
+            took = time.perf_counter() - began
+            self._route_avg[claim.route] = 0.8 * self._route_avg.get(claim.route, 1.0) + 0.2 * took
             body, content_type = endpoint.codec.dump_result(value)
             outcome = Outcome(claim.id, claim.token, TaskStatus.SUCCESS, result=body, content_type=content_type)
         except (asyncio.CancelledError, TaskInterrupted):

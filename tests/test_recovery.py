@@ -192,3 +192,15 @@ def _answers(url: str) -> bool:
         return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_slow_tasks_after_many_quick_ones_are_shared_by_idle_workers(broker: str, make_server: ServerFactory) -> None:
+    server = make_server(broker, workers=2)
+    client = server.client()
+    for i in range(60):  # long enough for both workers to learn that `add` is quick
+        assert client.add.submit(a=i).get(timeout=20) == i + 1
+    slow = client.slow_async.submit_many([{"seconds": 0.4}] * 6)
+    for task in slow:
+        assert task.get(timeout=30) == "slept"
+    # Nobody claimed the slow ones ahead: both workers ran some.
+    assert len({task.status()["worker"] for task in slow}) == 2
