@@ -37,6 +37,8 @@ STATUS_WORDS = {
     "REVOKED": CANCELLED,
 }
 
+IDLE_REUSE_S = 4.0  # a connection idle longer than this is replaced before the next request
+
 # The fields of a status answer worth keeping, whichever system gave them.
 INFO_FIELDS = ("attempts", "started_at", "executed_at", "completed_at", "error")
 
@@ -55,6 +57,7 @@ class HttpDriver:
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._buf = b""
+        self._used = 0.0
 
     def connect(self) -> None:
         self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
@@ -73,9 +76,12 @@ class HttpDriver:
             head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
         # A GET may be sent again on a fresh connection (the server may have closed an idle
         # one); a POST never is, so a submit is never duplicated by the load generator.
+        if self._sock is not None and time.monotonic() - self._used > IDLE_REUSE_S:
+            self.close()  # servers drop idle keep-alive connections (uvicorn after 5 s)
         for attempt in range(2 if method == "GET" else 1):
             if self._sock is None:
                 self.connect()
+            self._used = time.monotonic()
             try:
                 self._sock.sendall(head.encode() + b"\r\n" + payload)  # type: ignore[union-attr]
                 return self._read_response()

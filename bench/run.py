@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -90,7 +91,15 @@ def guarded(what: str, name: str, errors: dict[str, str], fn: object, *args: obj
             say(f"warning: other processes used {share:.0%} of the CPU during {name}: {what}")
 
 
+def exit_on_signal(signum: int, frame: object) -> None:
+    # SIGTERM (`timeout`, a CI runner) would otherwise end the run without its `finally` blocks,
+    # leaving the servers and workers it started running.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, exit_on_signal)
     args = parse_args(argv)
     settings = Settings.quick() if args.quick else Settings()
     if args.repeats:
