@@ -32,7 +32,6 @@ class TaskStatus(str, enum.Enum):
 
 
 TERMINAL_STATUSES = frozenset({TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.CANCELLED})
-ACTIVE_STATUSES = frozenset({TaskStatus.PENDING, TaskStatus.IN_PROGRESS})
 
 
 def new_task_id() -> str:
