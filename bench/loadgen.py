@@ -126,6 +126,7 @@ def _run_shard(driver: Any, indices: list[int], job: dict) -> list[dict]:
             except Exception as exc:
                 word, info = "error", {"error": str(exc)}
             t = now()
+            record["polls"] = record.get("polls", 0) + 1
             if word == RUNNING:
                 record.setdefault("run0", t)
                 record["run1"] = t

@@ -28,6 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+try:
+    import resource
+
+    _RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)  # Linux
+except ImportError:  # Windows
+    _RUSAGE_THREAD = None
+
 from ._types import Claim, Outcome, TaskStatus
 from .exceptions import QueueUnavailable, Retry
 from .queue.base import DEFAULT_LEASE, Queue
@@ -36,6 +43,8 @@ from .service import Endpoint, Service
 logger = logging.getLogger("taskserve.worker")
 
 EXIT_RECYCLE = 75  # asks the supervisor for a fresh process (a sync task could not be stopped)
+QUICK_CALL = 0.0005  # a sync call this short may run on the event loop (see _Timing)
+SLOW_CALL = 0.005  # one this long on the loop sends its function back to threads
 
 
 class TaskInterrupted(BaseException):
@@ -58,32 +67,51 @@ class _SyncCall:
             return True
 
 
+def _voluntary_switches() -> int | None:
+    """Times this thread gave up the CPU to wait (sleep, I/O, a lock); None where unknown."""
+    if _RUSAGE_THREAD is None:
+        return None
+    return int(resource.getrusage(_RUSAGE_THREAD).ru_nvcsw)
+
+
 @dataclass
 class _Timing:
     """Decides whether a sync function is quick enough to run on the event loop itself.
 
     Handing a call to a thread and back costs more than a sub-millisecond model call (a
-    lookup, a small scoring function). A function whose first 32 runs all took under half a
-    millisecond runs on the loop from then on; the first inline run over 5 ms sends it back
-    to threads for good, so a slow call can hold the loop up once at most.
+    lookup, a small scoring function). A function that ran under half a millisecond
+    `needed` times in a row runs on the loop from then on. An inline run that holds the loop
+    over 5 ms (busy on the CPU, or waiting on something), or a function whose CPU time
+    creeps up, goes back to threads, and must earn its place again with four times as long
+    a streak: so a function that is sometimes slow holds the loop up rarely.
+
+    A run that took long by the clock but used little CPU and never waited was the machine
+    being busy (this process preempted on a loaded box), not the function; it does not count.
     """
 
-    runs: int = 0
-    slowest: float = 0.0
-    banned: bool = False
+    needed: int = 32
+    streak: int = 0
+    inline: bool = False
+    cpu_avg: float = 0.0
 
-    @property
-    def inline(self) -> bool:
-        return not self.banned and self.runs >= 32 and self.slowest < 0.0005
+    def ran_in_thread(self, wall: float) -> None:
+        self.streak = self.streak + 1 if wall < QUICK_CALL else 0
+        if self.streak >= self.needed:
+            self.inline, self.cpu_avg = True, 0.0
 
-    def ran_in_thread(self, seconds: float) -> None:
-        self.runs += 1
-        self.slowest = max(self.slowest, seconds)
-
-    def ran_inline(self, seconds: float, name: str) -> None:
-        if seconds > 0.005:
-            self.banned = True
-            logger.info("%s took %.1f ms; running it in threads from now on", name, seconds * 1000)
+    def ran_inline(self, wall: float, cpu: float, waited: bool | None, name: str) -> None:
+        self.cpu_avg = 0.9 * self.cpu_avg + 0.1 * cpu
+        held_up = wall > SLOW_CALL and (cpu > SLOW_CALL or waited is not False)
+        if held_up or self.cpu_avg > 2 * QUICK_CALL:
+            self.inline, self.streak = False, 0
+            self.needed = min(self.needed * 4, 1 << 16)
+            logger.info(
+                "%s took %.1f ms (%.1f ms of CPU) on the event loop: in threads again until quick %d times in a row",
+                name,
+                wall * 1000,
+                cpu * 1000,
+                self.needed,
+            )
 
 
 @dataclass
@@ -352,11 +380,13 @@ class Worker:
                 raise asyncio.CancelledError from None
         timing = self._timings.setdefault(endpoint.route, _Timing())
         if timing.inline and endpoint.timeout is None:
-            began = time.perf_counter()
+            began, cpu, switches = time.perf_counter(), time.thread_time(), _voluntary_switches()
             try:
                 return fn(self._instance, **kwargs)
             finally:
-                timing.ran_inline(time.perf_counter() - began, endpoint.name)
+                wall = time.perf_counter() - began
+                waited = None if switches is None or wall <= SLOW_CALL else _voluntary_switches() != switches
+                timing.ran_inline(wall, time.thread_time() - cpu, waited, endpoint.name)
         call = _SyncCall()
         running.sync = call
 

@@ -31,6 +31,13 @@ def configure(conn: sqlite3.Connection, synchronous: str) -> None:
     conn.execute("PRAGMA mmap_size=268435456")
 
 
+def translate(exc: sqlite3.Error, path: str) -> QueueError:
+    """The queue's exception for a sqlite3 one: a refused write, or the store failing."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        return QueueError(f"The SQLite queue refused a write: {exc}.")
+    return QueueUnavailable(f"The SQLite queue at {path!r} failed: {exc}.")
+
+
 class ThreadedConnection:
     """One sqlite3 connection driven by its own thread; jobs return asyncio futures."""
 
@@ -147,10 +154,8 @@ class ThreadedConnection:
         self._jobs.put((fn, fut, loop))
         try:
             return await fut
-        except sqlite3.IntegrityError as exc:
-            raise QueueError(f"The SQLite queue refused a write: {exc}.") from exc
         except sqlite3.Error as exc:
-            raise QueueUnavailable(f"The SQLite queue at {self.path!r} failed: {exc}.") from exc
+            raise translate(exc, self.path) from exc
 
     def close(self) -> None:
         self._jobs.put(None)

@@ -1,9 +1,11 @@
 """The embedded queue: one SQLite file in WAL mode, shared by every process on the machine.
 
-Each process keeps two connections, each owned by one thread: a writer, which commits all
-the writes that queued up while it was busy in one transaction (group commit: 32 concurrent
-submits cost one commit, not 32), and a reader, so status reads never wait behind writes.
-A ``200`` from submit is sent only after the commit returned.
+Submits and the worker's short writes are committed on the event loop's thread when the
+write lock is free (submits of one loop turn share a commit: 32 concurrent submits cost one,
+not 32); point reads run there too. Each process also keeps two connections owned by threads
+of their own: a writer, for bulk inserts, a contended lock and the rarer writes, which
+commits whatever queued up while it was busy in one transaction, and a reader for scans and
+checkpoints. A ``200`` from submit is sent only after the commit returned.
 
 Durability: ``synchronous=NORMAL`` in WAL mode survives any process crash (``kill -9``); add
 ``?synchronous=full`` to the URL to also survive power loss, at the cost of an fsync per commit.
@@ -23,7 +25,7 @@ from urllib.parse import parse_qs, urlparse
 from .._types import WORKER_LOST, Claim, NewTask, Outcome, Result, TaskRecord, TaskStatus
 from ..exceptions import QueueUnavailable
 from . import _wake
-from ._sqlite_thread import ThreadedConnection, configure
+from ._sqlite_thread import ThreadedConnection, configure, translate
 from .base import DEFAULT_RETENTION, Queue, Watch
 
 T = TypeVar("T")
@@ -63,6 +65,9 @@ MIGRATIONS: list[tuple[int, str]] = [
 ]
 
 WAL_LIMIT = 16 * 1024 * 1024
+# Submits of up to this many tasks are committed on the event loop's thread (see
+# _commit_inserts); a bigger bulk insert would hold the loop too long and uses the writer.
+INLINE_ROWS = 64
 
 RECORD_COLUMNS = (
     "id, route, status, created_at, started_at, completed_at, attempts, max_attempts, error, worker, priority, timeout"
@@ -132,6 +137,7 @@ class SQLiteQueue(Queue):
         self._writer: ThreadedConnection | None = None
         self._reader: ThreadedConnection | None = None
         self._inline: sqlite3.Connection | None = None
+        self._inserts: list[tuple[list[tuple[Any, ...]], bool, asyncio.Future[None]]] = []
         self._checkpointer: asyncio.Task[None] | None = None
         self._waker = _wake.Waker(self.path)
         self._waiters: dict[str, set[asyncio.Event]] = {}
@@ -184,6 +190,8 @@ class SQLiteQueue(Queue):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpointer
             self._checkpointer = None
+        if self._inserts:
+            self._commit_inserts()
         self._waker.flush()
         self._waker.close()
         for conn in (self._writer, self._reader):
@@ -299,19 +307,80 @@ class SQLiteQueue(Queue):
 
     async def _enqueue(self, tasks: Sequence[NewTask], ts: float) -> None:
         rows = [(t.id, t.route, t.priority, t.run_at, ts, t.max_attempts, t.timeout, t.args) for t in tasks]
-
-        def insert(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "INSERT INTO tasks (id, route, status, priority, run_at, created_at, max_attempts, timeout, args)"
-                " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-
-        await self._write(insert)
         # Delayed tasks wake nobody: an idle worker sleeps at most a second, then plans its
         # next wake-up from the earliest run_at.
-        if any(t.run_at is None or t.run_at <= ts for t in tasks):
+        due = any(t.run_at is None or t.run_at <= ts for t in tasks)
+        if self.synchronous in ("FULL", "EXTRA") or len(rows) > INLINE_ROWS:
+            # An fsync per commit, or a bulk insert: too long to hold the event loop for.
+            await self._write(lambda conn: _insert(conn, rows))
+            if due:
+                self._waker.send(_wake.WORKER, b"w")
+            return
+        await self._inline_conn()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inserts.append((rows, due, fut))
+        if len(self._inserts) == 1:
+            asyncio.get_running_loop().call_soon(self._commit_inserts)
+        await fut
+
+    def _commit_inserts(self) -> None:
+        """Commit every submit of this event-loop turn in one transaction, on the loop's thread.
+
+        Group commit without a thread hop: the submits that arrived together share one
+        commit, and neither the request nor the worker's wake-up waits for another thread to
+        be scheduled (on a busy two-core machine that wait is most of a submit's latency).
+        With the write lock taken (a worker's claim), the batch goes to the writer thread.
+        """
+        batch, self._inserts = self._inserts, []
+        conn = self._inline
+        try:
+            if conn is None:
+                raise sqlite3.OperationalError("closed")
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            for rows, due, fut in batch:
+                asyncio.ensure_future(self._insert_via_writer(rows, due, fut))
+            return
+        outcomes: list[BaseException | None] = []
+        try:
+            for rows, _, _ in batch:
+                conn.execute("SAVEPOINT submit")
+                try:
+                    _insert(conn, rows)
+                    outcomes.append(None)
+                except sqlite3.Error as exc:
+                    conn.execute("ROLLBACK TO submit")
+                    outcomes.append(translate(exc, self.path))
+                conn.execute("RELEASE submit")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            outcomes = [translate(exc, self.path)] * len(batch)
+        if any(due for (_, due, _), error in zip(batch, outcomes, strict=True) if error is None):
             self._waker.send(_wake.WORKER, b"w")
+            self._waker.flush()  # now, not after the responses are written
+        for (_, _, fut), error in zip(batch, outcomes, strict=True):
+            if fut.done():
+                continue
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
+    async def _insert_via_writer(self, rows: list[tuple[Any, ...]], due: bool, fut: asyncio.Future[None]) -> None:
+        try:
+            await self._write(lambda conn: _insert(conn, rows))
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if due:
+            self._waker.send(_wake.WORKER, b"w")
+        if not fut.done():
+            fut.set_result(None)
 
     async def _get(self, task_id: str) -> TaskRecord | None:
         row = await self._quick_read(
@@ -553,6 +622,14 @@ class SQLiteQueue(Queue):
             return out
 
         return await self._read(counts)
+
+
+def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    conn.executemany(
+        "INSERT INTO tasks (id, route, status, priority, run_at, created_at, max_attempts, timeout, args)"
+        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
