@@ -10,12 +10,11 @@ import threading
 import time
 from pathlib import Path
 
-import anyio
 import pytest
 
 import taskserve
 from taskserve._types import NewTask, TaskStatus
-from taskserve.queue import Queue, _wake
+from taskserve.queue import Queue
 from taskserve.service import load_service
 from taskserve.worker import Worker, _Timing
 
@@ -99,50 +98,3 @@ def test_a_function_busy_on_the_cpu_goes_back_to_threads() -> None:
         timing.ran_inline(0.002, 0.002, waited=False, name="f")
         calls += 1
     assert not timing.inline and calls < 20
-
-
-async def test_new_work_wakes_idle_workers_only_one_per_task(tmp_path: Path) -> None:
-    db = str(tmp_path / "q.db")
-    heard: dict[str, list[bytes]] = {"a": [], "b": []}
-    workers = {name: _wake.Waker(db) for name in heard}
-    for name, waker in workers.items():
-        waker.listen(_wake.WORKER, heard[name].append)
-    api = _wake.Waker(db)
-
-    async def settle() -> None:
-        for _ in range(20):  # datagrams are read by the loop, a turn or two later
-            await anyio.sleep(0.005)
-
-    try:
-        api.work(1)
-        api.flush()
-        await settle()
-        assert heard == {"a": [], "b": []}, "busy workers claim again before they wait: no wake-up"
-
-        workers["a"].set_idle(True)
-        workers["b"].set_idle(True)
-        api.work(1)
-        api.flush()
-        await settle()
-        assert sorted(len(v) for v in heard.values()) == [0, 1], "one task wakes one idle worker"
-        api.work(1)
-        api.flush()
-        await settle()
-        assert [len(v) for v in heard.values()] == [1, 1], "the next task goes to the other idle worker"
-
-        for v in heard.values():
-            v.clear()
-        workers["a"].set_idle(True)
-        workers["b"].set_idle(True)
-        api.work(5)
-        api.flush()
-        await settle()
-        assert heard == {"a": [b"w"], "b": [b"w"]}, "many tasks wake every idle worker, once"
-        api.send(_wake.WORKER, b"c:some-task")
-        api.flush()
-        await settle()
-        assert heard["a"][-1] == heard["b"][-1] == b"c:some-task", "a cancel reaches every worker, busy or not"
-    finally:
-        for waker in [*workers.values(), api]:
-            waker.close()
-    assert not list(Path(_wake.wake_dir(db)).iterdir()), "a closed worker leaves no socket or flag behind"

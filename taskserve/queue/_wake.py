@@ -6,13 +6,6 @@ database path; writers send a few bytes to every socket of the right role after 
 commit. A lost datagram only costs latency: every waiter also polls with back-off.
 
 Messages: ``w`` (new work), ``c:ID`` (task cancelled), ``d:ID`` (task reached a terminal state).
-
-New work wakes only workers that wait for it, one per new task: each worker keeps a one-byte
-flag file beside its socket (memory-mapped, so reading it costs no system call), set while it
-waits. Waking a process is the dearest part of a submit on a small machine, and waking every
-worker for one task sends all but one back to sleep having found nothing. A worker sets its
-flag before its last look for due work, so a task committed meanwhile is either seen by that
-look or finds the flag set.
 """
 
 from __future__ import annotations
@@ -20,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import mmap
 import os
 import socket
 import tempfile
@@ -47,10 +39,6 @@ class Waker:
         self._own: dict[str, socket.socket] = {}
         self._pending: dict[str, set[bytes]] = {}
         self._flush_scheduled = False
-        self._work = 0  # new due tasks since the last flush: how many idle workers to wake
-        self._turn = 0  # where the next round of wake-ups starts, so work is spread
-        self._flags: dict[str, mmap.mmap | None] = {}  # other workers' idle flags, by socket path
-        self._idle: mmap.mmap | None = None  # this worker's own flag
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -64,55 +52,14 @@ class Waker:
             except RuntimeError:
                 self.flush()
 
-    def work(self, tasks: int = 1) -> None:
-        """Wake up to ``tasks`` idle workers (``w``); sent once per event-loop turn."""
-        if tasks > 0:
-            self._work += tasks
-            self.send(WORKER, b"")
-
     def flush(self) -> None:
         self._flush_scheduled = False
         pending, self._pending = self._pending, {}
         for role, messages in pending.items():
-            messages.discard(b"")
             for path in self._list(role):
                 for message in messages:
                     if not self._send_one(path, message):
                         break
-        if self._work:
-            self._wake_idle_workers(self._work)
-            self._work = 0
-
-    def _wake_idle_workers(self, wanted: int) -> None:
-        paths = self._list(WORKER)
-        if not paths:
-            return
-        self._turn = (self._turn + 1) % len(paths)
-        for path in paths[self._turn :] + paths[: self._turn]:
-            flag = self._flag(path)
-            if flag is not None and flag[0] == 0:
-                continue  # busy: it claims again before it waits
-            if self._send_one(path, b"w"):
-                if flag is not None:
-                    flag[0] = 0  # the next task goes to another idle worker
-                wanted -= 1
-                if wanted == 0:
-                    return
-
-    def _flag(self, sock_path: str) -> mmap.mmap | None:
-        """A worker's idle flag; None (wake it regardless) if it keeps none."""
-        if sock_path not in self._flags:
-            try:
-                with open(sock_path[: -len(".sock")] + ".idle", "r+b") as f:
-                    self._flags[sock_path] = mmap.mmap(f.fileno(), 1)
-            except (OSError, ValueError):
-                self._flags[sock_path] = None
-        return self._flags[sock_path]
-
-    def set_idle(self, idle: bool) -> None:
-        """Say whether this worker waits for work (see the module docstring)."""
-        if self._idle is not None:
-            self._idle[0] = 1 if idle else 0
 
     def _list(self, role: str) -> list[str]:
         # A new listener changes the directory's mtime, so it is heard from at once.
@@ -125,10 +72,6 @@ class Waker:
             self._listed_at = now
             self._mtime = mtime
             self._peers = {}
-            for gone in [p for p in self._flags if not os.path.exists(p)]:
-                flag = self._flags.pop(gone)
-                if flag is not None:
-                    flag.close()
             with contextlib.suppress(FileNotFoundError):
                 for name in os.listdir(self.dir):
                     if name.endswith(".sock"):
@@ -145,9 +88,8 @@ class Waker:
             return False  # its buffer is full: it has plenty to wake up for already
         except (ConnectionRefusedError, FileNotFoundError):
             # The process behind it died without cleaning up (kill -9).
-            for leftover in (path, path[: -len(".sock")] + ".idle"):
-                with contextlib.suppress(OSError):
-                    os.unlink(leftover)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             self._listed_at = 0.0
             return False
         except OSError:
@@ -166,11 +108,6 @@ class Waker:
         sock.bind(path)
         sock.setblocking(False)
         self._own[role] = sock
-        if role == WORKER:
-            with open(path[: -len(".sock")] + ".idle", "w+b") as f:
-                f.write(b"\0")
-                f.flush()
-                self._idle = mmap.mmap(f.fileno(), 1)
         self._listed_at = 0.0
 
         def readable() -> None:
@@ -191,15 +128,9 @@ class Waker:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(sock.fileno())
             sock.close()
-            for own in (path, path[: -len(".sock")] + ".idle"):
-                with contextlib.suppress(OSError):
-                    os.unlink(own)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         self._own.clear()
-        for flag in [self._idle, *self._flags.values()]:
-            if flag is not None:
-                flag.close()
-        self._idle = None
-        self._flags.clear()
         if self._send_sock is not None:
             self._send_sock.close()
             self._send_sock = None

@@ -137,7 +137,7 @@ class SQLiteQueue(Queue):
         self._writer: ThreadedConnection | None = None
         self._reader: ThreadedConnection | None = None
         self._inline: sqlite3.Connection | None = None
-        self._inserts: list[tuple[list[tuple[Any, ...]], int, asyncio.Future[None]]] = []
+        self._inserts: list[tuple[list[tuple[Any, ...]], bool, asyncio.Future[None]]] = []
         self._checkpointer: asyncio.Task[None] | None = None
         self._waker = _wake.Waker(self.path)
         self._waiters: dict[str, set[asyncio.Event]] = {}
@@ -282,22 +282,18 @@ class SQLiteQueue(Queue):
     async def _wait_for_work(self, routes: list[str], timeout: float) -> None:
         self.listen_for_cancel()
         marks = ",".join("?" * len(routes))
-        # Idle first, then look: a submit committed after this look finds the flag set and
-        # wakes us; one committed before it is seen here (see _wake).
-        self._waker.set_idle(True)
+        # Only delayed tasks can be pending here (the caller's claim found nothing due).
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT min(run_at) FROM tasks WHERE status = 'pending' AND route IN ({marks})", routes
+            ).fetchone()
+        )
+        if row is not None and row[0] is not None:
+            timeout = max(0.0, min(timeout, row[0] - time.time() + 0.002))
         try:
-            row = await self._quick_read(
-                lambda c: c.execute(
-                    f"SELECT min(run_at) FROM tasks WHERE status = 'pending' AND route IN ({marks})", routes
-                ).fetchone()
-            )
-            if row is not None and row[0] is not None:
-                timeout = max(0.0, min(timeout, row[0] - time.time()))
-            if timeout > 0:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._work.wait(), timeout)
-        finally:
-            self._waker.set_idle(False)
+            await asyncio.wait_for(self._work.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
         self._work.clear()
 
     def _done(self, task_ids: Sequence[str]) -> None:
@@ -313,11 +309,12 @@ class SQLiteQueue(Queue):
         rows = [(t.id, t.route, t.priority, t.run_at, ts, t.max_attempts, t.timeout, t.args) for t in tasks]
         # Delayed tasks wake nobody: an idle worker sleeps at most a second, then plans its
         # next wake-up from the earliest run_at.
-        due = sum(1 for t in tasks if t.run_at is None or t.run_at <= ts)
+        due = any(t.run_at is None or t.run_at <= ts for t in tasks)
         if self.synchronous in ("FULL", "EXTRA") or len(rows) > INLINE_ROWS:
             # An fsync per commit, or a bulk insert: too long to hold the event loop for.
             await self._write(lambda conn: _insert(conn, rows))
-            self._waker.work(due)
+            if due:
+                self._waker.send(_wake.WORKER, b"w")
             return
         await self._inline_conn()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -360,8 +357,8 @@ class SQLiteQueue(Queue):
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             outcomes = [translate(exc, self.path)] * len(batch)
-        if due := sum(due for (_, due, _), error in zip(batch, outcomes, strict=True) if error is None):
-            self._waker.work(due)
+        if any(due for (_, due, _), error in zip(batch, outcomes, strict=True) if error is None):
+            self._waker.send(_wake.WORKER, b"w")
             self._waker.flush()  # now, not after the responses are written
         for (_, _, fut), error in zip(batch, outcomes, strict=True):
             if fut.done():
@@ -371,7 +368,7 @@ class SQLiteQueue(Queue):
             else:
                 fut.set_exception(error)
 
-    async def _insert_via_writer(self, rows: list[tuple[Any, ...]], due: int, fut: asyncio.Future[None]) -> None:
+    async def _insert_via_writer(self, rows: list[tuple[Any, ...]], due: bool, fut: asyncio.Future[None]) -> None:
         try:
             await self._write(lambda conn: _insert(conn, rows))
         except BaseException as exc:
@@ -380,7 +377,8 @@ class SQLiteQueue(Queue):
             if not isinstance(exc, Exception):
                 raise
             return
-        self._waker.work(due)
+        if due:
+            self._waker.send(_wake.WORKER, b"w")
         if not fut.done():
             fut.set_result(None)
 
@@ -479,7 +477,7 @@ class SQLiteQueue(Queue):
         """The finishing writes, and what to announce once they are committed."""
         expires = ts + self.retention
         applied_terminal: list[str] = []
-        requeued = 0
+        requeued = False
 
         def finish(conn: sqlite3.Connection) -> list[bool]:
             nonlocal requeued
@@ -504,7 +502,7 @@ class SQLiteQueue(Queue):
                         held,
                     )
                     done = cur.rowcount == 1
-                    requeued += done
+                    requeued = requeued or done
                 else:
                     done = False
                     if o.retry:
@@ -515,7 +513,7 @@ class SQLiteQueue(Queue):
                             (ts + o.retry_delay, o.error, *held),
                         )
                         done = cur.rowcount == 1
-                        requeued += done
+                        requeued = requeued or done
                     if not done:
                         cur = conn.execute(
                             "UPDATE tasks SET status = 'failure', error = ?, completed_at = ?, expires_at = ?,"
@@ -530,7 +528,8 @@ class SQLiteQueue(Queue):
 
         def after() -> None:
             self._done(applied_terminal)
-            self._waker.work(requeued)
+            if requeued:
+                self._waker.send(_wake.WORKER, b"w")
 
         return finish, after
 
@@ -584,7 +583,8 @@ class SQLiteQueue(Queue):
         if await self._quick_read(lambda c: c.execute(probe, (ts,)).fetchone()) is None:
             return 0
         requeued, failed = await self._write(recover)
-        self._waker.work(requeued)
+        if requeued:
+            self._waker.send(_wake.WORKER, b"w")
         self._done(failed)
         return requeued + len(failed)
 
