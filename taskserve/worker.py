@@ -45,6 +45,7 @@ logger = logging.getLogger("taskserve.worker")
 EXIT_RECYCLE = 75  # asks the supervisor for a fresh process (a sync task could not be stopped)
 QUICK_CALL = 0.0005  # a sync call this short may run on the event loop (see _Timing)
 SLOW_CALL = 0.005  # one this long on the loop sends its function back to threads
+FIRST_STREAK = 8  # quick calls in a row before a function first runs on the loop
 
 
 class TaskInterrupted(BaseException):
@@ -89,7 +90,7 @@ class _Timing:
     being busy (this process preempted on a loaded box), not the function; it does not count.
     """
 
-    needed: int = 32
+    needed: int = FIRST_STREAK
     streak: int = 0
     inline: bool = False
     cpu_avg: float = 0.0

@@ -16,7 +16,7 @@ import taskserve
 from taskserve._types import NewTask, TaskStatus
 from taskserve.queue import Queue
 from taskserve.service import load_service
-from taskserve.worker import Worker, _Timing
+from taskserve.worker import FIRST_STREAK, Worker, _Timing
 
 pytestmark = pytest.mark.anyio
 
@@ -57,7 +57,7 @@ async def test_a_quick_sync_function_moves_to_the_loop_and_a_blocking_one_back_t
     assert [x for x, _ in CALLS] == [*range(100), 100, 101, 102]
     on_loop = [main for _, main in CALLS[:100]]
     first = on_loop.index(True)
-    assert first >= 32, "the first calls run in threads, while the worker learns how long they take"
+    assert first >= FIRST_STREAK, "the first calls run in threads, while the worker learns how long they take"
     assert all(on_loop[first:]), "after a streak of quick calls it stays on the event loop"
     # The sleeping call held the loop once; after it the function is back in threads.
     assert [main for _, main in CALLS[100:]] == [True, False, False]
