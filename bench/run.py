@@ -1,7 +1,7 @@
 """Benchmark taskserve against a ceiling, BentoML and Celery in one run, with one load generator.
 
-    python bench/run.py                      # the full table (about 10 minutes)
-    python bench/run.py --quick              # smaller counts, one repeat (about a minute or two)
+    python bench/run.py                      # the full table (6–8 minutes on 2 cores)
+    python bench/run.py --quick              # smaller counts, one repeat (about a minute)
     python bench/run.py --only taskserve,ceiling --scenarios 1,2
 
 Peers are installed into bench/.venvs/ on first use. Figures, ratios and checks are printed and

@@ -203,6 +203,7 @@ class Bench:
         for _ in self.repeats(key):
             records = self.run(running, "noop", n, threads=self.s.submitters, poll_ms=self.s.throughput_poll_ms)
             self.add(key, _rate(records))
+            self.add(f"{key}_polls", statistics.mean(r.get("polls", 0) for r in records) if records else None)
             self.verify(key, running, "noop", records, n)
 
     def latency(self, running: Running) -> None:
