@@ -437,3 +437,43 @@ async def test_redis_reconnects_and_listens_again_after_a_restart(redis_server: 
     assert await eventually(lambda: heard) == [record.id]
     await api.close()
     await worker.close()
+
+
+async def test_sqlite_submit_waits_for_a_held_write_lock_and_keeps_each_submit_apart(tmp_path: Path) -> None:
+    """Submits commit on the event loop when the lock is free; while another process holds it,
+    they go through the writer thread, which waits. Either way a bad submit fails alone."""
+    import sqlite3
+
+    queue = Queue.from_url(f"sqlite:///{tmp_path}/q.db")
+    await queue.connect()
+    try:
+        first = await queue.enqueue(NewTask("/r", b"{}"))
+        other = sqlite3.connect(tmp_path / "q.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process mid-write
+
+        async with anyio.create_task_group() as tg:
+            results: dict[str, Any] = {}
+
+            async def submit(name: str, task: NewTask) -> None:
+                try:
+                    results[name] = await queue.enqueue(task)
+                except QueueError as exc:
+                    results[name] = exc
+
+            tg.start_soon(submit, "new", NewTask("/r", b"{}"))
+            tg.start_soon(submit, "dup", NewTask("/r", b"{}", id=first.id))
+            await anyio.sleep(0.2)
+            assert results == {}, "nothing is acknowledged before it is committed"
+            other.execute("COMMIT")
+        other.close()
+        assert isinstance(results["dup"], QueueError)
+        assert (await queue.get(results["new"].id)).status is TaskStatus.PENDING
+
+        # Lock free: the same two submits in one loop turn, committed inline together.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(submit, "new", NewTask("/r", b"{}"))
+            tg.start_soon(submit, "dup", NewTask("/r", b"{}", id=first.id))
+        assert isinstance(results["dup"], QueueError)
+        assert (await queue.get(results["new"].id)).status is TaskStatus.PENDING
+    finally:
+        await queue.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sqlite3
 import time
@@ -312,9 +313,7 @@ class SQLiteQueue(Queue):
         due = any(t.run_at is None or t.run_at <= ts for t in tasks)
         if self.synchronous in ("FULL", "EXTRA") or len(rows) > INLINE_ROWS:
             # An fsync per commit, or a bulk insert: too long to hold the event loop for.
-            await self._write(lambda conn: _insert(conn, rows))
-            if due:
-                self._waker.send(_wake.WORKER, b"w")
+            await self._insert_via_writer(rows, due)
             return
         await self._inline_conn()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -339,7 +338,9 @@ class SQLiteQueue(Queue):
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error:
             for rows, due, fut in batch:
-                asyncio.ensure_future(self._insert_via_writer(rows, due, fut))
+                asyncio.ensure_future(self._insert_via_writer(rows, due)).add_done_callback(
+                    functools.partial(_pass_on, fut)
+                )
             return
         outcomes: list[BaseException | None] = []
         try:
@@ -368,19 +369,10 @@ class SQLiteQueue(Queue):
             else:
                 fut.set_exception(error)
 
-    async def _insert_via_writer(self, rows: list[tuple[Any, ...]], due: bool, fut: asyncio.Future[None]) -> None:
-        try:
-            await self._write(lambda conn: _insert(conn, rows))
-        except BaseException as exc:
-            if not fut.done():
-                fut.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
+    async def _insert_via_writer(self, rows: list[tuple[Any, ...]], due: bool) -> None:
+        await self._write(lambda conn: _insert(conn, rows))
         if due:
             self._waker.send(_wake.WORKER, b"w")
-        if not fut.done():
-            fut.set_result(None)
 
     async def _get(self, task_id: str) -> TaskRecord | None:
         row = await self._quick_read(
@@ -622,6 +614,18 @@ class SQLiteQueue(Queue):
             return out
 
         return await self._read(counts)
+
+
+def _pass_on(fut: asyncio.Future[None], done: asyncio.Future[None]) -> None:
+    """Settle ``fut`` as ``done`` ended (a submit waiting on the writer's insert)."""
+    if fut.done():
+        return
+    if done.cancelled():
+        fut.cancel()
+    elif (error := done.exception()) is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(None)
 
 
 def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
