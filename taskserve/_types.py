@@ -7,6 +7,7 @@ see a backend's own row or hash layout.
 from __future__ import annotations
 
 import enum
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -98,7 +99,11 @@ class TaskRecord:
 
 @dataclass
 class Claim:
-    """A task handed to one worker. ``token`` fences every later write about this attempt."""
+    """A task handed to one worker. ``token`` fences every later write about this attempt.
+
+    ``timeout`` is the task's own limit per attempt (the endpoint's unless the submit set
+    one); ``priority`` orders the worker's buffer of claims not started yet.
+    """
 
     id: str
     route: str
@@ -107,6 +112,7 @@ class Claim:
     attempts: int
     max_attempts: int
     timeout: float | None
+    priority: int = 0
 
 
 @dataclass
@@ -126,6 +132,56 @@ class Outcome:
     error: str | None = None
     retry: bool = False
     retry_delay: float = 0.0
+    # When the call really began (seconds since the epoch); the claim time is only when it was taken.
+    started_at: float | None = None
+
+
+@dataclass
+class WorkerInfo:
+    """One worker process as it reports itself through the store (heartbeats).
+
+    ``state`` is ``starting`` (building the service, e.g. loading a model), ``ready`` or
+    ``stopping``. ``last_seen`` is stamped by the store when it takes a heartbeat, so the
+    clocks of worker hosts never matter.
+    """
+
+    id: str
+    host: str
+    pid: int
+    routes: list[str]
+    concurrency: int
+    started_at: float
+    state: str = "starting"
+    last_seen: float = 0.0
+    running: list[str] = field(default_factory=list)
+    gpus: list[str] = field(default_factory=list)
+    done: int = 0
+    failed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "host": self.host,
+            "pid": self.pid,
+            "routes": list(self.routes),
+            "concurrency": self.concurrency,
+            "state": self.state,
+            "started_at": iso(self.started_at),
+            "last_seen": iso(self.last_seen),
+            "running": list(self.running),
+            "gpus": list(self.gpus),
+            "done": self.done,
+            "failed": self.failed,
+        }
+
+    def dumps(self) -> str:
+        """The stored form (JSON, with raw timestamps)."""
+        return json.dumps({**self.to_json(), "started_at": self.started_at, "last_seen": self.last_seen})
+
+    @classmethod
+    def loads(cls, data: str | bytes) -> WorkerInfo:
+        raw = json.loads(data)
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
 
 
 @dataclass

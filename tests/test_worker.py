@@ -16,7 +16,7 @@ import taskserve
 from taskserve._types import NewTask, TaskStatus
 from taskserve.queue import Queue
 from taskserve.service import load_service
-from taskserve.worker import FIRST_STREAK, Worker, _Timing
+from taskserve.worker.core import FIRST_STREAK, Worker, _Timing
 
 pytestmark = pytest.mark.anyio
 

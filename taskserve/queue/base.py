@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from .._types import Claim, NewTask, Outcome, Result, TaskRecord, TaskStatus
+from .._types import Claim, NewTask, Outcome, Result, TaskRecord, TaskStatus, WorkerInfo
 from ..exceptions import InvalidTransition, TaskNotFound
 
 DEFAULT_RETENTION = 24 * 3600.0
@@ -194,12 +194,23 @@ class Queue(abc.ABC):
     # -- worker side -----------------------------------------------------------------------
 
     async def claim(
-        self, routes: Sequence[str], worker: str, *, limit: int = 1, lease: float = DEFAULT_LEASE
+        self,
+        routes: Sequence[str],
+        worker: str,
+        *,
+        limit: int = 1,
+        lease: float = DEFAULT_LEASE,
+        min_priority: int | None = None,
     ) -> list[Claim]:
-        """Hand up to ``limit`` due tasks of ``routes`` to this worker, each to exactly one worker."""
+        """Hand up to ``limit`` due tasks of ``routes`` to this worker, each to exactly one worker.
+
+        Claims come highest ``priority`` first, then oldest ``run_at``. With ``min_priority``
+        only tasks of at least that priority are taken: a worker holding claims it has not
+        started yet asks for more urgent work this way, without taking more of the same.
+        """
         if limit <= 0 or not routes:
             return []
-        return await self._claim(list(routes), worker, limit, lease, now())
+        return await self._claim(list(routes), worker, limit, lease, now(), min_priority)
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
         """Record outcomes; each is applied only while its claim still holds the task.
@@ -251,6 +262,24 @@ class Queue(abc.ABC):
         """Sleep until new work may be due on ``routes`` or ``timeout`` passes."""
         await self._wait_for_work(list(routes), timeout)
 
+    # -- worker registry -------------------------------------------------------------------
+
+    async def heartbeat(self, info: WorkerInfo, ttl: float) -> None:
+        """Record that worker ``info.id`` is alive, as ``info`` says, for ``ttl`` seconds.
+
+        The store stamps ``last_seen`` with its own clock. A worker that stops sending
+        heartbeats disappears from ``workers()`` once ``ttl`` has passed.
+        """
+        await self._heartbeat(info, ttl, now())
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The live workers of every host sharing this store (heartbeat within its ttl)."""
+        return await self._workers(now())
+
+    async def forget_worker(self, worker: str) -> None:
+        """Remove a worker from the registry at once (it exited, or is known to be dead)."""
+        await self._forget_worker(worker)
+
     # -- maintenance -----------------------------------------------------------------------
 
     async def recover(self) -> int:
@@ -264,6 +293,14 @@ class Queue(abc.ABC):
     async def counts(self) -> dict[tuple[str, str], int]:
         """``{(route, status): n}`` for the active states, for metrics and readiness."""
         return await self._counts()
+
+    async def finished_counts(self) -> dict[tuple[str, str], int]:
+        """``{(route, status): n}``: tasks that reached each terminal state since the store was made.
+
+        Counted by the store in the same write that ends the task, so the figures cover every
+        worker and API process, and survive restarts and the retention purge (Prometheus counters).
+        """
+        return await self._finished_counts()
 
     # -- backend hooks ---------------------------------------------------------------------
 
@@ -287,7 +324,9 @@ class Queue(abc.ABC):
         """Atomically move a non-terminal task to ``cancelled``; ``None`` if it was terminal."""
 
     @abc.abstractmethod
-    async def _claim(self, routes: list[str], worker: str, limit: int, lease: float, ts: float) -> list[Claim]: ...
+    async def _claim(
+        self, routes: list[str], worker: str, limit: int, lease: float, ts: float, min_priority: int | None
+    ) -> list[Claim]: ...
 
     @abc.abstractmethod
     async def _finish(self, outcomes: list[Outcome], ts: float) -> list[bool]: ...
@@ -296,7 +335,7 @@ class Queue(abc.ABC):
         self, outcomes: list[Outcome], routes: list[str], worker: str, limit: int, lease: float, ts: float
     ) -> list[Claim]:
         await self._finish(outcomes, ts)
-        return await self._claim(routes, worker, limit, lease, ts)
+        return await self._claim(routes, worker, limit, lease, ts, None)
 
     @abc.abstractmethod
     async def _extend(self, held: dict[str, str], lease: float, ts: float) -> set[str]: ...
@@ -315,6 +354,18 @@ class Queue(abc.ABC):
 
     @abc.abstractmethod
     async def _abandon(self, worker: str, ts: float) -> int: ...
+
+    @abc.abstractmethod
+    async def _finished_counts(self) -> dict[tuple[str, str], int]: ...
+
+    @abc.abstractmethod
+    async def _heartbeat(self, info: WorkerInfo, ttl: float, ts: float) -> None: ...
+
+    @abc.abstractmethod
+    async def _workers(self, ts: float) -> list[WorkerInfo]: ...
+
+    @abc.abstractmethod
+    async def _forget_worker(self, worker: str) -> None: ...
 
     async def _wait_for_work(self, routes: list[str], timeout: float) -> None:
         await asyncio.sleep(timeout)

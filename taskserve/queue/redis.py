@@ -34,7 +34,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("The Redis broker needs the redis package: pip install 'taskserve[redis]'.") from exc
 
-from .._types import WORKER_LOST, Claim, NewTask, Outcome, Result, TaskRecord, TaskStatus
+from .._types import WORKER_LOST, Claim, NewTask, Outcome, Result, TaskRecord, TaskStatus, WorkerInfo
 from ..exceptions import QueueError, QueueUnavailable
 from .base import DEFAULT_RETENTION, Queue, Watch, now
 
@@ -527,7 +527,9 @@ class RedisQueue(Queue):
         values = await self._run("cancel", repr(ts), self._retention_ms(), task_id, *RECORD_FIELDS)
         return None if values is None else _record(task_id, values)
 
-    async def _claim(self, routes: list[str], worker: str, limit: int, lease: float, ts: float) -> list[Claim]:
+    async def _claim(
+        self, routes: list[str], worker: str, limit: int, lease: float, ts: float, min_priority: int | None
+    ) -> list[Claim]:
         token = os.urandom(8).hex()
         rows = await self._run("claim", repr(ts), worker, token, limit, repr(ts + lease), *routes)
         return [
@@ -582,3 +584,16 @@ class RedisQueue(Queue):
 
     def _retention_ms(self) -> int:
         return max(1, int(self.retention * 1000))
+
+    # TODO(helper): worker registry and finished counters, see Queue.heartbeat/workers/finished_counts.
+    async def _finished_counts(self) -> dict[tuple[str, str], int]:
+        raise NotImplementedError
+
+    async def _heartbeat(self, info: WorkerInfo, ttl: float, ts: float) -> None:
+        raise NotImplementedError
+
+    async def _workers(self, ts: float) -> list[WorkerInfo]:
+        raise NotImplementedError
+
+    async def _forget_worker(self, worker: str) -> None:
+        raise NotImplementedError
