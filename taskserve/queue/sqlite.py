@@ -14,6 +14,7 @@ Durability: ``synchronous=NORMAL`` in WAL mode survives any process crash (``kil
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import os
@@ -23,104 +24,29 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlparse
 
-from .._types import WORKER_LOST, Claim, NewTask, Outcome, Result, TaskRecord, TaskStatus
+from .._types import WORKER_LOST, Claim, NewTask, Outcome, Result, TaskRecord, TaskStatus, WorkerInfo
 from ..exceptions import QueueUnavailable
 from . import _wake
+from ._sqlite_schema import (
+    MIGRATIONS as MIGRATIONS,
+    RECORD_COLUMNS,
+    SQLiteWatch,
+    count_finished,
+    db_path,
+    insert_rows,
+    migrate,
+    pass_on,
+    record,
+)
 from ._sqlite_thread import ThreadedConnection, configure, translate
 from .base import DEFAULT_RETENTION, Queue, Watch
 
 T = TypeVar("T")
 
-# Numbered migrations; PRAGMA user_version records the last one applied. Only append.
-MIGRATIONS: list[tuple[int, str]] = [
-    (
-        1,
-        """
-        CREATE TABLE IF NOT EXISTS tasks (
-            id TEXT PRIMARY KEY,
-            route TEXT NOT NULL,
-            status TEXT NOT NULL,
-            priority INTEGER NOT NULL DEFAULT 0,
-            run_at REAL NOT NULL,
-            created_at REAL NOT NULL,
-            started_at REAL,
-            completed_at REAL,
-            expires_at REAL,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            max_attempts INTEGER NOT NULL DEFAULT 1,
-            timeout REAL,
-            token TEXT,
-            lease_expires REAL,
-            worker TEXT,
-            error TEXT,
-            content_type TEXT,
-            args BLOB NOT NULL,
-            result BLOB
-        );
-        CREATE INDEX IF NOT EXISTS tasks_due ON tasks (priority DESC, run_at, route) WHERE status = 'pending';
-        CREATE INDEX IF NOT EXISTS tasks_leases ON tasks (lease_expires, route) WHERE status = 'in_progress';
-        CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at) WHERE expires_at IS NOT NULL;
-        CREATE INDEX IF NOT EXISTS tasks_worker ON tasks (worker) WHERE status = 'in_progress';
-        """,
-    ),
-]
-
 WAL_LIMIT = 16 * 1024 * 1024
 # Submits of up to this many tasks are committed on the event loop's thread (see
 # _commit_inserts); a bigger bulk insert would hold the loop too long and uses the writer.
 INLINE_ROWS = 64
-
-RECORD_COLUMNS = (
-    "id, route, status, created_at, started_at, completed_at, attempts, max_attempts, error, worker, priority, timeout"
-)
-
-
-def _record(row: Sequence[Any]) -> TaskRecord:
-    return TaskRecord(
-        id=row[0],
-        route=row[1],
-        status=TaskStatus(row[2]),
-        created_at=row[3],
-        started_at=row[4],
-        completed_at=row[5],
-        attempts=row[6],
-        max_attempts=row[7],
-        error=row[8],
-        worker=row[9],
-        priority=row[10],
-        timeout=row[11],
-    )
-
-
-def db_path(url: str) -> str:
-    """``sqlite:///rel/path.db`` is relative to the working directory, ``sqlite:////abs`` absolute."""
-    parsed = urlparse(url)
-    path = (parsed.netloc + parsed.path)[1:] if parsed.path.startswith("/") else parsed.netloc + parsed.path
-    if not path or path == ":memory:":
-        raise ValueError(f"The SQLite broker needs a file, shared by all processes: got {url!r}.")
-    return path
-
-
-class _SQLiteWatch(Watch):
-    def __init__(self, waiters: dict[str, set[asyncio.Event]], task_id: str) -> None:
-        self._waiters = waiters
-        self._task_id = task_id
-        self._event = asyncio.Event()
-        waiters.setdefault(task_id, set()).add(self._event)
-
-    async def wait(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-        self._event.clear()
-
-    def close(self) -> None:
-        events = self._waiters.get(self._task_id)
-        if events is not None:
-            events.discard(self._event)
-            if not events:
-                del self._waiters[self._task_id]
 
 
 class SQLiteQueue(Queue):
@@ -154,7 +80,7 @@ class SQLiteQueue(Queue):
         self._writer = ThreadedConnection(
             self.path, self.synchronous, batch_writes=True, name="taskserve-sqlite-writer"
         )
-        await self._writer.call(_migrate)
+        await self._writer.call(migrate)
         self._reader = ThreadedConnection(
             self.path, self.synchronous, batch_writes=False, name="taskserve-sqlite-reader"
         )
@@ -275,7 +201,7 @@ class SQLiteQueue(Queue):
 
     def _watch(self, task_id: str) -> Watch:
         self._waker.listen(_wake.API, self._on_api_message)
-        return _SQLiteWatch(self._waiters, task_id)
+        return SQLiteWatch(self._waiters, task_id)
 
     def listen_for_cancel(self) -> None:
         self._waker.listen(_wake.WORKER, self._on_worker_message)
@@ -339,7 +265,7 @@ class SQLiteQueue(Queue):
         except sqlite3.Error:
             for rows, due, fut in batch:
                 asyncio.ensure_future(self._insert_via_writer(rows, due)).add_done_callback(
-                    functools.partial(_pass_on, fut)
+                    functools.partial(pass_on, fut)
                 )
             return
         outcomes: list[BaseException | None] = []
@@ -347,7 +273,7 @@ class SQLiteQueue(Queue):
             for rows, _, _ in batch:
                 conn.execute("SAVEPOINT submit")
                 try:
-                    _insert(conn, rows)
+                    insert_rows(conn, rows)
                     outcomes.append(None)
                 except sqlite3.Error as exc:
                     conn.execute("ROLLBACK TO submit")
@@ -370,7 +296,7 @@ class SQLiteQueue(Queue):
                 fut.set_exception(error)
 
     async def _insert_via_writer(self, rows: list[tuple[Any, ...]], due: bool) -> None:
-        await self._write(lambda conn: _insert(conn, rows))
+        await self._write(lambda conn: insert_rows(conn, rows))
         if due:
             self._waker.send(_wake.WORKER, b"w")
 
@@ -378,7 +304,7 @@ class SQLiteQueue(Queue):
         row = await self._quick_read(
             lambda c: c.execute(f"SELECT {RECORD_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
         )
-        return None if row is None else _record(row)
+        return None if row is None else record(row)
 
     async def _get_args(self, task_id: str) -> bytes | None:
         row = await self._read(lambda c: c.execute("SELECT args FROM tasks WHERE id = ?", (task_id,)).fetchone())
@@ -403,17 +329,25 @@ class SQLiteQueue(Queue):
                 (ts, ts + self.retention, task_id),
             ).fetchone()
 
-        row = await self._write(cancel)
+        def cancel_and_count(conn: sqlite3.Connection) -> Any:
+            row = cancel(conn)
+            if row is not None:
+                count_finished(conn, collections.Counter({(row[1], "cancelled"): 1}))
+            return row
+
+        row = await self._write(cancel_and_count)
         if row is None:
             return None
         self._waker.send(_wake.WORKER, f"c:{task_id}".encode())
         self._done([task_id])
-        return _record(row)
+        return record(row)
 
-    async def _claim(self, routes: list[str], worker: str, limit: int, lease: float, ts: float) -> list[Claim]:
-        if not await self._maybe_due(routes, ts):
+    async def _claim(
+        self, routes: list[str], worker: str, limit: int, lease: float, ts: float, min_priority: int | None
+    ) -> list[Claim]:
+        if min_priority is None and not await self._maybe_due(routes, ts):
             return []
-        return await self._quick_write(self._claim_job(routes, worker, limit, lease, ts))
+        return await self._quick_write(self._claim_job(routes, worker, limit, lease, ts, min_priority))
 
     async def _finish_and_claim(
         self, outcomes: list[Outcome], routes: list[str], worker: str, limit: int, lease: float, ts: float
@@ -438,22 +372,23 @@ class SQLiteQueue(Queue):
         return await self._quick_read(lambda c: c.execute(probe, (ts, *routes)).fetchone()) is not None
 
     def _claim_job(
-        self, routes: list[str], worker: str, limit: int, lease: float, ts: float
+        self, routes: list[str], worker: str, limit: int, lease: float, ts: float, min_priority: int | None = None
     ) -> Callable[[sqlite3.Connection], list[Claim]]:
         token = os.urandom(8).hex()
         marks = ",".join("?" * len(routes))
+        floor = "" if min_priority is None else f" AND priority >= {int(min_priority)}"
 
         def claim(conn: sqlite3.Connection) -> list[Claim]:
             rows = conn.execute(
                 "UPDATE tasks SET status = 'in_progress', attempts = attempts + 1, token = ?, lease_expires = ?,"
                 " started_at = ?, worker = ? WHERE rowid IN (SELECT rowid FROM tasks WHERE status = 'pending'"
-                f" AND run_at <= ? AND route IN ({marks}) ORDER BY priority DESC, run_at LIMIT ?)"
-                " RETURNING id, route, args, attempts, max_attempts, timeout",
+                f" AND run_at <= ? AND route IN ({marks}){floor} ORDER BY priority DESC, run_at LIMIT ?)"
+                " RETURNING id, route, args, attempts, max_attempts, timeout, priority, run_at",
                 (token, ts + lease, ts, worker, ts, *routes, limit),
             ).fetchall()
-            claims = [Claim(r[0], r[1], bytes(r[2]), token, r[3], r[4], r[5]) for r in rows]
-            claims.sort(key=lambda c: c.id)
-            return claims
+            # RETURNING comes in table order, not the sub-select's: put the most urgent first.
+            rows.sort(key=lambda r: (-r[6], r[7], r[0]))
+            return [Claim(r[0], r[1], bytes(r[2]), token, r[3], r[4], r[5], r[6]) for r in rows]
 
         return claim
 
@@ -474,18 +409,21 @@ class SQLiteQueue(Queue):
         def finish(conn: sqlite3.Connection) -> list[bool]:
             nonlocal requeued
             applied: list[bool] = []
+            ended: collections.Counter[tuple[str, str]] = collections.Counter()
             for o in outcomes:
                 held = (o.id, o.token)
                 if o.status is TaskStatus.SUCCESS:
-                    cur = conn.execute(
+                    row = conn.execute(
                         "UPDATE tasks SET status = 'success', result = ?, content_type = ?, completed_at = ?,"
-                        " expires_at = ?, token = NULL, lease_expires = NULL, error = NULL"
-                        " WHERE id = ? AND token = ? AND status = 'in_progress'",
-                        (o.result, o.content_type, ts, expires, *held),
-                    )
-                    done = cur.rowcount == 1
-                    if done:
+                        " expires_at = ?, token = NULL, lease_expires = NULL, error = NULL,"
+                        " started_at = coalesce(?, started_at)"
+                        " WHERE id = ? AND token = ? AND status = 'in_progress' RETURNING route",
+                        (o.result, o.content_type, ts, expires, o.started_at, *held),
+                    ).fetchone()
+                    done = row is not None
+                    if row is not None:
                         applied_terminal.append(o.id)
+                        ended[(row[0], "success")] += 1
                 elif o.status is TaskStatus.PENDING:
                     cur = conn.execute(
                         "UPDATE tasks SET status = 'pending', attempts = attempts - 1, token = NULL,"
@@ -500,22 +438,25 @@ class SQLiteQueue(Queue):
                     if o.retry:
                         cur = conn.execute(
                             "UPDATE tasks SET status = 'pending', run_at = ?, error = ?, token = NULL,"
-                            " lease_expires = NULL, worker = NULL"
+                            " lease_expires = NULL, worker = NULL, started_at = coalesce(?, started_at)"
                             " WHERE id = ? AND token = ? AND status = 'in_progress' AND attempts < max_attempts",
-                            (ts + o.retry_delay, o.error, *held),
+                            (ts + o.retry_delay, o.error, o.started_at, *held),
                         )
                         done = cur.rowcount == 1
                         requeued = requeued or done
                     if not done:
-                        cur = conn.execute(
+                        row = conn.execute(
                             "UPDATE tasks SET status = 'failure', error = ?, completed_at = ?, expires_at = ?,"
-                            " token = NULL, lease_expires = NULL WHERE id = ? AND token = ? AND status = 'in_progress'",
-                            (o.error, ts, expires, *held),
-                        )
-                        done = cur.rowcount == 1
-                        if done:
+                            " token = NULL, lease_expires = NULL, started_at = coalesce(?, started_at)"
+                            " WHERE id = ? AND token = ? AND status = 'in_progress' RETURNING route",
+                            (o.error, ts, expires, o.started_at, *held),
+                        ).fetchone()
+                        done = row is not None
+                        if row is not None:
                             applied_terminal.append(o.id)
+                            ended[(row[0], "failure")] += 1
                 applied.append(done)
+            count_finished(conn, ended)
             return applied
 
         def after() -> None:
@@ -560,15 +501,13 @@ class SQLiteQueue(Queue):
                 " WHERE status = 'in_progress' AND lease_expires < ? AND attempts < max_attempts",
                 (WORKER_LOST, ts),
             ).rowcount
-            failed = [
-                r[0]
-                for r in conn.execute(
-                    "UPDATE tasks SET status = 'failure', error = ?, completed_at = ?, expires_at = ?, token = NULL,"
-                    " lease_expires = NULL WHERE status = 'in_progress' AND lease_expires < ? RETURNING id",
-                    (WORKER_LOST, ts, ts + retention, ts),
-                ).fetchall()
-            ]
-            return requeued, failed
+            rows = conn.execute(
+                "UPDATE tasks SET status = 'failure', error = ?, completed_at = ?, expires_at = ?, token = NULL,"
+                " lease_expires = NULL WHERE status = 'in_progress' AND lease_expires < ? RETURNING id, route",
+                (WORKER_LOST, ts, ts + retention, ts),
+            ).fetchall()
+            count_finished(conn, collections.Counter((r[1], "failure") for r in rows))
+            return requeued, [r[0] for r in rows]
 
         # Probe with a read first: recovery runs every second in every process.
         probe = "SELECT 1 FROM tasks WHERE status = 'in_progress' AND lease_expires < ? LIMIT 1"
@@ -581,15 +520,40 @@ class SQLiteQueue(Queue):
         return requeued + len(failed)
 
     async def _abandon(self, worker: str, ts: float) -> int:
-        await self._write(
-            lambda c: c.execute(
+        def abandon(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "UPDATE tasks SET lease_expires = ? WHERE status = 'in_progress' AND worker = ?", (ts - 1, worker)
             )
-        )
+            conn.execute("DELETE FROM workers WHERE id = ?", (worker,))
+
+        await self._write(abandon)
         return await self._recover(ts)
+
+    async def _finished_counts(self) -> dict[tuple[str, str], int]:
+        rows = await self._read(lambda c: c.execute("SELECT route, status, n FROM finished").fetchall())
+        return {(route, status): n for route, status, n in rows}
+
+    async def _heartbeat(self, info: WorkerInfo, ttl: float, ts: float) -> None:
+        info.last_seen = ts
+        data = info.dumps()
+        await self._quick_write(
+            lambda c: c.execute(
+                "INSERT OR REPLACE INTO workers (id, info, expires) VALUES (?, ?, ?)", (info.id, data, ts + ttl)
+            )
+        )
+
+    async def _workers(self, ts: float) -> list[WorkerInfo]:
+        rows = await self._quick_read(
+            lambda c: c.execute("SELECT info FROM workers WHERE expires > ? ORDER BY id", (ts,)).fetchall()
+        )
+        return [WorkerInfo.loads(r[0]) for r in rows]
+
+    async def _forget_worker(self, worker: str) -> None:
+        await self._write(lambda c: c.execute("DELETE FROM workers WHERE id = ?", (worker,)))
 
     async def _purge(self, ts: float) -> int:
         total = 0
+        await self._write(lambda c: c.execute("DELETE FROM workers WHERE expires < ?", (ts - 3600,)))
         while True:
             deleted = await self._write(
                 lambda c: (
@@ -614,35 +578,3 @@ class SQLiteQueue(Queue):
             return out
 
         return await self._read(counts)
-
-
-def _pass_on(fut: asyncio.Future[None], done: asyncio.Future[None]) -> None:
-    """Settle ``fut`` as ``done`` ended (a submit waiting on the writer's insert)."""
-    if fut.done():
-        return
-    if done.cancelled():
-        fut.cancel()
-    elif (error := done.exception()) is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(None)
-
-
-def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-    conn.executemany(
-        "INSERT INTO tasks (id, route, status, priority, run_at, created_at, max_attempts, timeout, args)"
-        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
-        rows,
-    )
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    # Runs inside the writer's batch transaction, so two processes starting at once
-    # cannot both apply the same migration.
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    for number, sql in MIGRATIONS:
-        if number > version:
-            for statement in sql.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number}")
