@@ -113,8 +113,10 @@ class Server:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"taskserve serve exited with {self.proc.returncode}:\n{self.log.read_text()}")
+        # /readyz waits for live workers; an API-only server (--workers 0) is up once it answers.
+        api_only = "--workers" in self.args and self.args[self.args.index("--workers") + 1] == "0"
         try:
-            return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
+            return httpx.get(f"{self.url}/{'healthz' if api_only else 'readyz'}", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -154,6 +156,12 @@ class Server:
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+def worker_pid(url: str, worker_id: str) -> int:
+    """The pid of a worker, by the id that task statuses show, from the server's worker registry."""
+    workers = httpx.get(f"{url}/workers", timeout=10).json()["workers"]
+    return int(next(w["pid"] for w in workers if w["id"] == worker_id))
 
 
 def _alive(pid: int) -> bool:

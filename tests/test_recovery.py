@@ -13,7 +13,7 @@ import pytest
 
 import taskserve
 
-from .conftest import ServerFactory, wait_until
+from .conftest import ServerFactory, wait_until, worker_pid
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def test_a_worker_killed_mid_task_is_replaced_and_the_task_runs_again(
     marker = tmp_path / "marker"
     task = client.slow_sync.submit(seconds=1.5, marker=str(marker))
     wait_until(lambda: started(marker))
-    victim = int(str(task.status()["worker"]).rsplit(":", 1)[1])
+    victim = worker_pid(server.url, task.status()["worker"])
     os.kill(victim, signal.SIGKILL)
     assert task.wait(timeout=40).value == "success"
     info = task.status()

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import ROOT, SERVICE, RedisServer, ServerFactory, wait_until
+from .conftest import ROOT, SERVICE, RedisServer, ServerFactory, wait_until, worker_pid
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -61,7 +61,7 @@ def test_a_worker_host_that_dies_mid_task_has_its_task_finished_elsewhere(
     wait_until(lambda: marker.exists(), 30)
     second = start_workers(broker)
     api.extra.append(second)
-    dead_pid = int(str(task.status()["worker"]).rsplit(":", 1)[1])
+    dead_pid = worker_pid(api.url, task.status()["worker"])
     os.kill(first.pid, signal.SIGKILL)  # the host's supervisor and its worker go at once
     os.kill(dead_pid, signal.SIGKILL)
     assert task.wait(timeout=60).value == "success"

@@ -25,12 +25,15 @@ from ..service import Endpoint, Service
 from . import openapi
 from ._errors import EXCEPTION_HANDLERS
 from .metrics import Metrics
+from .workers import WorkerView
 
 logger = logging.getLogger("taskserve.server")
 
 DEFAULT_MAX_BODY = 100 * 1024 * 1024
 MAX_WAIT = 300.0
 MAX_BATCH = 10_000
+DEFAULT_CALL_TIMEOUT = 300.0  # a direct call of an endpoint without a timeout of its own waits at most this
+NO_WORKER_GRACE = 5.0  # a direct call waits this long for a worker to appear before it answers 503
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -77,8 +80,18 @@ def task_id_param(request: Request) -> str:
 class EndpointRoutes:
     """The handlers of one endpoint."""
 
-    def __init__(self, endpoint: Endpoint, queue: Queue, metrics: Metrics, max_body: int) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        queue: Queue,
+        metrics: Metrics,
+        max_body: int,
+        workers: WorkerView,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+    ) -> None:
         self.endpoint = endpoint
+        self.workers = workers
+        self.call_timeout = call_timeout
         self.route = endpoint.route
         self.codec = endpoint.codec
         self.queue = queue
@@ -156,7 +169,17 @@ class EndpointRoutes:
 
     async def status(self, request: Request) -> Response:
         record = await self.queue.get(task_id_param(request), self.route)
-        return JSONResponse(record.to_json())
+        return JSONResponse(await self.status_json(record))
+
+    async def status_json(self, record: TaskRecord) -> dict[str, Any]:
+        """The status; a pending task also says how many live workers serve its route, and warns at none."""
+        body = record.to_json()
+        if record.status is TaskStatus.PENDING:
+            with contextlib.suppress(QueueUnavailable):
+                body["workers"] = n = await self.workers.serving(self.route)
+                if n == 0:
+                    body["warning"] = self.workers.no_worker_message(self.route)
+        return body
 
     async def get(self, request: Request) -> Response:
         record = await self.queue.get(task_id_param(request), self.route)
@@ -195,7 +218,7 @@ class EndpointRoutes:
         except ValueError:
             raise HTTPException(400, f"timeout must be a number of seconds, got {raw!r}.") from None
         record = await self.queue.wait(task_id, min(timeout, MAX_WAIT), self.route)
-        return JSONResponse(record.to_json())
+        return JSONResponse(await self.status_json(record))
 
     async def retry(self, request: Request) -> Response:
         record = await self.queue.retry(task_id_param(request), self.route)
@@ -207,21 +230,47 @@ class EndpointRoutes:
         return JSONResponse({"task_id": record.id, "status": record.status.value})
 
     async def call(self, request: Request) -> Response:
-        """Submit, wait for the end, answer with the result; a caller who hangs up cancels it."""
+        """Submit, wait for the end, answer with the result; a caller who hangs up cancels it.
+
+        The wait is bounded: by the endpoint's timeout (else ``call_timeout``), answered 504,
+        and by the absence of any worker for the route, answered 503 after a short grace so
+        that a worker still starting up is waited for. Either way the task is cancelled.
+        """
         record = await self.queue.enqueue(self.new_task(await self.arguments(request)))
         self.metrics.submitted.labels(self.endpoint.name).inc()
         task_id = record.id
+        limit = self.endpoint.timeout or self.call_timeout
+        started = time.monotonic()
+        unserved_since: float | None = None
         try:
             while not record.status.is_terminal:
                 record = await self.queue.wait(task_id, 1.0)
-                if not record.status.is_terminal and await request.is_disconnected():
+                if record.status.is_terminal:
+                    break
+                if await request.is_disconnected():
                     raise asyncio.CancelledError
+                now = time.monotonic()
+                if now - started > limit:
+                    return await self._give_up(task_id, 504, f"{self.endpoint.name} did not finish within {limit:g}s.")
+                if record.status is TaskStatus.PENDING and await self.workers.serving(self.route) == 0:
+                    unserved_since = unserved_since or now
+                    if now - unserved_since >= NO_WORKER_GRACE:
+                        return await self._give_up(task_id, 503, self.workers.no_worker_message(self.route))
+                else:
+                    unserved_since = None
         except asyncio.CancelledError:
             with contextlib.suppress(InvalidTransition, QueueUnavailable, Exception):
                 await self.queue.cancel(task_id)
             raise
         self.metrics.finished.labels(self.endpoint.name, record.status.value).inc()
         return await self.result_response(record, failure_code=500)
+
+    async def _give_up(self, task_id: str, code: int, message: str) -> Response:
+        with contextlib.suppress(InvalidTransition, QueueUnavailable):
+            await self.queue.cancel(task_id)
+        self.metrics.finished.labels(self.endpoint.name, "cancelled").inc()
+        headers = {"Retry-After": "5"} if code == 503 else None
+        return JSONResponse({"error": message, "task_id": task_id}, status_code=code, headers=headers)
 
 
 def create_app(
@@ -231,6 +280,7 @@ def create_app(
     max_body_size: int = DEFAULT_MAX_BODY,
     maintenance: bool = True,
     worker_pids: Callable[[], list[int]] | None = None,
+    call_timeout: float = DEFAULT_CALL_TIMEOUT,
 ) -> Starlette:
     """The ASGI app serving ``service`` over ``queue``.
 
@@ -238,11 +288,13 @@ def create_app(
         max_body_size: bytes accepted in one request; more is answered with 413.
         maintenance: run lease recovery and retention purge in this process.
         worker_pids: the live local worker processes, shown by ``/readyz`` (``taskserve serve`` passes it).
+        call_timeout: seconds a direct call waits for an endpoint without a timeout of its own.
     """
-    metrics = Metrics()
+    metrics = Metrics({ep.route: ep.name for ep in service.endpoints})
+    workers = WorkerView(queue)
     routes: list[Route] = []
     for endpoint in service.endpoints:
-        routes.extend(EndpointRoutes(endpoint, queue, metrics, max_body_size).routes())
+        routes.extend(EndpointRoutes(endpoint, queue, metrics, max_body_size, workers, call_timeout).routes())
     schema = openapi.service_schema(service)
     docs = openapi.openapi_document(service)
 
@@ -256,11 +308,24 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        """Ready when the broker answers and live, ready workers (of any host) serve every route."""
         await queue.ping()  # QueueUnavailable → 503
-        body: dict[str, Any] = {"status": "ready", "broker": queue.describe()}
+        by_route = await workers.ready_by_route([ep.route for ep in service.endpoints])
+        missing = [route for route, n in by_route.items() if n == 0]
+        body: dict[str, Any] = {"status": "ready", "broker": queue.describe(), "workers": by_route}
         if worker_pids is not None:
             body["worker_pids"] = worker_pids()
-        return JSONResponse(body)
+        if not missing:
+            return JSONResponse(body)
+        body["status"] = "no_workers"
+        body["error"] = (
+            f"No ready worker serves {', '.join(missing)} on the broker {queue.describe()}; "
+            "workers may still be starting, or none were started for this broker."
+        )
+        return JSONResponse(body, status_code=503)
+
+    async def workers_json(request: Request) -> Response:
+        return JSONResponse({"workers": [w.to_json() for w in await queue.workers()]})
 
     async def metrics_text(request: Request) -> Response:
         text = await metrics.render(queue, [ep.route for ep in service.endpoints])
@@ -271,6 +336,7 @@ def create_app(
         Route("/docs.json", docs_json, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/workers", workers_json, methods=["GET"]),
         Route("/metrics", metrics_text, methods=["GET"]),
     ]
 

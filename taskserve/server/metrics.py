@@ -2,19 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from ..queue.base import Queue
 
 
+class _FinishedTasks:
+    """``taskserve_tasks_finished_total`` from the store's own tallies, read at each scrape.
+
+    The API process never sees a queued task end (a worker ends it, maybe on another host),
+    so the count comes from the store, which adds to it in the write that ends each task.
+    """
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self.names = names
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "taskserve_tasks_finished",
+            "Tasks that reached a terminal state (success, failure, cancelled), over all workers and API servers.",
+            labels=["endpoint", "status"],
+        )
+        for (route, status), n in sorted(self.counts.items()):
+            family.add_metric([self.names.get(route, route), status], n)
+        yield family
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, names: dict[str, str] | None = None) -> None:
         self.registry = CollectorRegistry()
+        self.finished_tasks = _FinishedTasks(names or {})
+        self.registry.register(self.finished_tasks)
         self.submitted = Counter(
             "taskserve_tasks_submitted", "Tasks accepted into the queue.", ["endpoint"], registry=self.registry
         )
         self.finished = Counter(
-            "taskserve_tasks_finished",
+            "taskserve_direct_calls",
             "Outcomes of direct calls (POST /{route}) answered by this API process.",
             ["endpoint", "status"],
             registry=self.registry,
@@ -43,6 +70,7 @@ class Metrics:
     async def render(self, queue: Queue, routes: list[str]) -> bytes:
         try:
             counts = await queue.counts()
+            self.finished_tasks.counts = await queue.finished_counts()
             self.up.set(1)
         except Exception:
             counts = None

@@ -1,0 +1,222 @@
+"""Running one claimed task: decode its arguments, call the function, encode the result.
+
+The worker's event loop is its heartbeat: lease renewal, cancels, heartbeats and SIGTERM are
+all served there, so nothing that can block runs on it. A sync function runs in a pool
+thread together with the decoding of its arguments and the encoding of its result (one hop
+there and back). An async function runs on the loop; its arguments and result are decoded
+and encoded on the loop only when they are small JSON, which cannot take long, else in a
+thread too.
+
+Stopping a sync call: Python cannot kill a thread, so an exception is raised inside it
+(which works while it runs Python code). ``SyncCall`` makes sure that exception can only
+land inside the call's own frames, never in the pool's code after the call returned, where
+it would kill the pool thread and leave the pool waiting on it for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import ctypes
+import logging
+import os
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._types import Claim, Outcome, TaskStatus
+from ..codec import BINARY_KINDS
+from ..exceptions import Retry
+from ..service import Endpoint
+
+logger = logging.getLogger("taskserve.worker")
+
+INLINE_ARGS = 64 * 1024  # stored arguments up to this size, all JSON, are decoded on the loop
+STOP_PATIENCE = 3.0  # seconds an interrupted sync call gets to stop before the process is recycled
+
+
+class TaskInterrupted(BaseException):
+    """Raised inside a sync task's thread to stop it (cancelled, timed out or shutting down)."""
+
+
+def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc is not None else ctypes.c_void_p(0)
+    )
+
+
+@dataclass
+class SyncCall:
+    """One sync call in a pool thread, which the loop may interrupt while (and only while) it runs."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    thread_id: int | None = None
+    finished: bool = False
+    interrupted: bool = False
+
+    def interrupt(self) -> bool:
+        with self.lock:
+            if self.finished or self.thread_id is None or self.interrupted:
+                return False
+            self.interrupted = True
+            _set_async_exc(self.thread_id, TaskInterrupted)
+            return True
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        with self.lock:
+            self.thread_id = threading.get_ident()
+        try:
+            return fn()
+        finally:
+            with self.lock:
+                self.finished = True
+                if self.interrupted:
+                    # An exception sent but not delivered yet would land in the pool's own
+                    # code once we return: take it back while no new one can be sent.
+                    _set_async_exc(self.thread_id, None)
+
+
+@dataclass
+class Running:
+    claim: Claim
+    endpoint: Endpoint
+    task: asyncio.Task[None] = None  # type: ignore[assignment]  # set right after creation
+    sync: SyncCall | None = None
+    # Why we stop it: "cancelled" (by a user: drop the result), "lost" (the lease is gone),
+    # "shutdown" (hand it back), "timeout".
+    stop_reason: str | None = None
+    started_at: float | None = None
+
+    @property
+    def timeout(self) -> float | None:
+        return self.claim.timeout if self.claim.timeout is not None else self.endpoint.timeout
+
+
+class Executor:
+    """Runs claims: one ``Running`` each, to an ``Outcome`` (or None when the store decides)."""
+
+    def __init__(self, concurrency: int, workdir: str) -> None:
+        # Two spare threads, so decoding for async tasks never waits behind a stuck sync call.
+        self.pool = ThreadPoolExecutor(max_workers=concurrency + 2, thread_name_prefix="taskserve-task")
+        self.workdir = workdir
+        self.instance: Any = None
+        self.stuck = False  # a sync call did not stop when interrupted: the process must be recycled
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self, running: Running) -> Outcome | None:
+        claim, endpoint = running.claim, running.endpoint
+        workdir = os.path.join(self.workdir, claim.id)
+        try:
+            if endpoint.is_async:
+                body, content_type = await self._run_async(running, workdir)
+            else:
+                body, content_type = await self._run_sync(running, workdir)
+            return self._outcome(running, TaskStatus.SUCCESS, result=body, content_type=content_type)
+        except (asyncio.CancelledError, TaskInterrupted):
+            return self._stopped(running)
+        except Retry as exc:
+            return self._outcome(running, TaskStatus.FAILURE, error=describe(exc), retry=True, retry_delay=exc.delay)
+        except Exception as exc:
+            logger.warning(
+                "task %s (%s) failed on attempt %d:\n%s",
+                claim.id,
+                endpoint.name,
+                claim.attempts,
+                "".join(traceback.format_exception(exc)).rstrip(),
+            )
+            retry = bool(endpoint.retry_on) and isinstance(exc, endpoint.retry_on)
+            return self._outcome(running, TaskStatus.FAILURE, error=describe(exc), retry=retry)
+        finally:
+            if endpoint.codec.writes_files:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    def _outcome(self, running: Running, status: TaskStatus, **fields: Any) -> Outcome:
+        return Outcome(running.claim.id, running.claim.token, status, started_at=running.started_at, **fields)
+
+    def _stopped(self, running: Running) -> Outcome | None:
+        if running.stop_reason == "timeout":
+            error = f"TimeoutError: {running.endpoint.name} ran longer than its timeout of {running.timeout}s"
+            return self._outcome(running, TaskStatus.FAILURE, error=error)
+        if running.stop_reason == "shutdown":
+            return Outcome(running.claim.id, running.claim.token, TaskStatus.PENDING)
+        return None  # cancelled or lost: the store already says what happened
+
+    # -- sync ------------------------------------------------------------------------------
+
+    async def _run_sync(self, running: Running, workdir: str) -> tuple[bytes, str]:
+        endpoint, claim = running.endpoint, running.claim
+        call = running.sync = SyncCall()
+        instance = self.instance
+
+        def whole() -> tuple[bytes, str]:
+            kwargs = endpoint.codec.load(claim.args, workdir)
+            running.started_at = time.time()
+            value = endpoint.fn(instance, **kwargs)
+            return endpoint.codec.dump_result(value)
+
+        # The caller's context (e.g. a progress reporter) goes into the thread with the call.
+        context = contextvars.copy_context()
+        future = asyncio.get_running_loop().run_in_executor(self.pool, context.run, call.run, whole)
+        timeout = running.timeout
+        try:
+            if timeout is None:
+                return await asyncio.shield(future)
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.TimeoutError:
+            running.stop_reason = "timeout"
+            await self.interrupt(running, future)
+            raise TaskInterrupted from None
+        except asyncio.CancelledError:
+            # Cancelled from outside (stop_task): the thread goes on until interrupted.
+            await self.interrupt(running, future)
+            raise
+
+    async def interrupt(self, running: Running, future: asyncio.Future[Any]) -> None:
+        """Stop a sync call's thread; if it will not stop (stuck in C code), mark the process for recycling."""
+        assert running.sync is not None
+        running.sync.interrupt()
+        done, _ = await asyncio.wait([future], timeout=STOP_PATIENCE)
+        if not done:
+            logger.warning("task %s did not stop when interrupted; this worker will be recycled", running.claim.id)
+            self.stuck = True
+
+    # -- async -----------------------------------------------------------------------------
+
+    async def _run_async(self, running: Running, workdir: str) -> tuple[bytes, str]:
+        endpoint, claim = running.endpoint, running.claim
+        codec = endpoint.codec
+        loop = asyncio.get_running_loop()
+        if len(claim.args) <= INLINE_ARGS and not codec.writes_files and not _binary(endpoint):
+            kwargs = codec.load(claim.args, workdir)
+        else:
+            kwargs = await loop.run_in_executor(self.pool, codec.load, claim.args, workdir)
+        running.started_at = time.time()
+        coro = endpoint.fn(self.instance, **kwargs)
+        timeout = running.timeout
+        if timeout is None:
+            value = await coro
+        else:
+            try:
+                value = await asyncio.wait_for(coro, timeout)
+            except asyncio.TimeoutError:
+                running.stop_reason = "timeout"
+                raise asyncio.CancelledError from None
+        if codec.output_kind == "json":
+            return codec.dump_result(value)
+        return await loop.run_in_executor(self.pool, codec.dump_result, value)
+
+
+def _binary(endpoint: Endpoint) -> bool:
+    return any(p.kind in BINARY_KINDS or p.kind == "ndarray" for p in endpoint.codec.params)
+
+
+def describe(exc: BaseException) -> str:
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
