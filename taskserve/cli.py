@@ -108,6 +108,13 @@ def cli() -> None:
     type=int,
     help="Largest request body accepted, in bytes.",
 )
+@click.option(
+    "--call-timeout",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a direct call (POST /{route}) waits for its result before answering 504.",
+)
 def serve(target: str, host: str, port: int, workers: int | None, max_body_size: int, **options: Any) -> None:
     """Run the API server and worker processes for TARGET (module:Class)."""
     _setup_logging(options.pop("log_level"))
@@ -172,6 +179,7 @@ async def _serve(
     workers: int | None,
     max_body_size: int,
     *,
+    call_timeout: float,
     broker: str,
     concurrency: int,
     lease: float,
@@ -192,7 +200,13 @@ async def _serve(
         supervisor = Supervisor(
             target, broker, queue, workers=count, concurrency=concurrency, lease=lease, grace=grace, retention=retention
         )
-    app = create_app(service, queue, max_body_size=max_body_size, worker_pids=supervisor.pids if supervisor else None)
+    app = create_app(
+        service,
+        queue,
+        max_body_size=max_body_size,
+        worker_pids=supervisor.pids if supervisor else None,
+        call_timeout=call_timeout,
+    )
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager

@@ -32,7 +32,7 @@ logger = logging.getLogger("taskserve.server")
 DEFAULT_MAX_BODY = 100 * 1024 * 1024
 MAX_WAIT = 300.0
 MAX_BATCH = 10_000
-DEFAULT_CALL_TIMEOUT = 300.0  # a direct call of an endpoint without a timeout of its own waits at most this
+DEFAULT_CALL_TIMEOUT = 300.0  # a direct call waits at most this (or its endpoint's timeout + 30 s)
 NO_WORKER_GRACE = 5.0  # a direct call waits this long for a worker to appear before it answers 503
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -232,14 +232,16 @@ class EndpointRoutes:
     async def call(self, request: Request) -> Response:
         """Submit, wait for the end, answer with the result; a caller who hangs up cancels it.
 
-        The wait is bounded: by the endpoint's timeout (else ``call_timeout``), answered 504,
+        The wait is bounded by ``call_timeout`` (or the endpoint's timeout plus 30 s), answered 504,
         and by the absence of any worker for the route, answered 503 after a short grace so
         that a worker still starting up is waited for. Either way the task is cancelled.
         """
         record = await self.queue.enqueue(self.new_task(await self.arguments(request)))
         self.metrics.submitted.labels(self.endpoint.name).inc()
         task_id = record.id
-        limit = self.endpoint.timeout or self.call_timeout
+        # Long enough for the endpoint's own time limit, with room to wait in the queue.
+        timeout = self.endpoint.timeout
+        limit = self.call_timeout if timeout is None else max(self.call_timeout, timeout + 30)
         started = time.monotonic()
         unserved_since: float | None = None
         try:
@@ -288,7 +290,7 @@ def create_app(
         max_body_size: bytes accepted in one request; more is answered with 413.
         maintenance: run lease recovery and retention purge in this process.
         worker_pids: the live local worker processes, shown by ``/readyz`` (``taskserve serve`` passes it).
-        call_timeout: seconds a direct call waits for an endpoint without a timeout of its own.
+        call_timeout: seconds a direct call waits for its result (at least the endpoint's timeout + 30).
     """
     metrics = Metrics({ep.route: ep.name for ep in service.endpoints})
     workers = WorkerView(queue)
