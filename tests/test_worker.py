@@ -172,3 +172,19 @@ def test_interrupting_a_call_as_it_returns_never_harms_the_pool_thread() -> None
         assert pool.submit(lambda: 42).result(timeout=5) == 42
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def test_quick_tasks_run_in_sequence_and_a_cancel_stops_only_its_own(queue: Queue) -> None:
+    tasks = [NewTask("/score", args(x=i, sleep_ms=3000 if i == 1 else 0)) for i in range(3)]
+    await queue.enqueue_many(tasks)
+    worker = Worker(SERVICE, queue, name="w")
+    worker._route_avg["/score"] = 0.0001  # known to be quick: the three go to one thread hop
+    run = asyncio.create_task(worker.run(burst=True))
+    while 1 not in [x for x, _ in CALLS]:
+        await asyncio.sleep(0.01)
+    began = time.monotonic()
+    await queue.cancel(tasks[1].id)
+    await asyncio.wait_for(run, 10)
+    assert time.monotonic() - began < 2.0, "the cancelled call was interrupted, not waited for"
+    statuses = [(await queue.get(t.id)).status for t in tasks]
+    assert statuses == [TaskStatus.SUCCESS, TaskStatus.CANCELLED, TaskStatus.SUCCESS]

@@ -27,7 +27,7 @@ from .._types import Claim, Outcome, TaskStatus
 from ..exceptions import QueueUnavailable
 from ..queue.base import DEFAULT_LEASE, Queue
 from ..service import Service
-from .execute import Executor, Running
+from .execute import UNSTARTED, Executor, Running
 from .lease import Keeper
 
 logger = logging.getLogger("taskserve.worker")
@@ -35,6 +35,7 @@ logger = logging.getLogger("taskserve.worker")
 EXIT_RECYCLE = 75  # asks the supervisor for a fresh process (a sync task could not be stopped)
 QUICK_ROUTE = 0.005  # a route whose calls average less than this (seconds) is claimed ahead
 URGENT_CHECK = 0.02  # while claims wait in the buffer, look this often for more urgent work
+SEQUENCE_MAX = 64  # quick sync tasks of one route run together in one thread hop, at most this many
 
 
 class Worker:
@@ -74,6 +75,7 @@ class Worker:
         self.routes = [ep.route for ep in service.endpoints]
         self._endpoints = service.by_route
         self._running: dict[str, Running] = {}
+        self._slots = 0  # calls under way: a single task, or a sequence of quick ones
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._own_workdir = workdir is None
@@ -203,27 +205,44 @@ class Worker:
                 await self.queue.claim(self.routes, self.name, limit=free, lease=self.lease, min_priority=top + 1), now
             )
 
-    def _next_claim(self) -> Claim | None:
-        """The most urgent buffered claim whose lease surely still holds; stale ones are dropped."""
+    def _next_claim(self, like: Claim | None = None) -> Claim | None:
+        """The most urgent buffered claim whose lease surely still holds; stale ones are dropped.
+
+        With ``like``, only a claim of the same route and priority (to run in its sequence).
+        """
         while self._buffer:
-            claim = heapq.heappop(self._buffer)[2]
+            claim = self._buffer[0][2]
+            if like is not None and (claim.route, claim.priority, claim.timeout) != (like.route, like.priority, None):
+                return None
+            heapq.heappop(self._buffer)
             if time.monotonic() < self.held_until.get(claim.id, 0.0):
                 return claim
             self.held_until.pop(claim.id, None)
             logger.warning("claim of task %s lapsed before it could start; leaving it to the queue", claim.id)
         return None
 
+    def _start_buffered(self, free: int) -> None:
+        for _ in range(free):
+            claim = self._next_claim()
+            if claim is None:
+                return
+            endpoint = self._endpoints[claim.route]
+            quick = self._route_avg.get(claim.route, 1.0) < QUICK_ROUTE
+            if endpoint.is_async or not quick or claim.timeout is not None or endpoint.timeout is not None:
+                self._start([claim])
+                continue
+            sequence = [claim]
+            while len(sequence) < SEQUENCE_MAX and (more := self._next_claim(like=claim)) is not None:
+                sequence.append(more)
+            self._start(sequence)
+
     async def _loop(self, burst: bool) -> None:
         idle = 0.01
         while not self.stopping:
-            free = self.concurrency - len(self._running)
+            free = self.concurrency - self._slots
             if free > 0 and self._buffer:
                 await self._claim_urgent(free)
-                for _ in range(free):
-                    claim = self._next_claim()
-                    if claim is None:
-                        break
-                    self._start(claim)
+                self._start_buffered(free)
                 continue
             if free <= 0:
                 self._slot_free.clear()
@@ -262,37 +281,60 @@ class Worker:
 
     # -- running ---------------------------------------------------------------------------
 
-    def _start(self, claim: Claim) -> None:
-        running = Running(claim, self._endpoints[claim.route])
-        self._running[claim.id] = running
-        running.task = asyncio.create_task(self._execute(running))
+    def _start(self, claims: list[Claim]) -> None:
+        """Start one task, or a sequence of quick sync ones in one thread hop, in one slot."""
+        runnings = [Running(claim, self._endpoints[claim.route], in_sequence=len(claims) > 1) for claim in claims]
+        task = asyncio.create_task(self._execute(runnings))
+        for running in runnings:
+            running.task = task
+            self._running[running.claim.id] = running
+        self._slots += 1
 
-    async def _execute(self, running: Running) -> None:
-        claim = running.claim
+    async def _execute(self, runnings: list[Running]) -> None:
         began = time.perf_counter()
-        outcome = await self.executor.run(running)
-        took = time.perf_counter() - began
-        self._route_avg[claim.route] = 0.8 * self._route_avg.get(claim.route, 1.0) + 0.2 * took
-        if outcome is not None:
-            # Recorded by the reporter in batches; until then the lease still covers the task.
-            self._outbox.append(outcome)
-            self._outbox_ready.set()
-            if outcome.status is TaskStatus.FAILURE:
-                self.failed += 1
-        self._running.pop(claim.id, None)
+        if len(runnings) == 1:
+            outcomes = [await self.executor.run(runnings[0])]
+        else:
+            outcomes = await self.executor.run_sequence(runnings)
+        took = (time.perf_counter() - began) / len(runnings)
+        route = runnings[0].claim.route
+        self._route_avg[route] = 0.8 * self._route_avg.get(route, 1.0) + 0.2 * took
+        for running, outcome in zip(runnings, outcomes, strict=True):
+            self._running.pop(running.claim.id, None)
+            if outcome is UNSTARTED:  # the sequence ran out of time: back to the buffer, or to the queue
+                claim = running.claim
+                if self.stopping:
+                    self._outbox.append(Outcome(claim.id, claim.token, TaskStatus.PENDING))
+                else:
+                    heapq.heappush(self._buffer, (-claim.priority, next(self._arrival), claim))
+                continue
+            self.completed += 1
+            if outcome is not None:
+                # Recorded by the reporter in batches; until then the lease still covers the task.
+                self._outbox.append(outcome)
+                if outcome.status is TaskStatus.FAILURE:
+                    self.failed += 1
+        self._outbox_ready.set()
+        self._slots -= 1
         self._slot_free.set()
-        self.completed += 1
         if self.executor.stuck and not self.recycle:
             self.recycle = True
             self.stop()
 
     def stop_task(self, task_id: str, reason: str) -> None:
-        """Stop a running task (its asyncio task is cancelled; a sync call's thread is interrupted)."""
+        """Stop a running task: its asyncio task is cancelled, or its sync call's thread interrupted.
+
+        A task in a sequence shares its asyncio task with the others: only its own call is
+        interrupted, or it is skipped if it has not started.
+        """
         running = self._running.get(task_id)
         if running is None or running.stop_reason is not None:
             return
         running.stop_reason = reason
-        running.task.cancel()
+        if not running.in_sequence:
+            running.task.cancel()
+        elif running.sync is not None:
+            running.sync.interrupt()
 
     def drop_buffered(self, task_ids: set[str]) -> None:
         if any(entry[2].id in task_ids for entry in self._buffer):
