@@ -122,7 +122,13 @@ class Worker:
                 self.executor.instance = await loop.run_in_executor(self.executor.pool, self.service.instantiate)
             self.state = "ready"
             self.keeper.beat_soon()
-            logger.info("worker %s ready: %s, concurrency %d", self.name, ", ".join(self.routes), self.concurrency)
+            logger.info(
+                "worker %s ready: %s, concurrency %d | broker %s",
+                self.name,
+                ", ".join(self.routes),
+                self.concurrency,
+                self.queue.describe(),
+            )
             reporter = asyncio.create_task(self._report_loop())
             try:
                 await self._loop(burst)
