@@ -345,7 +345,7 @@ class SQLiteQueue(Queue):
     async def _claim(
         self, routes: list[str], worker: str, limit: int, lease: float, ts: float, min_priority: int | None
     ) -> list[Claim]:
-        if min_priority is None and not await self._maybe_due(routes, ts):
+        if not await self._maybe_due(routes, ts, min_priority):
             return []
         return await self._quick_write(self._claim_job(routes, worker, limit, lease, ts, min_priority))
 
@@ -362,13 +362,15 @@ class SQLiteQueue(Queue):
         after()
         return claims
 
-    async def _maybe_due(self, routes: list[str], ts: float) -> bool:
+    async def _maybe_due(self, routes: list[str], ts: float, min_priority: int | None = None) -> bool:
         """A cheap read first, so that an idle worker's poll never takes the write lock."""
-        hinted, self._work_hint = self._work_hint, False
-        if hinted:
-            return True
+        if min_priority is None:
+            hinted, self._work_hint = self._work_hint, False
+            if hinted:
+                return True
         marks = ",".join("?" * len(routes))
-        probe = f"SELECT 1 FROM tasks WHERE status = 'pending' AND run_at <= ? AND route IN ({marks}) LIMIT 1"
+        floor = "" if min_priority is None else f" AND priority >= {int(min_priority)}"
+        probe = f"SELECT 1 FROM tasks WHERE status = 'pending' AND run_at <= ? AND route IN ({marks}){floor} LIMIT 1"
         return await self._quick_read(lambda c: c.execute(probe, (ts, *routes)).fetchone()) is not None
 
     def _claim_job(
