@@ -141,8 +141,8 @@ async def test_a_claim_whose_lease_may_have_lapsed_is_not_started(queue: Queue) 
     task = await queue.enqueue(NewTask("/score", args(x=9)))
     worker = Worker(SERVICE, queue, name="w", lease=1.0)
     [claim] = await queue.claim(["/score"], "w", lease=1.0)
-    worker._hold([claim], time.monotonic() - 2.0)  # claimed long ago, never renewed: maybe re-queued since
-    assert worker._next_claim() is None
+    worker.buffer.hold([claim], time.monotonic() - 2.0)  # claimed long ago, never renewed: maybe re-queued since
+    assert worker.buffer.pop() is None
     assert CALLS == [] and (await queue.get(task.id)).status is TaskStatus.IN_PROGRESS
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import logging
 import os
 import shutil
@@ -27,6 +25,7 @@ from .._types import Claim, Outcome, TaskStatus
 from ..exceptions import QueueUnavailable
 from ..queue.base import DEFAULT_LEASE, Queue
 from ..service import Service
+from .claim import ClaimBuffer
 from .execute import UNSTARTED, Executor, Running
 from .lease import Keeper
 
@@ -85,10 +84,7 @@ class Worker:
         self.completed = 0
         self.failed = 0
         self.prefetch = prefetch
-        # Claims not started yet: a heap by (-priority, arrival), each with when its lease lapses.
-        self._buffer: list[tuple[int, int, Claim]] = []
-        self._arrival = itertools.count()
-        self.held_until: dict[str, float] = {}  # task id -> monotonic time its lease surely holds until
+        self.buffer = ClaimBuffer(lease)  # claimed, not started yet
         self._outbox: list[Outcome] = []
         self._outbox_ready = asyncio.Event()
         self._closing = False
@@ -165,15 +161,10 @@ class Worker:
         # routes not seen yet) are left in the queue, where an idle worker can take them.
         return [r for r in self.routes if self._route_avg.get(r, 1.0) < QUICK_ROUTE]
 
-    def _hold(self, claims: list[Claim], since: float) -> None:
-        for claim in claims:
-            self.held_until[claim.id] = since + self.lease
-            heapq.heappush(self._buffer, (-claim.priority, next(self._arrival), claim))
-
     async def _claim(self, free: int) -> None:
         """Claim for the free slots, and ahead of them while the work is quick."""
         quick = self._quick_routes()
-        room = max(0, self.prefetch - len(self._buffer))
+        room = max(0, self.prefetch - len(self.buffer))
         every_route_quick = len(quick) == len(self.routes)
         # Outcomes not yet written go along with the claim: one commit for both.
         outcomes, self._outbox = self._outbox, []
@@ -186,13 +177,13 @@ class Worker:
             self._outbox[:0] = outcomes  # the reporter retries them
             self._outbox_ready.set()
             raise
-        self._hold(claims, since)
+        self.buffer.hold(claims, since)
         if claims and quick and not every_route_quick and all(c.route in quick for c in claims):
             more = room - len(claims)
             if more > 0:
                 with contextlib.suppress(QueueUnavailable):  # what we hold already is enough to go on
                     since = time.monotonic()
-                    self._hold(await self.queue.claim(quick, self.name, limit=more, lease=self.lease), since)
+                    self.buffer.hold(await self.queue.claim(quick, self.name, limit=more, lease=self.lease), since)
         self._last_urgent_check = time.monotonic()
 
     async def _claim_urgent(self, free: int) -> None:
@@ -205,31 +196,14 @@ class Worker:
         if now - self._last_urgent_check < URGENT_CHECK:
             return
         self._last_urgent_check = now
-        top = -self._buffer[0][0]
+        top = self.buffer.top_priority
         with contextlib.suppress(QueueUnavailable):
-            self._hold(
-                await self.queue.claim(self.routes, self.name, limit=free, lease=self.lease, min_priority=top + 1), now
-            )
-
-    def _next_claim(self, like: Claim | None = None) -> Claim | None:
-        """The most urgent buffered claim whose lease surely still holds; stale ones are dropped.
-
-        With ``like``, only a claim of the same route and priority (to run in its sequence).
-        """
-        while self._buffer:
-            claim = self._buffer[0][2]
-            if like is not None and (claim.route, claim.priority, claim.timeout) != (like.route, like.priority, None):
-                return None
-            heapq.heappop(self._buffer)
-            if time.monotonic() < self.held_until.get(claim.id, 0.0):
-                return claim
-            self.held_until.pop(claim.id, None)
-            logger.warning("claim of task %s lapsed before it could start; leaving it to the queue", claim.id)
-        return None
+            urgent = await self.queue.claim(self.routes, self.name, limit=free, lease=self.lease, min_priority=top + 1)
+            self.buffer.hold(urgent, now)
 
     def _start_buffered(self, free: int) -> None:
         for _ in range(free):
-            claim = self._next_claim()
+            claim = self.buffer.pop()
             if claim is None:
                 return
             endpoint = self._endpoints[claim.route]
@@ -238,7 +212,7 @@ class Worker:
                 self._start([claim])
                 continue
             sequence = [claim]
-            while len(sequence) < SEQUENCE_MAX and (more := self._next_claim(like=claim)) is not None:
+            while len(sequence) < SEQUENCE_MAX and (more := self.buffer.pop(like=claim)) is not None:
                 sequence.append(more)
             self._start(sequence)
 
@@ -246,7 +220,7 @@ class Worker:
         idle = 0.01
         while not self.stopping:
             free = self.concurrency - self._slots
-            if free > 0 and self._buffer:
+            if free > 0 and self.buffer:
                 await self._claim_urgent(free)
                 self._start_buffered(free)
                 continue
@@ -261,7 +235,7 @@ class Worker:
                 await self._first(asyncio.sleep(idle))
                 idle = min(idle * 2, 5.0)
                 continue
-            if self._buffer:
+            if self.buffer:
                 idle = 0.01
                 continue
             if burst and not self._running:
@@ -312,7 +286,7 @@ class Worker:
                 if self.stopping:
                     self._outbox.append(Outcome(claim.id, claim.token, TaskStatus.PENDING))
                 else:
-                    heapq.heappush(self._buffer, (-claim.priority, next(self._arrival), claim))
+                    self.buffer.push_back(claim)
                 continue
             self.completed += 1
             if outcome is not None:
@@ -343,21 +317,19 @@ class Worker:
             running.sync.interrupt()
 
     def drop_buffered(self, task_ids: set[str]) -> None:
-        if any(entry[2].id in task_ids for entry in self._buffer):
-            self._buffer = [entry for entry in self._buffer if entry[2].id not in task_ids]
-            heapq.heapify(self._buffer)
+        self.buffer.drop(task_ids)
         for task_id in task_ids:
             if task_id not in self._running:
-                self.held_until.pop(task_id, None)
+                self.buffer.done(task_id)
 
     def held(self) -> dict[str, str]:
         """``{task_id: token}`` of every claim this worker holds: running and buffered."""
         held = {tid: r.claim.token for tid, r in self._running.items() if r.stop_reason is None}
-        held.update((entry[2].id, entry[2].token) for entry in self._buffer)
+        held.update((claim.id, claim.token) for claim in self.buffer.claims())
         return held
 
     def _on_cancel(self, task_id: str) -> None:
-        if task_id in self._running or task_id in self.held_until:
+        if task_id in self._running or task_id in self.buffer.held_until:
             # A wake-up says so; the store decides. Ask it before stopping anything.
             asyncio.get_running_loop().create_task(self.keeper.check_cancelled(task_id))
 
@@ -372,7 +344,7 @@ class Worker:
             # While quick tasks are lined up, let their outcomes pile up for a few ms: one
             # commit for many. With nothing lined up the outcome is written at once.
             deadline = loop.time() + 0.005
-            while self._buffer and len(self._outbox) < 256 and loop.time() < deadline and not self._closing:
+            while self.buffer and len(self._outbox) < 256 and loop.time() < deadline and not self._closing:
                 await asyncio.sleep(0.001)
             batch, self._outbox = self._outbox, []
             if batch:
@@ -400,14 +372,14 @@ class Worker:
             else:
                 break
         for outcome in outcomes:
-            self.held_until.pop(outcome.id, None)
+            self.buffer.done(outcome.id)
 
     async def _drain(self) -> None:
         """Give running tasks ``grace`` seconds, then hand the rest back to the queue."""
-        handed_back = len(self._buffer)
-        if self._buffer:
-            self._outbox.extend(Outcome(e[2].id, e[2].token, TaskStatus.PENDING) for e in self._buffer)
-            self._buffer.clear()
+        unstarted = self.buffer.take_all()
+        handed_back = len(unstarted)
+        if unstarted:
+            self._outbox.extend(Outcome(c.id, c.token, TaskStatus.PENDING) for c in unstarted)
             self._outbox_ready.set()
         if self._running:
             logger.info("worker %s draining %d running task(s)", self.name, len(self._running))

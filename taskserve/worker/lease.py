@@ -71,9 +71,7 @@ class Keeper:
             return
         since = time.monotonic()
         kept = await worker.queue.extend(held, worker.lease)
-        for task_id in kept:
-            if task_id in worker.held_until:
-                worker.held_until[task_id] = since + worker.lease
+        worker.buffer.renewed(kept, since)
         lost = held.keys() - kept
         if lost:
             worker.drop_buffered(lost)
