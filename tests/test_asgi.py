@@ -95,7 +95,7 @@ async def test_errors_are_json(api: httpx.AsyncClient) -> None:
 
 async def test_the_async_client_over_the_asgi_transport(api: httpx.AsyncClient) -> None:
     transport = api._transport
-    async with taskserve.AsyncHTTPClient("http://test", transport=transport) as client:  # type: ignore[arg-type]
+    async with taskserve.AsyncHTTPClient("http://test", transport=transport) as client:
         task = await client.echo.submit(text="in process")
         assert await task.get(timeout=20) == "in process"
         assert await client.describe(text="ab") == {"text": "ab", "length": 2}
