@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from taskserve._types import WORKER_LOST, Claim, NewTask, Outcome, TaskStatus
+from taskserve._types import WORKER_LOST, Claim, NewTask, Outcome, TaskStatus, WorkerInfo
 from taskserve.exceptions import InvalidTransition, QueueError, QueueUnavailable, TaskNotFound
 from taskserve.queue import Queue
 
@@ -477,3 +477,89 @@ async def test_sqlite_submit_waits_for_a_held_write_lock_and_keeps_each_submit_a
         assert (await queue.get(results["new"].id)).status is TaskStatus.PENDING
     finally:
         await queue.close()
+
+
+async def test_claim_with_limit_takes_the_highest_priority_first(queue: Queue) -> None:
+    low, high, mid = await queue.enqueue_many([task(priority=0), task(priority=9), task(priority=5)])
+    claims = await queue.claim(["/gen"], "w", limit=3)
+    assert [(c.id, c.priority) for c in claims] == [(high.id, 9), (mid.id, 5), (low.id, 0)]
+
+
+async def test_claim_with_min_priority_takes_only_urgent_work(queue: Queue) -> None:
+    low, mid, high = await queue.enqueue_many([task(priority=0), task(priority=5), task("/other", priority=9)])
+    urgent = await queue.claim(["/gen", "/other"], "w", limit=5, min_priority=5)
+    assert [c.id for c in urgent] == [high.id, mid.id]
+    assert await queue.claim(["/gen"], "w", min_priority=1) == []
+    assert [c.id for c in await queue.claim(["/gen"], "w", min_priority=-3)] == [low.id]
+
+
+def worker_info(worker_id: str) -> WorkerInfo:
+    return WorkerInfo(id=worker_id, host="h", pid=7, routes=["/gen"], concurrency=2, started_at=1.5, state="ready")
+
+
+async def worker_ids(queue: Queue) -> list[str]:
+    return [w.id for w in await queue.workers()]
+
+
+async def test_heartbeat_lists_a_worker_until_its_ttl_passes(open_queue: OpenQueue) -> None:
+    api, worker = open_queue(), open_queue()
+    await worker.heartbeat(worker_info("brief"), ttl=0.3)
+    await worker.heartbeat(worker_info("steady"), ttl=30)
+    listed = await api.workers()
+    assert [w.id for w in listed] == ["brief", "steady"]
+    assert listed[1].routes == ["/gen"] and (listed[1].state, listed[1].started_at) == ("ready", 1.5)
+    assert abs(listed[1].last_seen - time.time()) < 5, "stamped when the store took the heartbeat"
+
+    async def brief_gone() -> bool:
+        return await worker_ids(api) == ["steady"]
+
+    await eventually(brief_gone)
+    await api.forget_worker("steady")
+    assert await api.workers() == []
+
+
+async def test_abandon_forgets_the_dead_worker(queue: Queue) -> None:
+    await queue.heartbeat(worker_info("dead"), ttl=30)
+    await queue.heartbeat(worker_info("alive"), ttl=30)
+    await queue.abandon("dead")
+    assert await worker_ids(queue) == ["alive"]
+
+
+async def test_finished_counts_count_every_end_and_survive_the_purge(open_queue: OpenQueue) -> None:
+    queue = open_queue(retention=0.5)
+    ok, bad, retried, cancelled, lost, other = await queue.enqueue_many(
+        [task(), task(), task(max_attempts=2), task(), task(priority=-1), task("/other")]
+    )
+    await queue.cancel(cancelled.id)
+    claims = {c.id: c for c in await queue.claim(["/gen", "/other"], "w", limit=4)}
+    assert set(claims) == {ok.id, bad.id, retried.id, other.id}
+    outcomes = [done(claims[ok.id]), failed(claims[bad.id]), failed(claims[retried.id], retry=True)]
+    assert await queue.finish([*outcomes, Outcome(other.id, claims[other.id].token, TaskStatus.PENDING)]) == [True] * 4
+    await queue.claim(["/gen"], "w", limit=2, lease=0.01)  # the retried task and the one whose worker dies
+    await eventually(queue.recover)
+    expected = {("/gen", "success"): 1, ("/gen", "failure"): 3, ("/gen", "cancelled"): 1}
+    assert await queue.finished_counts() == expected
+
+    async def purged() -> bool:
+        await queue.purge()
+        return await queue.get_result(ok.id) is None
+
+    await eventually(purged)
+    assert await queue.finished_counts() == expected
+
+
+def retried(claim: Claim, **options: Any) -> Outcome:
+    return failed(claim, retry=True, **options)
+
+
+@pytest.mark.parametrize("ends", [done, retried])
+async def test_outcome_started_at_is_the_start_status_shows(queue: Queue, ends: Callable[..., Outcome]) -> None:
+    record = await queue.enqueue(task(max_attempts=2))
+    [claim] = await queue.claim(["/gen"], "w")
+    claimed_at = (await queue.get(record.id)).started_at
+    await anyio.sleep(0.2)  # the call starts a while after the claim, as it does behind a worker's buffer
+    started = time.time()
+    assert await queue.finish([ends(claim, started_at=started)]) == [True]
+    stored = (await queue.get(record.id)).started_at
+    assert claimed_at is not None and stored is not None
+    assert abs(stored - started) < 0.05 and stored - claimed_at > 0.15

@@ -1,15 +1,23 @@
 """The shared broker: ``redis://host:6379/0`` (or ``rediss://``), for API servers and workers on many hosts.
 
-Every state change is one Lua script, so Redis itself makes it atomic: no lock, no
-read-modify-write race between processes. Keys, under a prefix (``taskserve``, or
-``?prefix=NAME`` so that several services or a test can share one Redis):
+Every state change is one Lua script (``lua/*.lua``), so Redis itself makes it atomic: no
+lock, no read-modify-write race between processes. Scripts take every timestamp from Redis's
+clock (``TIME``) and callers pass durations, so hosts' clocks never meet. Every script is safe
+to re-send, as redis-py does after a lost reply: a re-send finds the mark its first run left
+(the enqueue or cancel request id, the claim token) and answers as the first run did. Keys,
+under a prefix (``taskserve``, or ``?prefix=NAME`` so that several services or a test can
+share one Redis):
 
     P:t:ID              hash: the task's fields, its args and its result; expires once terminal
     P:ready:ROUTE       zset of due tasks: score -priority, member "run_at|ID" (ties by run_at)
     P:delayed:ROUTE     zset of tasks not due yet, scored by run_at; claim promotes the due ones
     P:leases:ROUTE      zset of running tasks, scored by lease expiry (recover, counts)
     P:w:WORKER          set of the tasks a worker holds (abandon)
+    P:c:TOKEN           the ids one claim call took, for a re-send of it; expires with the lease
     P:routes            set of routes with tasks (recover and counts visit these only)
+    P:finished          hash "STATUS:ROUTE" -> tasks that ended so, counted where they end
+    P:workers           hash worker id -> "LAST_SEEN WorkerInfo-JSON" (the worker registry)
+    P:workers:ttl       zset of worker ids by heartbeat expiry; expired ones are dropped on read
 
 Channels: ``P:work:ROUTE`` (new or re-queued work), ``P:cancel`` and ``P:done`` (task ids).
 Durability is what Redis is configured for: use ``appendonly yes`` to survive a Redis crash.
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,205 +53,17 @@ RECORD_FIELDS = tuple(
     "route status created_at started_at completed_at attempts max_attempts error worker priority timeout".split()
 )
 
-# Helpers shared by every script. ARGV[1] is always the key prefix.
-PRELUDE = """
-local P = ARGV[1]
-local function tkey(id) return P .. ':t:' .. id end
-local function rkey(kind, route) return P .. ':' .. kind .. ':' .. route end
-local function hset(id, ...) redis.call('HSET', tkey(id), ...) end
-local function hdel(id, ...) redis.call('HDEL', tkey(id), ...) end
-local function member(id, run_at) return string.format('%017.6f|', tonumber(run_at)) .. id end
-local wake = {}
--- Put a pending task where claim looks for it: ready if due, else delayed.
-local function queue(id, route, ts)
-  local h = redis.call('HMGET', tkey(id), 'run_at', 'priority')
-  if tonumber(h[1]) > tonumber(ts) then
-    redis.call('ZADD', rkey('delayed', route), h[1], id)
-  else
-    redis.call('ZADD', rkey('ready', route), 0 - tonumber(h[2]), member(id, h[1]))
-  end
-  wake[route] = true
-end
-local function publish_wakes()
-  for route in pairs(wake) do redis.call('PUBLISH', rkey('work', route), '') end
-end
-local function drop_lease(id, route, worker)
-  redis.call('ZREM', rkey('leases', route), id)
-  if worker then redis.call('SREM', P .. ':w:' .. worker, id) end
-end
-local function terminal(id, status, ts, retention)
-  hset(id, 'status', status, 'completed_at', ts)
-  hdel(id, 'token', 'lease')
-  redis.call('PEXPIRE', tkey(id), retention)
-  redis.call('PUBLISH', P .. ':done', id)
-end
-"""
+# The Lua lives in lua/*.lua, read once at import; each script is the prelude plus its body.
+SCRIPT_NAMES = ("enqueue", "claim", "finish", "extend", "cancel", "recover", "counts", "heartbeat", "workers")
 
-# ARGV: prefix, ts, then per task: id, route, priority, run_at, max_attempts, timeout, args.
-ENQUEUE = """
-local ts, seen, fresh, taken = ARGV[2], {}, 0, nil
-for i = 3, #ARGV, 7 do
-  local id = ARGV[i]
-  local created = redis.call('HGET', tkey(id), 'created_at')
-  if seen[id] or (created and created ~= ts) then return redis.error_reply('DUPLICATE ' .. id) end
-  seen[id] = true
-  if created then taken = id else fresh = fresh + 1 end
-end
--- All stored with this very timestamp: a retry of a call whose reply was lost, so it succeeded.
-if fresh == 0 then return 0 end
-if taken then return redis.error_reply('DUPLICATE ' .. taken) end
-for i = 3, #ARGV, 7 do
-  local id, route = ARGV[i], ARGV[i + 1]
-  hset(id, 'route', route, 'status', 'pending', 'priority', ARGV[i + 2], 'run_at', ARGV[i + 3], 'created_at', ts,
-    'attempts', 0, 'max_attempts', ARGV[i + 4], 'args', ARGV[i + 6])
-  if ARGV[i + 5] ~= '' then hset(id, 'timeout', ARGV[i + 5]) end
-  redis.call('SADD', P .. ':routes', route)
-  queue(id, route, ts)
-end
-publish_wakes()
-return fresh
-"""
 
-# ARGV: prefix, ts, worker, token, limit, lease_until, routes...
-CLAIM = """
-local ts, worker, token, limit, lease_until = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
-local found, out = {}, {}
-for i = 7, #ARGV do
-  local route = ARGV[i]
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', rkey('delayed', route), '-inf', ts, 'LIMIT', 0, 500)) do
-    redis.call('ZREM', rkey('delayed', route), id)
-    queue(id, route, ts)
-  end
-  local top = redis.call('ZRANGE', rkey('ready', route), 0, limit - 1, 'WITHSCORES')
-  for j = 1, #top, 2 do table.insert(found, {tonumber(top[j + 1]), top[j], route}) end
-end
-table.sort(found, function(a, b) if a[1] ~= b[1] then return a[1] < b[1] end return a[2] < b[2] end)
-for k = 1, math.min(limit, #found) do
-  local m, route = found[k][2], found[k][3]
-  local id = string.sub(m, string.find(m, '|', 1, true) + 1)
-  redis.call('ZREM', rkey('ready', route), m)
-  if redis.call('HGET', tkey(id), 'status') == 'pending' then
-    local attempts = redis.call('HINCRBY', tkey(id), 'attempts', 1)
-    hset(id, 'status', 'in_progress', 'token', token, 'lease', lease_until, 'started_at', ts, 'worker', worker)
-    redis.call('ZADD', rkey('leases', route), lease_until, id)
-    redis.call('SADD', P .. ':w:' .. worker, id)
-    local h = redis.call('HMGET', tkey(id), 'args', 'max_attempts', 'timeout')
-    table.insert(out, {id, route, h[1], attempts, h[2], h[3] or ''})
-  end
-end
-return out
-"""
+def _load_scripts() -> dict[str, str]:
+    lua = importlib.resources.files(__package__) / "lua"
+    prelude = (lua / "prelude.lua").read_text()
+    return {name: prelude + (lua / f"{name}.lua").read_text() for name in SCRIPT_NAMES}
 
-# ARGV: prefix, ts, retention_ms, then per outcome: id, token, kind, result, content_type, error, retry_at.
-# kind: s = success, n = success without a result, p = hand back, f = failure (retried if retry_at ~= '').
-FINISH = """
-local ts, retention, out = ARGV[2], ARGV[3], {}
-for i = 4, #ARGV, 7 do
-  local id, kind = ARGV[i], ARGV[i + 2]
-  local h = redis.call('HMGET', tkey(id), 'status', 'token', 'route', 'worker', 'attempts', 'max_attempts')
-  local held = h[1] == 'in_progress' and h[2] == ARGV[i + 1]
-  if held then
-    drop_lease(id, h[3], h[4])
-    if kind == 'p' then
-      redis.call('HINCRBY', tkey(id), 'attempts', -1)
-      hset(id, 'status', 'pending')
-      hdel(id, 'token', 'lease', 'started_at', 'worker')
-      queue(id, h[3], ts)
-    elseif kind == 'f' then
-      if ARGV[i + 5] == '' then hdel(id, 'error') else hset(id, 'error', ARGV[i + 5]) end
-      if ARGV[i + 6] ~= '' and tonumber(h[5]) < tonumber(h[6]) then
-        hset(id, 'status', 'pending', 'run_at', ARGV[i + 6])
-        hdel(id, 'token', 'lease', 'worker')
-        queue(id, h[3], ts)
-      else
-        terminal(id, 'failure', ts, retention)
-      end
-    else
-      if kind == 's' then hset(id, 'result', ARGV[i + 3], 'content_type', ARGV[i + 4]) end
-      hdel(id, 'error')
-      terminal(id, 'success', ts, retention)
-    end
-  end
-  table.insert(out, held and 1 or 0)
-end
-publish_wakes()
-return out
-"""
 
-# ARGV: prefix, lease_until, then id, token pairs. Returns the ids still held.
-EXTEND = """
-local out = {}
-for i = 3, #ARGV, 2 do
-  local h = redis.call('HMGET', tkey(ARGV[i]), 'status', 'token', 'route')
-  if h[1] == 'in_progress' and h[2] == ARGV[i + 1] then
-    hset(ARGV[i], 'lease', ARGV[2])
-    redis.call('ZADD', rkey('leases', h[3]), ARGV[2], ARGV[i])
-    table.insert(out, ARGV[i])
-  end
-end
-return out
-"""
-
-# ARGV: prefix, ts, retention_ms, id, record fields... Returns the record, or nil if already terminal.
-CANCEL = """
-local id = ARGV[4]
-local h = redis.call('HMGET', tkey(id), 'status', 'route', 'worker', 'run_at')
-if h[1] == 'pending' then
-  redis.call('ZREM', rkey('ready', h[2]), member(id, h[4]))
-  redis.call('ZREM', rkey('delayed', h[2]), id)
-elseif h[1] == 'in_progress' then
-  drop_lease(id, h[2], h[3])
-  redis.call('PUBLISH', P .. ':cancel', id)
-else
-  return false
-end
-terminal(id, 'cancelled', ARGV[2], ARGV[3])
-return redis.call('HMGET', tkey(id), unpack(ARGV, 5))
-"""
-
-# ARGV: prefix, ts, retention_ms, error, worker ('' for none), its lapsed lease. First lapses what the
-# worker holds (abandon), then moves every lapsed lease back to pending, or to failure once out of attempts.
-RECOVER = """
-local ts, retention, err, worker, n = ARGV[2], ARGV[3], ARGV[4], ARGV[5], 0
-for _, id in ipairs(redis.call('SMEMBERS', P .. ':w:' .. worker)) do
-  local h = redis.call('HMGET', tkey(id), 'status', 'worker', 'route')
-  if h[1] == 'in_progress' and h[2] == worker then
-    hset(id, 'lease', ARGV[6])
-    redis.call('ZADD', rkey('leases', h[3]), ARGV[6], id)
-  end
-end
-for _, route in ipairs(redis.call('SMEMBERS', P .. ':routes')) do
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', rkey('leases', route), '-inf', '(' .. ts, 'LIMIT', 0, 1000)) do
-    local h = redis.call('HMGET', tkey(id), 'status', 'worker', 'attempts', 'max_attempts')
-    drop_lease(id, route, h[2])
-    if h[1] == 'in_progress' then
-      n = n + 1
-      hset(id, 'error', err)
-      if tonumber(h[3]) < tonumber(h[4]) then
-        hset(id, 'status', 'pending')
-        hdel(id, 'token', 'lease', 'worker')
-        queue(id, route, ts)
-      else
-        terminal(id, 'failure', ts, retention)
-      end
-    end
-  end
-end
-publish_wakes()
-return n
-"""
-
-# Returns {route, pending, in_progress} per route; with 'prune', forgets routes left with no active task.
-COUNTS = """
-local out = {}
-for _, route in ipairs(redis.call('SMEMBERS', P .. ':routes')) do
-  local pending = redis.call('ZCARD', rkey('ready', route)) + redis.call('ZCARD', rkey('delayed', route))
-  local running = redis.call('ZCARD', rkey('leases', route))
-  if pending + running == 0 and ARGV[2] == 'prune' then redis.call('SREM', P .. ':routes', route) end
-  table.insert(out, {route, pending, running})
-end
-return out
-"""
+SCRIPTS = _load_scripts()
 
 
 def _record(task_id: str, values: Sequence[Any]) -> TaskRecord | None:
@@ -324,9 +145,7 @@ class RedisQueue(Queue):
             socket_keepalive=True,
             health_check_interval=30,
         )
-        scripts = {"enqueue": ENQUEUE, "claim": CLAIM, "finish": FINISH, "extend": EXTEND, "cancel": CANCEL}
-        scripts.update(recover=RECOVER, counts=COUNTS)
-        self._scripts = {name: self._client.register_script(PRELUDE + body) for name, body in scripts.items()}
+        self._scripts = {name: self._client.register_script(body) for name, body in SCRIPTS.items()}
         # Pushed changes make polling a safety net only, for messages lost while reconnecting.
         self.poll_cap = 5.0
         self._pubsub = self._client.pubsub()
@@ -479,16 +298,21 @@ class RedisQueue(Queue):
         # Only a hint: with Redis away, sleep out the timeout and let the caller's claim report it.
         with contextlib.suppress(RedisError, OSError):
             async with self._client.pipeline(transaction=False) as pipe:
+                pipe.time()  # run_at is on Redis's clock, so the wait until it is measured there too
                 for route in routes:
                     pipe.zcard(self._key("ready", route))
                     pipe.zrange(self._key("delayed", route), 0, 0, withscores=True)
                 replies = await pipe.execute()
+        if not replies:
+            replies = [(0, 0)]
         # Work queued before we listened sends no message; after that, messages tell us.
-        if fresh and any(replies[0::2]):
+        if fresh and any(replies[1::2]):
             return
-        due = [delayed[0][1] for delayed in replies[1::2] if delayed]
+        seconds, micros = replies[0]
+        redis_now = seconds + micros / 1e6
+        wait = min([deadline - now(), *(delayed[0][1] - redis_now for delayed in replies[2::2] if delayed)])
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._work.wait(), max(0.0, min([deadline, *due]) - now()))
+            await asyncio.wait_for(self._work.wait(), max(0.0, wait))
         self._work.clear()
 
     # -- hooks -----------------------------------------------------------------------------
@@ -498,11 +322,12 @@ class RedisQueue(Queue):
             await self._client.ping()
 
     async def _enqueue(self, tasks: Sequence[NewTask], ts: float) -> None:
-        args: list[Any] = [repr(ts)]
+        # run_at travels as a delay from this host's now, which the script adds to Redis's.
+        args: list[Any] = [os.urandom(8).hex()]
         for t in tasks:
             timeout = "" if t.timeout is None else repr(float(t.timeout))
-            run_at = ts if t.run_at is None else t.run_at
-            args += [t.id, t.route, t.priority, repr(float(run_at)), t.max_attempts, timeout, t.args]
+            delay = 0.0 if t.run_at is None else max(0.0, t.run_at - ts)
+            args += [t.id, t.route, t.priority, repr(delay), t.max_attempts, timeout, t.args]
         await self._run("enqueue", *args)
 
     async def _get(self, task_id: str) -> TaskRecord | None:
@@ -524,31 +349,34 @@ class RedisQueue(Queue):
         return Result(body, content_type.decode() if content_type else "application/octet-stream")
 
     async def _cancel(self, task_id: str, ts: float) -> TaskRecord | None:
-        values = await self._run("cancel", repr(ts), self._retention_ms(), task_id, *RECORD_FIELDS)
+        values = await self._run("cancel", self._retention_ms(), os.urandom(8).hex(), task_id, *RECORD_FIELDS)
         return None if values is None else _record(task_id, values)
 
     async def _claim(
         self, routes: list[str], worker: str, limit: int, lease: float, ts: float, min_priority: int | None
     ) -> list[Claim]:
         token = os.urandom(8).hex()
-        rows = await self._run("claim", repr(ts), worker, token, limit, repr(ts + lease), *routes)
+        ceiling = "+inf" if min_priority is None else str(-int(min_priority))  # ready scores are -priority
+        rows = await self._run("claim", worker, token, limit, repr(float(lease)), ceiling, *routes)
         return [
-            Claim(task_id.decode(), route.decode(), args, token, int(n), int(max_n), float(t) if t else None)
-            for task_id, route, args, n, max_n, t in rows
+            Claim(task_id.decode(), route.decode(), args, token, int(n), int(max_n), float(t) if t else None, int(pr))
+            for task_id, route, args, n, max_n, t, pr in rows
         ]
 
     async def _finish(self, outcomes: list[Outcome], ts: float) -> list[bool]:
-        args: list[Any] = [repr(ts), self._retention_ms()]
+        args: list[Any] = [self._retention_ms()]
         for o in outcomes:
             kind = {TaskStatus.SUCCESS: "n" if o.result is None else "s", TaskStatus.PENDING: "p"}.get(o.status, "f")
-            retry_at = repr(ts + o.retry_delay) if o.retry else ""
-            args += [o.id, o.token, kind, o.result or b"", o.content_type or "", o.error or "", retry_at]
+            retry_delay = repr(max(0.0, o.retry_delay)) if o.retry else ""
+            # The start travels as an age by this host's clock; the script subtracts it from Redis's now.
+            age = "" if o.started_at is None else repr(max(0.0, ts - o.started_at))
+            args += [o.id, o.token, kind, o.result or b"", o.content_type or "", o.error or "", retry_delay, age]
         applied = await self._run("finish", *args)
         return [bool(a) for a in applied]
 
     async def _extend(self, held: dict[str, str], lease: float, ts: float) -> set[str]:
         pairs = [part for item in held.items() for part in item]
-        kept = await self._run("extend", repr(ts + lease), *pairs)
+        kept = await self._run("extend", repr(float(lease)), *pairs)
         return {task_id.decode() for task_id in kept}
 
     async def _still_held(self, held: dict[str, str]) -> set[str]:
@@ -564,7 +392,7 @@ class RedisQueue(Queue):
         }
 
     async def _recover(self, ts: float, worker: str = "") -> int:
-        return int(await self._run("recover", repr(ts), self._retention_ms(), WORKER_LOST, worker, repr(ts - 1)))
+        return int(await self._run("recover", self._retention_ms(), WORKER_LOST, worker))
 
     async def _abandon(self, worker: str, ts: float) -> int:
         return await self._recover(ts, worker)
@@ -585,15 +413,31 @@ class RedisQueue(Queue):
     def _retention_ms(self) -> int:
         return max(1, int(self.retention * 1000))
 
-    # TODO(helper): worker registry and finished counters, see Queue.heartbeat/workers/finished_counts.
     async def _finished_counts(self) -> dict[tuple[str, str], int]:
-        raise NotImplementedError
+        with self._translate():
+            fields: dict[Any, Any] = await self._client.hgetall(self._key("finished"))
+        out: dict[tuple[str, str], int] = {}
+        for field, n in fields.items():
+            status, _, route = bytes(field).decode().partition(":")
+            out[(route, status)] = int(n)
+        return out
 
     async def _heartbeat(self, info: WorkerInfo, ttl: float, ts: float) -> None:
-        raise NotImplementedError
+        await self._run("heartbeat", info.id, repr(float(ttl)), info.dumps())
 
     async def _workers(self, ts: float) -> list[WorkerInfo]:
-        raise NotImplementedError
+        flat = await self._run("workers")
+        found = []
+        for stored in flat[1::2]:
+            last_seen, _, data = stored.partition(b" ")
+            info = WorkerInfo.loads(data)
+            info.last_seen = float(last_seen)
+            found.append(info)
+        return sorted(found, key=lambda w: w.id)
 
     async def _forget_worker(self, worker: str) -> None:
-        raise NotImplementedError
+        with self._translate():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hdel(self._key("workers"), worker)
+                pipe.zrem(self._key("workers", "ttl"), worker)
+                await pipe.execute()

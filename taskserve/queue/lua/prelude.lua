@@ -1,0 +1,40 @@
+-- Prepended to every script. ARGV[1] is always the key prefix.
+-- Every timestamp a script writes or compares comes from Redis's own clock (TIME), never
+-- from the calling host's: one host with a fast clock must not re-queue the tasks other
+-- hosts hold. Redis 5+ replicates a script's effects, so TIME is allowed before writes.
+local P = ARGV[1]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local function stamp(ts) return string.format('%.6f', ts) end
+local NOW = stamp(now)
+local function tkey(id) return P .. ':t:' .. id end
+local function rkey(kind, route) return P .. ':' .. kind .. ':' .. route end
+local function hset(id, ...) redis.call('HSET', tkey(id), ...) end
+local function hdel(id, ...) redis.call('HDEL', tkey(id), ...) end
+local function member(id, run_at) return string.format('%017.6f|', tonumber(run_at)) .. id end
+local wake = {}
+-- Put a pending task where claim looks for it: ready if due, else delayed.
+local function queue(id, route)
+  local h = redis.call('HMGET', tkey(id), 'run_at', 'priority')
+  if tonumber(h[1]) > now then
+    redis.call('ZADD', rkey('delayed', route), h[1], id)
+  else
+    redis.call('ZADD', rkey('ready', route), 0 - tonumber(h[2]), member(id, h[1]))
+  end
+  wake[route] = true
+end
+local function publish_wakes()
+  for route in pairs(wake) do redis.call('PUBLISH', rkey('work', route), '') end
+end
+local function drop_lease(id, route, worker)
+  redis.call('ZREM', rkey('leases', route), id)
+  if worker then redis.call('SREM', P .. ':w:' .. worker, id) end
+end
+-- The one way a task ends: its state, its expiry, the finished counter, the wake-up.
+local function terminal(id, route, status, retention)
+  hset(id, 'status', status, 'completed_at', NOW)
+  hdel(id, 'token', 'lease')
+  redis.call('PEXPIRE', tkey(id), retention)
+  redis.call('HINCRBY', P .. ':finished', status .. ':' .. route, 1)
+  redis.call('PUBLISH', P .. ':done', id)
+end
