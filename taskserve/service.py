@@ -12,6 +12,7 @@ import importlib
 import inspect
 import os
 import sys
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -44,6 +45,12 @@ class Endpoint:
         retry_on: exception types after which the task runs again (opt-in).
         priority: claimed before lower-priority work; ``@api`` calls default above tasks,
             since a client is waiting on them.
+        batchable: queued tasks of this route are run together in one call. The function
+            takes one parameter, a ``list`` (or ``numpy.ndarray``, batch axis 0), and returns
+            a list (or array) of the same length, item *i* answering input *i*.
+        max_batch_size: the most items one call of a batchable function gets.
+        max_latency_ms: how long a worker waits for more items while the queue holds fewer
+            than a full batch.
     """
 
     fn: Callable[..., Any]
@@ -54,6 +61,9 @@ class Endpoint:
     max_attempts: int = 3
     retry_on: tuple[type[BaseException], ...] = ()
     priority: int = 0
+    batchable: bool = False
+    max_batch_size: int = 64
+    max_latency_ms: float = 10.0
 
     def __post_init__(self) -> None:
         self.name = self.name or self.fn.__name__
@@ -65,7 +75,33 @@ class Endpoint:
             raise ServiceDefinitionError(f"max_attempts of {self.name!r} must be at least 1, got {self.max_attempts}.")
         if self.timeout is not None and self.timeout <= 0:
             raise ServiceDefinitionError(f"timeout of {self.name!r} must be positive, got {self.timeout}.")
+        if self.max_batch_size < 1 or self.max_latency_ms < 0:
+            raise ServiceDefinitionError(
+                f"{self.name!r} needs max_batch_size >= 1 and max_latency_ms >= 0, "
+                f"got {self.max_batch_size} and {self.max_latency_ms}."
+            )
+        if self.batchable:
+            self._check_batchable()
 
+    def _check_batchable(self) -> None:
+        params = self.codec.params
+        if len(params) != 1 or params[0].kind not in ("json", "ndarray"):
+            raise ServiceDefinitionError(
+                f"Batchable {self.name!r} must take exactly one parameter, a list (or numpy.ndarray) of inputs; "
+                f"it takes {[p.name for p in params]}."
+            )
+        param = params[0]
+        origin = typing.get_origin(param.annotation)
+        if param.kind == "json" and origin is not list:
+            raise ServiceDefinitionError(
+                f"Parameter {param.name!r} of batchable {self.name!r} must be annotated list[...] or "
+                f"numpy.ndarray, not {param.annotation!r}."
+            )
+
+    @property
+    def batch_param(self) -> str:
+        """The one parameter of a batchable function."""
+        return self.codec.params[0].name
     @property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.fn)
@@ -102,6 +138,9 @@ def task(
     max_attempts: int = 3,
     retry_on: tuple[type[BaseException], ...] = (),
     priority: int = 0,
+    batchable: bool = False,
+    max_batch_size: int = 64,
+    max_latency_ms: float = 10.0,
 ) -> Callable[[F], F]: ...
 def task(fn: Any = None, **options: Any) -> Any:
     """Mark a method as a task: clients submit it, get an id at once and fetch the result later.
@@ -112,6 +151,8 @@ def task(fn: Any = None, **options: Any) -> Any:
         max_attempts: starts allowed in all; a lost worker uses one up (default 3).
         retry_on: exception types that make the task run again while attempts remain.
         priority: higher runs first.
+        batchable: run queued tasks of this route together, in one call of up to
+            ``max_batch_size`` items, waiting at most ``max_latency_ms`` for more.
 
     Example:
         >>> @taskserve.task(timeout=600)

@@ -67,6 +67,26 @@ class ClaimBuffer:
             logger.warning("claim of task %s lapsed before it could start; leaving it to the queue", claim.id)
         return None
 
+    def count(self, route: str) -> int:
+        return sum(1 for entry in self._heap if entry[2].route == route)
+
+    def pop_route(self, route: str, limit: int) -> list[Claim]:
+        """Up to ``limit`` claims of ``route``, most urgent first, whatever their priority (a batch)."""
+        mine = sorted(entry for entry in self._heap if entry[2].route == route)[:limit]
+        if not mine:
+            return []
+        taken = {entry[2].id for entry in mine}
+        self._heap = [entry for entry in self._heap if entry[2].id not in taken]
+        heapq.heapify(self._heap)
+        now, fresh = time.monotonic(), []
+        for _, _, claim in mine:
+            if now < self.held_until.get(claim.id, 0.0):
+                fresh.append(claim)
+                continue
+            self.held_until.pop(claim.id, None)
+            logger.warning("claim of task %s lapsed before it could start; leaving it to the queue", claim.id)
+        return fresh
+
     def claims(self) -> list[Claim]:
         return [entry[2] for entry in self._heap]
 

@@ -201,12 +201,41 @@ class Worker:
             urgent = await self.queue.claim(self.routes, self.name, limit=free, lease=self.lease, min_priority=top + 1)
             self.buffer.hold(urgent, now)
 
-    def _start_buffered(self, free: int) -> None:
+    async def _fill_batch(self, claim: Claim) -> list[Claim]:
+        """A batch for ``claim``'s batchable route: what is buffered, then what the queue holds.
+
+        Waits up to the endpoint's ``max_latency_ms`` for more only while the queue has fewer
+        than a full batch; a backlog is taken at once.
+        """
+        endpoint = self._endpoints[claim.route]
+        want = endpoint.max_batch_size
+        deadline = time.monotonic() + endpoint.max_latency_ms / 1000
+        while len(self.buffer) < self.prefetch and self.buffer.count(claim.route) + 1 < want:
+            since = time.monotonic()
+            try:
+                more = await self.queue.claim([claim.route], self.name, limit=want, lease=self.lease)
+            except QueueUnavailable:
+                break
+            self.buffer.hold(more, since)
+            if more:
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.stopping:
+                break
+            await self._first(self.queue.wait_for_work([claim.route], remaining))
+            if time.monotonic() >= deadline:
+                deadline = time.monotonic()  # one more claim for what woke us, then go
+        return [claim, *self.buffer.pop_route(claim.route, want - 1)]
+
+    async def _start_buffered(self, free: int) -> None:
         for _ in range(free):
             claim = self.buffer.pop()
             if claim is None:
                 return
             endpoint = self._endpoints[claim.route]
+            if endpoint.batchable:
+                self._start(await self._fill_batch(claim))
+                continue
             quick = self._route_avg.get(claim.route, 1.0) < QUICK_ROUTE
             if endpoint.is_async or not quick or claim.timeout is not None or endpoint.timeout is not None:
                 self._start([claim])
@@ -222,7 +251,7 @@ class Worker:
             free = self.concurrency - self._slots
             if free > 0 and self.buffer:
                 await self._claim_urgent(free)
-                self._start_buffered(free)
+                await self._start_buffered(free)
                 continue
             if free <= 0:
                 self._slot_free.clear()
@@ -263,7 +292,8 @@ class Worker:
 
     def _start(self, claims: list[Claim]) -> None:
         """Start one task, or a sequence of quick sync ones in one thread hop, in one slot."""
-        runnings = [Running(claim, self._endpoints[claim.route], in_sequence=len(claims) > 1) for claim in claims]
+        batched = len(claims) > 1 or self._endpoints[claims[0].route].batchable
+        runnings = [Running(claim, self._endpoints[claim.route], in_sequence=batched) for claim in claims]
         task = asyncio.create_task(self._execute(runnings))
         for running in runnings:
             running.task = task
@@ -272,7 +302,9 @@ class Worker:
 
     async def _execute(self, runnings: list[Running]) -> None:
         began = time.perf_counter()
-        if len(runnings) == 1:
+        if runnings[0].endpoint.batchable:
+            outcomes = await self.executor.run_batch(runnings)
+        elif len(runnings) == 1:
             outcomes = [await self.executor.run(runnings[0])]
         else:
             outcomes = await self.executor.run_sequence(runnings)

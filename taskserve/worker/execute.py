@@ -94,6 +94,7 @@ class Running:
     # "shutdown" (hand it back), "timeout".
     stop_reason: str | None = None
     started_at: float | None = None
+    batch_size: int | None = None  # items in the call that ran it (batchable endpoints)
 
     @property
     def timeout(self) -> float | None:
@@ -207,9 +208,32 @@ class Executor:
             for running, result in zip(runnings, results, strict=True)
         ]
 
+    async def run_batch(self, runnings: list[Running]) -> list[Outcome | None]:
+        """Claimed tasks of a batchable endpoint: their items in as few calls as ``max_batch_size`` allows."""
+        from .batch import Batch
+
+        loop = asyncio.get_running_loop()
+        batch = Batch(runnings, self.instance, self.workdir)
+        try:
+            if runnings[0].endpoint.is_async:
+                results = await batch.run_async(lambda fn, *args: loop.run_in_executor(self.pool, fn, *args))
+            else:
+                context = contextvars.copy_context()
+                results = await loop.run_in_executor(self.pool, context.run, batch.run_sync)
+        except asyncio.CancelledError:  # a shutdown that would not wait: hand back what did not end
+            results = [None] * len(runnings)
+        finally:
+            if runnings[0].endpoint.codec.writes_files:
+                for running in runnings:
+                    shutil.rmtree(os.path.join(self.workdir, running.claim.id), ignore_errors=True)
+        return [self._settle(running, result) for running, result in zip(runnings, results, strict=True)]
+
     def _settle(self, running: Running, result: Any) -> Outcome | None:
-        if running.stop_reason is not None or isinstance(result, TaskInterrupted):
-            return self._stopped(running)
+        """The outcome of one task run in a sequence or a batch (``result`` None: it never ran)."""
+        if running.stop_reason in ("cancelled", "lost"):
+            return None  # the store already says what happened; the result is thrown away
+        if result is None or isinstance(result, TaskInterrupted):
+            return Outcome(running.claim.id, running.claim.token, TaskStatus.PENDING)  # hand it back untouched
         if isinstance(result, BaseException):
             return self._failed(running, result)
         body, content_type = result
