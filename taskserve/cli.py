@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Coroutine, Generator
 from typing import Any, TypeVar
@@ -115,18 +116,50 @@ def cli() -> None:
     type=click.FloatRange(min=0.1),
     help="Seconds a direct call (POST /{route}) waits for its result before answering 504.",
 )
+@click.option(
+    "--max-image-pixels",
+    default=64_000_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest image argument, in pixels (width x height, read from its header before decoding).",
+)
+@click.option(
+    "--max-array-bytes",
+    default=256 * 1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest numpy array argument, in bytes once decoded.",
+)
+@click.option(
+    "--max-array-elements",
+    default=2**27,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest numpy array argument, in elements.",
+)
 def serve(target: str, host: str, port: int, workers: int | None, max_body_size: int, **options: Any) -> None:
     """Run the API server and worker processes for TARGET (module:Class)."""
     _setup_logging(options.pop("log_level"))
-    _run(_serve(target, host, port, workers, max_body_size, **options))
+    sock = _listen(host, port)
+    try:
+        _check_runtime_dir(options["broker"])
+        _run(_serve(target, sock, host, port, workers, max_body_size, **options))
+    finally:
+        sock.close()
 
 
 @cli.command()
 @_common
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Worker processes to run.")
-def worker(target: str, workers: int, **options: Any) -> None:
+@click.option(
+    "--workers",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Worker processes to run [default: the service's own, else 1].",
+)
+def worker(target: str, workers: int | None, **options: Any) -> None:
     """Run worker processes only (for instance on another machine) for TARGET."""
     _setup_logging(options.pop("log_level"))
+    _check_runtime_dir(options["broker"])
     _run(_workers_only(target, workers, **options))
 
 
@@ -134,11 +167,18 @@ def worker(target: str, workers: int, **options: Any) -> None:
 @_common
 def run_worker(target: str, **options: Any) -> None:
     """One worker in this process (what the supervisor starts)."""
-    _setup_logging(options.pop("log_level"))
-    from .worker import run_worker_process
+    from .worker.process import WORKER_ID, ParentWatch, flush_logs, run_worker_process
 
+    watch = ParentWatch.from_env()  # first: the supervisor may die while the service imports
+    _setup_logging(options.pop("log_level"))
     broker = options.pop("broker")
-    sys.exit(_run(run_worker_process(target, broker, **options)))
+    code = _run(run_worker_process(target, broker, name=os.environ.get(WORKER_ID), watch=watch, **options))
+    if code:
+        # Recycled: a task's thread is stuck (in C code, say). Its tasks are handed back; exiting
+        # normally would wait for that thread for ever, holding the process and its GPU.
+        flush_logs()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _open_queue(broker: str, retention: float | None) -> Any:
@@ -148,6 +188,38 @@ def _open_queue(broker: str, retention: float | None) -> Any:
         return Queue.from_url(broker, **({"retention": retention} if retention is not None else {}))
     except (ValueError, ImportError) as exc:
         raise click.BadParameter(str(exc), param_hint="--broker") from None
+    except PermissionError as exc:  # a runtime directory that is not ours (see _runtime)
+        raise click.ClickException(str(exc)) from None
+
+
+def _check_runtime_dir(broker: str) -> None:
+    """Refuse a foreign runtime directory here, once and clearly, rather than in every worker; sweep."""
+    from . import _runtime
+
+    try:
+        _runtime.check_private(_runtime.runtime_dir(_runtime.store_key(broker)))
+        _runtime.sweep_all()  # what processes killed earlier left, of any store
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--broker") from None
+    except _runtime.RuntimeDirError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the API's socket before anything else starts: a port in use must stop us before any worker."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise click.ClickException(
+            f"Cannot listen on {host}:{port}: {exc.strerror or exc}. Is another server using it? "
+            "Choose another port with --port (or another address with --host)."
+        ) from None
+    sock.set_inheritable(False)
+    return sock
 
 
 async def _connect(queue: Any) -> None:
@@ -174,12 +246,16 @@ def _signals(on_signal: Any) -> Generator[None, None, None]:
 
 async def _serve(
     target: str,
+    sock: socket.socket,
     host: str,
     port: int,
     workers: int | None,
     max_body_size: int,
     *,
     call_timeout: float,
+    max_image_pixels: int,
+    max_array_bytes: int,
+    max_array_elements: int,
     broker: str,
     concurrency: int,
     lease: float,
@@ -188,6 +264,7 @@ async def _serve(
 ) -> None:
     import uvicorn
 
+    from ._wire import InputLimits
     from .server import create_app
     from .service import load_service
     from .supervisor import Supervisor
@@ -206,6 +283,7 @@ async def _serve(
         max_body_size=max_body_size,
         worker_pids=supervisor.pids if supervisor else None,
         call_timeout=call_timeout,
+        limits=InputLimits(max_image_pixels, max_array_bytes, max_array_elements),
     )
 
     class Server(uvicorn.Server):
@@ -240,7 +318,7 @@ async def _serve(
         if supervisor is not None:
             await supervisor.start()
         try:
-            await server.serve()
+            await server.serve(sockets=[sock])
         finally:
             if supervisor is not None:
                 await supervisor.stop(force=signals > 1)
@@ -248,22 +326,30 @@ async def _serve(
 
 
 async def _workers_only(
-    target: str, workers: int, *, broker: str, concurrency: int, lease: float, grace: float, retention: float | None
+    target: str,
+    workers: int | None,
+    *,
+    broker: str,
+    concurrency: int,
+    lease: float,
+    grace: float,
+    retention: float | None,
 ) -> None:
     from .service import load_service
     from .supervisor import Supervisor
 
     service = load_service(target)  # fail here, clearly, rather than in every child
+    count = service.workers if workers is None else workers  # as `serve` does
     queue = _open_queue(broker, retention)
     await _connect(queue)
     supervisor = Supervisor(
-        target, broker, queue, workers=workers, concurrency=concurrency, lease=lease, grace=grace, retention=retention
+        target, broker, queue, workers=count, concurrency=concurrency, lease=lease, grace=grace, retention=retention
     )
     stop = asyncio.Event()
     with _signals(stop.set):
         logger.info(
             "running %d worker process(es) x concurrency %d for %s | broker %s",
-            workers,
+            count,
             concurrency,
             service.name,
             queue.describe(),
@@ -273,6 +359,7 @@ async def _workers_only(
         logger.info("shutting down: draining workers")
         await supervisor.stop()
     await queue.close()
+    logger.info("stopped")
 
 
 def main() -> None:

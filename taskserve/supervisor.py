@@ -3,6 +3,11 @@
 Workers are fresh interpreters (``python -m taskserve run-worker``), never forks of this
 process, so CUDA and other libraries that break across ``fork`` work in them. Each runs in
 its own session: a terminal's Ctrl-C reaches only the supervisor, which drains them in order.
+
+Each worker gets, through its environment: the broker URL (never in its command line, where
+any user can read a password), this process's pid (it exits when we die, see
+``worker.process.ParentWatch``) and an id of its own, unique across hosts and restarts, under
+which it holds its tasks: when it dies, its tasks are re-queued by that id at once.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -19,8 +25,16 @@ import time
 from .exceptions import QueueUnavailable
 from .queue.base import Queue
 from .worker import EXIT_RECYCLE
+from .worker.process import SUPERVISOR_PID, WORKER_ID
 
 logger = logging.getLogger("taskserve.supervisor")
+
+KILL_AFTER = 1.0  # seconds past the grace a worker gets to hand its tasks back before SIGKILL
+
+
+def worker_id() -> str:
+    """A worker id no other process will have: pids repeat across containers and restarts."""
+    return f"{socket.gethostname()}:{secrets.token_hex(6)}"
 
 
 class Supervisor:
@@ -54,8 +68,11 @@ class Supervisor:
         self.grace = grace
         self.retention = retention
         self.processes: dict[int, asyncio.subprocess.Process] = {}
+        self.ids: dict[int, str] = {}  # pid -> worker id
         self._slots: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._stop_requested = asyncio.Event()
+        self._force = False
         self.restarts = 0
 
     def pids(self) -> list[int]:
@@ -63,7 +80,7 @@ class Supervisor:
         return [p.pid for p in self.processes.values() if p.returncode is None]
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "taskserve", "run-worker", self.target, "--broker", self.broker]
+        cmd = [sys.executable, "-m", "taskserve", "run-worker", self.target]
         cmd += ["--concurrency", str(self.concurrency), "--lease", str(self.lease), "--grace", str(self.grace)]
         if self.retention is not None:
             cmd += ["--retention", str(self.retention)]
@@ -73,8 +90,11 @@ class Supervisor:
         self._slots = [asyncio.create_task(self._keep(i)) for i in range(self.workers)]
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        env = {**os.environ, "TASKSERVE_SUPERVISED": "1"}
-        return await asyncio.create_subprocess_exec(*self.command(), env=env, start_new_session=True)
+        wid = worker_id()
+        env = {**os.environ, "TASKSERVE_BROKER": self.broker, SUPERVISOR_PID: str(os.getpid()), WORKER_ID: wid}
+        proc = await asyncio.create_subprocess_exec(*self.command(), env=env, start_new_session=True)
+        self.ids[proc.pid] = wid
+        return proc
 
     async def _keep(self, slot: int) -> None:
         backoff = 0.5
@@ -82,7 +102,9 @@ class Supervisor:
             started = time.monotonic()
             proc = await self._spawn()
             self.processes[slot] = proc
-            logger.info("worker %d started (pid %d)", slot, proc.pid)
+            if self._stopping:  # stop() came while it was being started
+                self._signal(proc)
+            logger.info("worker %d started (pid %d, id %s)", slot, proc.pid, self.ids[proc.pid])
             code = await proc.wait()
             if self._stopping:
                 return
@@ -94,37 +116,48 @@ class Supervisor:
             await self._requeue(proc.pid)
             # A worker that dies at once (a broken service) is restarted ever more slowly.
             backoff = 0.5 if time.monotonic() - started > 30 else min(backoff * 2, 30.0)
-            await asyncio.sleep(backoff if code != EXIT_RECYCLE else 0)
+            if code != EXIT_RECYCLE:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), backoff)
 
     async def _requeue(self, pid: int) -> None:
-        if self.queue is None:
+        wid = self.ids.pop(pid, None)
+        if self.queue is None or wid is None:
             return
         with contextlib.suppress(QueueUnavailable):
-            n = await self.queue.abandon(f"{socket.gethostname()}:{pid}")
+            n = await self.queue.abandon(wid)
             if n:
-                logger.info("re-queued %d task(s) of the dead worker (pid %d)", n, pid)
+                logger.info("re-queued %d task(s) of the dead worker %s (pid %d)", n, wid, pid)
 
     async def stop(self, *, force: bool = False) -> None:
-        """SIGTERM every worker (they drain), SIGKILL those still there after the grace time."""
+        """SIGTERM every worker (they drain), SIGKILL those still there just after the grace time.
+
+        A worker bounds its drain and the reporting of its outcomes to the grace itself, even
+        with the broker down; ``KILL_AFTER`` is only for one that cannot (stuck in C code).
+        """
         self._stopping = True
-        sig = signal.SIGKILL if force else signal.SIGTERM
+        self._stop_requested.set()
+        self._force = self._force or force
         for proc in self.processes.values():
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(sig)
-        waits = [p.wait() for p in self.processes.values() if p.returncode is None]
-        if waits:
-            done, pending = await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=self.grace + 10)
-            for proc in self.processes.values():
-                if proc.returncode is None:
-                    logger.warning("worker pid %d did not drain in time; killing it", proc.pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-            for w in pending:
-                with contextlib.suppress(Exception):
-                    await w
+            self._signal(proc)
+        slots = [slot for slot in self._slots if not slot.done()]
+        if slots:
+            # Each slot returns once its worker has exited (one spawned meanwhile is signalled too).
+            _, pending = await asyncio.wait(slots, timeout=self.grace + KILL_AFTER)
+            if pending:
+                for proc in self.processes.values():
+                    if proc.returncode is None:
+                        logger.warning("worker pid %d did not drain in time; killing it", proc.pid)
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.kill()
+                await asyncio.wait(pending, timeout=5)
         for slot in self._slots:
             slot.cancel()
         for slot in self._slots:
             with contextlib.suppress(asyncio.CancelledError):
                 await slot
+
+    def _signal(self, proc: asyncio.subprocess.Process) -> None:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL if self._force else signal.SIGTERM)

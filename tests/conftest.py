@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -74,9 +75,70 @@ def wait_until(check: Callable[[], Any], timeout: float = 15.0, interval: float 
         time.sleep(interval)
 
 
+TAG = "TASKSERVE_TEST_TAG"
+
+
+def tagged_env(tag: str) -> dict[str, str]:
+    """The environment for a process a test starts: its tag is inherited by every process it starts."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), TAG: tag}
+
+
+# Looked up now, not in the forked child, where loading a library could deadlock.
+_prctl = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a process a test starts: SIGTERM it if pytest itself is killed (Linux).
+
+    The kernel ties this to the thread that starts the process: start them from the main thread.
+    """
+    if _prctl is not None:
+        _prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Live processes (zombies excepted) whose environment carries ``tag``."""
+    needle = f"{TAG}={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0") and _alive(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:
+            continue  # gone meanwhile, or not ours
+    return found
+
+
+def assert_none_left(tag: str, timeout: float = 5.0) -> None:
+    """Fail unless every process tagged ``tag`` is gone within ``timeout``; kill the rest either way."""
+    deadline = time.monotonic() + timeout
+    while (left := tagged_processes(tag)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        raise AssertionError(f"processes left behind {timeout}s after the end: {_describe(left)}")
+
+
+def _describe(pids: list[int]) -> str:
+    lines = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            lines.append(f"{pid} {cmd}")
+    return "; ".join(lines) or str(pids)
+
+
 @dataclass
 class Server:
-    """A running ``taskserve serve``; ``url`` is its base URL, ``log`` its output file."""
+    """A running ``taskserve serve``; ``url`` is its base URL, ``log`` its output file.
+
+    Its processes (the server and every worker it starts) carry ``tag`` in their environment,
+    so a test can tell that none is left behind, whatever was killed.
+    """
 
     args: list[str]
     port: int
@@ -103,10 +165,20 @@ class Server:
         wait_until(self.ready, timeout, 0.05)
         return self
 
+    @property
+    def tag(self) -> str:
+        return self.env[TAG]
+
     def start_no_wait(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                self.args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                self.args,
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
             )
 
     def ready(self) -> bool:
@@ -135,8 +207,7 @@ class Server:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait(30)
-        for pid in pids:
-            wait_until(lambda pid=pid: not _alive(pid), 10)
+        wait_until(lambda: not any(_alive(pid) for pid in pids), 10)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -217,11 +288,12 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         args = [sys.executable, "-m", "taskserve", "serve", SERVICE, "--port", str(port), "--broker", url]
         args += ["--workers", "2", "--concurrency", "2", "--lease", "2", "--max-body-size", "3000000"]
         log = tmp_path_factory.mktemp("served") / "server.log"
-        server = Server(args, port, log, {**os.environ, "PYTHONPATH": str(ROOT)}).start()
+        server = Server(args, port, log, tagged_env(uuid.uuid4().hex)).start()
         try:
             yield server
         finally:
             server.stop()
+            assert_none_left(server.tag)
 
 
 @pytest.fixture
@@ -240,14 +312,15 @@ def make_server(tmp_path: Path) -> Iterator[ServerFactory]:
         port = port or free_port()
         args = [sys.executable, "-m", "taskserve", "serve", service, "--port", str(port), "--broker", broker]
         args += ["--workers", str(workers), "--lease", "2", "--grace", "5", *options]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        server = Server(args, port, tmp_path / f"server-{len(servers)}.log", env)
+        server = Server(args, port, tmp_path / f"server-{len(servers)}.log", tagged_env(uuid.uuid4().hex))
         servers.append(server)
         return server.start() if start else server
 
     yield make
     for server in servers:
         server.stop()
+    for server in servers:
+        assert_none_left(server.tag)
 
 
 class RedisServer:
@@ -269,7 +342,7 @@ class RedisServer:
             args += ["--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--appendonly", "no"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
         deadline = time.monotonic() + 5
         while True:
             try:

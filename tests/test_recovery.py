@@ -13,7 +13,7 @@ import pytest
 
 import taskserve
 
-from .conftest import ServerFactory, wait_until, worker_pid
+from .conftest import ServerFactory, assert_none_left, wait_until, worker_pid
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +41,8 @@ def test_a_worker_killed_mid_task_is_replaced_and_the_task_runs_again(
     assert info["attempts"] >= 2
     assert task.get()["pid"] != victim
     assert marker.read_text().count("started") >= 2
+    server.stop()
+    assert_none_left(server.tag)
 
 
 def test_killing_everything_loses_no_accepted_task_nor_result(
@@ -54,6 +56,7 @@ def test_killing_everything_loses_no_accepted_task_nor_result(
     wait_until(lambda: running.get_status().value == "in_progress")
     queued = [client.add.submit(a=i) for i in range(5)]
     server.kill_all()
+    assert_none_left(server.tag)
 
     # Enough slots that the re-run of the 30 s task does not hold up the others.
     again = make_server(broker, "--concurrency", "4", workers=1, port=server.port)

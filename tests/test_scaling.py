@@ -7,23 +7,35 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import ROOT, SERVICE, RedisServer, ServerFactory, wait_until, worker_pid
+from .conftest import (
+    ROOT,
+    SERVICE,
+    RedisServer,
+    ServerFactory,
+    assert_none_left,
+    die_with_parent,
+    tagged_env,
+    wait_until,
+    worker_pid,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
-def start_workers(broker: str, *options: str) -> subprocess.Popen[bytes]:
-    """``taskserve worker`` as an operator would start it on a worker host."""
+def start_workers(broker: str, *options: str, tag: str = "") -> subprocess.Popen[bytes]:
+    """``taskserve worker`` as an operator would start it on a worker host; ``tag`` marks its processes."""
     args = [sys.executable, "-m", "taskserve", "worker", SERVICE, "--broker", broker, "--lease", "2", *options]
     return subprocess.Popen(
         args,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=tagged_env(tag or uuid.uuid4().hex),
+        preexec_fn=die_with_parent,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -53,7 +65,8 @@ def test_a_worker_host_that_dies_mid_task_has_its_task_finished_elsewhere(
 ) -> None:
     broker = redis_broker
     api = make_server(broker, workers=0)
-    first = start_workers(broker)
+    first_host = uuid.uuid4().hex
+    first = start_workers(broker, tag=first_host)
     api.extra.append(first)
     client = api.client()
     marker = tmp_path / "marker"
@@ -64,6 +77,7 @@ def test_a_worker_host_that_dies_mid_task_has_its_task_finished_elsewhere(
     dead_pid = worker_pid(api.url, task.status()["worker"])
     os.kill(first.pid, signal.SIGKILL)  # the host's supervisor and its worker go at once
     os.kill(dead_pid, signal.SIGKILL)
+    assert_none_left(first_host)
     assert task.wait(timeout=60).value == "success"
     assert task.status()["attempts"] == 2
     assert task.get()["pid"] != dead_pid

@@ -57,6 +57,12 @@ class ThreadedConnection:
     def _open(self) -> sqlite3.Connection:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
+        # Tasks and results are nobody else's business: create the file 0600 ourselves
+        # (sqlite3 would make it 0644); SQLite gives the WAL and SHM files the db's mode.
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
         # The writer waits for the write lock itself (see _begin): SQLite's own busy handler
         # sleeps in steps of 1 ms and more, far longer than our transactions hold the lock.
         timeout = 0.0 if self.batch_writes else 10.0

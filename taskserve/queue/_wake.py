@@ -1,9 +1,10 @@
 """Wake-ups between processes on one machine, for the SQLite queue.
 
 SQLite has no way to tell another process that a row changed, and polling it hard costs
-a core. Each process that waits binds a Unix datagram socket in a directory derived from the
-database path; writers send a few bytes to every socket of the right role after they
-commit. A lost datagram only costs latency: every waiter also polls with back-off.
+a core. Each process that waits binds a Unix datagram socket in the store's private runtime
+directory (``_runtime``); writers send a few bytes to every socket of the right role after
+they commit. A lost datagram only costs latency: every waiter also polls with back-off.
+Messages carry task ids, so a directory that is not private to this user is never used.
 
 Messages: ``w`` (new work), ``c:ID`` (task cancelled), ``d:ID`` (task reached a terminal state).
 """
@@ -12,26 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import logging
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 
+from .. import _runtime
+
 WORKER = "w"
 API = "a"
-
-
-def wake_dir(db_path: str) -> str:
-    digest = hashlib.sha1(os.path.abspath(db_path).encode()).hexdigest()[:16]
-    # Socket paths are limited to ~100 bytes, so they live in the temp dir, not beside the db.
-    return os.path.join(tempfile.gettempdir(), f"taskserve-{digest}")
+logger = logging.getLogger("taskserve.queue")
 
 
 class Waker:
     def __init__(self, db_path: str) -> None:
-        self.dir = wake_dir(db_path)
+        # Socket paths hold ~100 bytes, so they live in the store's runtime dir, not beside the db.
+        self.key = _runtime.sqlite_key(db_path)
+        self.dir = _runtime.runtime_dir(self.key)
+        _runtime.check_private(self.dir)  # refuse a foreign one now, clearly, not at the first wake-up
         self._send_sock: socket.socket | None = None
         self._peers: dict[str, list[str]] = {}
         self._listed_at = 0.0
@@ -64,7 +64,7 @@ class Waker:
     def _list(self, role: str) -> list[str]:
         # A new listener changes the directory's mtime, so it is heard from at once.
         try:
-            mtime = os.stat(self.dir).st_mtime_ns
+            mtime = os.lstat(self.dir).st_mtime_ns
         except FileNotFoundError:
             return []
         now = time.monotonic()
@@ -72,6 +72,11 @@ class Waker:
             self._listed_at = now
             self._mtime = mtime
             self._peers = {}
+            try:
+                _runtime.check_private(self.dir)  # made by someone else since: send them nothing
+            except _runtime.RuntimeDirError as exc:
+                logger.error("%s Wake-ups are not sent; waiting processes poll instead.", exc)
+                return []
             with contextlib.suppress(FileNotFoundError):
                 for name in os.listdir(self.dir):
                     if name.endswith(".sock"):
@@ -102,10 +107,16 @@ class Waker:
         """Bind this process's socket for ``role`` and call ``on_message`` for each datagram."""
         if role in self._own:
             return
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        path = os.path.join(self.dir, f"{role}-{os.getpid()}-{os.urandom(4).hex()}.sock")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
+
+        def bind(directory: str) -> None:
+            sock.bind(os.path.join(directory, f"{role}-{os.getpid()}-{os.urandom(3).hex()}.sock"))
+
+        try:
+            _runtime.using(self.key, bind)
+        except BaseException:
+            sock.close()
+            raise
         sock.setblocking(False)
         self._own[role] = sock
         self._listed_at = 0.0
@@ -130,6 +141,9 @@ class Waker:
             sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        if self._own:
+            _runtime.sweep(self.dir)
+            _runtime.remove_if_empty(self.dir)
         self._own.clear()
         if self._send_sock is not None:
             self._send_sock.close()

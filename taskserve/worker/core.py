@@ -356,7 +356,8 @@ class Worker:
 
     def held(self) -> dict[str, str]:
         """``{task_id: token}`` of every claim this worker holds: running and buffered."""
-        held = {tid: r.claim.token for tid, r in self._running.items() if r.stop_reason is None}
+        # Stopping tasks too: a timed-out call has its outcome to write yet, under its lease.
+        held = {tid: r.claim.token for tid, r in self._running.items()}
         held.update((claim.id, claim.token) for claim in self.buffer.claims())
         return held
 
