@@ -3,28 +3,48 @@
 Arguments are validated in the API process against a pydantic model built from the
 signature, then stored as JSON: the queue never holds a pickle, and nothing received over
 HTTP is unpickled or evaluated. Files, images, bytes and arrays travel inside that JSON
-(base64 or nested lists) and become real Python objects again only in the worker.
+(base64, arrays with their dtype and shape) and become real Python objects again only in the
+worker. What is stored must load there: non-finite numbers, nesting past the limit and
+values that cannot be written as JSON are refused at submit, never stored to fail later.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import inspect
 import io
+import math
 import mimetypes
 import os
 import pathlib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 import pydantic
 import pydantic_core
-from pydantic import ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic import ConfigDict, Field, PlainSerializer, PlainValidator, ValidationInfo, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
+from ._wire import (
+    ARRAY_DTYPES,
+    SAFE_IMAGE_FORMATS,
+    InputLimits,
+    InputTooLarge,
+    annotated_dtype,
+    array_from_wire,
+    array_to_wire,
+    load_image,
+    safe_filename,
+    verify_image,
+)
 from .exceptions import ServiceDefinitionError, ValidationFailed
+
+DEFAULT_LIMITS = InputLimits()
 
 Kind = Literal["json", "image", "file", "bytes", "ndarray"]
 BINARY_KINDS = frozenset({"image", "file", "bytes"})
@@ -64,17 +84,44 @@ def kind_of(annotation: Any) -> Kind:
         return "file"
     if inner is bytes:
         return "bytes"
-    if _is_subclass(inner, "numpy", "ndarray"):
+    if _is_subclass(inner, "numpy", "ndarray") or _is_subclass(typing.get_origin(inner), "numpy", "ndarray"):
         return "ndarray"
     return "json"
 
 
 # -- pydantic types for the binary kinds ---------------------------------------------------
+#
+# The API validates with ``context={"limits": ...}``; the worker reads what it stored without
+# limits (the values passed them at submit), but with the same safe formats and dtypes.
+
+Validator = Callable[[Any, ValidationInfo], Any]
 
 
-def _to_file(value: Any) -> FileArg:
+def _limits(info: ValidationInfo) -> InputLimits | None:
+    context = info.context
+    return context.get("limits") if isinstance(context, dict) else None
+
+
+def _guarded(fn: Validator) -> Validator:
+    """Any fault reading a client's value is that value's fault (422, ``too_large`` for a limit), never a 500."""
+
+    # Not functools.wraps: pydantic reads the signature, and must see the ``info`` parameter.
+    def validator(value: Any, info: ValidationInfo) -> Any:
+        try:
+            return fn(value, info)
+        except InputTooLarge as exc:
+            raise PydanticCustomError("too_large", str(exc)) from None
+        except (ValueError, PydanticCustomError):
+            raise
+        except (TypeError, ArithmeticError, LookupError, OSError, MemoryError) as exc:
+            raise ValueError(f"cannot read the value ({type(exc).__name__})") from None
+
+    return validator
+
+
+def _to_file(value: Any, info: ValidationInfo | None = None) -> FileArg:
     if isinstance(value, FileArg):
-        return value
+        return FileArg(value.data, safe_filename(value.filename), _content_type(value.content_type))
     if isinstance(value, (bytes, bytearray, memoryview)):
         return FileArg(bytes(value))
     if isinstance(value, str):
@@ -84,19 +131,21 @@ def _to_file(value: Any) -> FileArg:
             raise ValueError("expected a file upload (multipart) or a base64-encoded string") from None
     if isinstance(value, dict) and isinstance(value.get("data"), str):
         stored = _to_file(value["data"])
-        return FileArg(stored.data, value.get("filename"), value.get("content_type"))
+        return FileArg(stored.data, safe_filename(value.get("filename")), _content_type(value.get("content_type")))
     raise ValueError("expected a file upload (multipart) or a base64-encoded string")
 
 
-def _to_image_file(value: Any) -> FileArg:
-    file = _to_file(value)
-    from PIL import Image, UnidentifiedImageError
+def _content_type(value: Any) -> str | None:
+    if isinstance(value, str) and len(value) <= 255 and value.isprintable() and value.isascii():
+        return value
+    return None
 
-    try:
-        with Image.open(io.BytesIO(file.data)) as img:
-            img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise ValueError("expected an image file (PNG, JPEG, ...) that Pillow can open") from None
+
+def _to_image_file(value: Any, info: ValidationInfo) -> FileArg:
+    file = _to_file(value)
+    limits = _limits(info)
+    if limits is not None:  # the worker opens it again, with the safe formats only, in load()
+        verify_image(file.data, limits.max_image_pixels)
     return file
 
 
@@ -104,42 +153,62 @@ def _dump_file(file: FileArg) -> dict[str, Any]:
     return {"data": base64.b64encode(file.data).decode(), "filename": file.filename, "content_type": file.content_type}
 
 
-def _to_array_spec(value: Any) -> Any:
-    import numpy as np
+def _array_type(dtype: Any) -> Any:
+    def to_array(value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, FileArg):  # a .npy part of a multipart request
+            value = value.data
+        return array_from_wire(value, dtype, _limits(info))
 
-    if isinstance(value, dict) and "data" in value:
-        arr = np.asarray(value["data"], dtype=value.get("dtype"))
-    else:
-        try:
-            arr = np.asarray(value)
-        except ValueError:
-            raise ValueError("expected a rectangular nested list of numbers") from None
-    if arr.dtype == object or arr.dtype.kind in "USV":
-        raise ValueError("expected a rectangular nested list of numbers")
-    return arr
+    typed = copy.deepcopy(ARRAY_SCHEMA)
+    if dtype is not None:
+        typed["description"] += f" The task gets {dtype.name}: other dtypes are cast where no value changes kind."
+    schema = {
+        "description": "An n-d array: a nested list of numbers, the typed object, or a .npy file part (multipart).",
+        "anyOf": [
+            {"type": "array", "items": {}},
+            typed,
+            {"type": "string", "format": "binary", "contentMediaType": "application/x-npy"},
+        ],
+    }
+    return Annotated[
+        Any,
+        PlainValidator(_guarded(to_array)),
+        PlainSerializer(array_to_wire, when_used="json"),
+        WithJsonSchema(schema),
+    ]
 
 
-def _dump_array(arr: Any) -> dict[str, Any]:
-    return {"dtype": str(arr.dtype), "data": arr.tolist()}
-
-
+ARRAY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "An array with its dtype and shape; data is a nested list or base64 of the raw little-endian bytes.",
+    "required": ["dtype", "data"],
+    "additionalProperties": False,
+    "properties": {
+        "dtype": {"type": "string", "enum": list(ARRAY_DTYPES)},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": 32},
+        "data": {"anyOf": [{"type": "array", "items": {}}, {"type": "string", "contentEncoding": "base64"}]},
+    },
+}
 _BINARY_SCHEMA = {"type": "string", "format": "binary", "description": "A file upload (multipart) or base64 in JSON."}
 FileType = Annotated[
-    FileArg, PlainValidator(_to_file), PlainSerializer(_dump_file, when_used="json"), WithJsonSchema(_BINARY_SCHEMA)
+    FileArg,
+    PlainValidator(_guarded(_to_file)),
+    PlainSerializer(_dump_file, when_used="json"),
+    WithJsonSchema(_BINARY_SCHEMA),
 ]
 ImageType = Annotated[
     FileArg,
-    PlainValidator(_to_image_file),
+    PlainValidator(_guarded(_to_image_file)),
     PlainSerializer(_dump_file, when_used="json"),
-    WithJsonSchema({**_BINARY_SCHEMA, "contentMediaType": "image/*"}),
+    WithJsonSchema(
+        {
+            **_BINARY_SCHEMA,
+            "contentMediaType": "image/*",
+            "description": f"An image ({', '.join(SAFE_IMAGE_FORMATS)}): a file upload (multipart) or base64 in JSON.",
+        }
+    ),
 ]
-ArrayType = Annotated[
-    Any,
-    PlainValidator(_to_array_spec),
-    PlainSerializer(_dump_array, when_used="json"),
-    WithJsonSchema({"type": "array", "items": {}, "description": "A nested list of numbers (an n-d array)."}),
-]
-_FIELD_TYPES: dict[str, Any] = {"image": ImageType, "file": FileType, "bytes": FileType, "ndarray": ArrayType}
+_FIELD_TYPES: dict[str, Any] = {"image": ImageType, "file": FileType, "bytes": FileType}
 
 
 @dataclass
@@ -179,7 +248,7 @@ class Codec:
             inner, optional = _optional_inner(ann)
             field_type: Any = ann
             if kind != "json":
-                field_type = _FIELD_TYPES[kind]
+                field_type = _FIELD_TYPES[kind] if kind != "ndarray" else _array_type(_pinned_dtype(name, pname, inner))
                 if optional:
                     field_type = field_type | None
             default = ... if p.default is inspect.Parameter.empty else p.default
@@ -214,25 +283,46 @@ class Codec:
         """Whether ``load`` writes uploads under its workdir (``Path`` parameters)."""
         return any(p.kind == "file" for p in self.params)
 
+    @property
+    def binary_inputs(self) -> bool:
+        """Whether any parameter takes a file, image, bytes or array, whose validation may take a while."""
+        return any(p.kind != "json" for p in self.params)
+
     # -- API side --------------------------------------------------------------------------
 
-    def validate(self, data: Any) -> bytes:
-        """Validate client arguments; return the JSON to store. Raises ``ValidationFailed``."""
+    def validate(self, data: Any, limits: InputLimits | None = None) -> bytes:
+        """Validate client arguments; return JSON the worker can load. Raises ``ValidationFailed``."""
+        limits = limits or DEFAULT_LIMITS
         if not isinstance(data, dict):
             raise ValidationFailed(
                 f"The arguments of {self.name!r} must be a JSON object of parameter names to values.",
                 [{"loc": [], "msg": "expected an object", "type": "object_type"}],
             )
         try:
-            model = self.model.model_validate(data)
+            model = self.model.model_validate(data, context={"limits": limits})
         except pydantic.ValidationError as exc:
             detail = [
                 {"loc": [str(x) for x in err["loc"]], "msg": err["msg"], "type": err["type"]}
                 for err in exc.errors(include_url=False, include_input=False)
             ]
-            summary = "; ".join(f"{'.'.join(d['loc']) or '(body)'}: {d['msg']}" for d in detail)
-            raise ValidationFailed(f"Invalid arguments for {self.name!r}: {summary}.", detail) from None
-        return model.model_dump_json(by_alias=True).encode()
+            raise self._invalid(detail) from None
+        try:
+            tree = model.model_dump(by_alias=True)
+            stored = model.model_dump_json(by_alias=True).encode()
+        except pydantic_core.PydanticSerializationError as exc:  # e.g. a lone surrogate in a string
+            raise self._invalid(
+                [{"loc": [], "msg": f"cannot be stored as JSON: {exc}", "type": "value_error"}]
+            ) from None
+        # Checked on what is stored, so that strings coerced to floats ("NaN") and values inside
+        # nested models are seen too (JSON would hold them as null); arrays and files are opaque here.
+        fault = _fault(tree, 1, limits.max_json_depth)
+        if fault is not None:
+            raise self._invalid([{"loc": fault[0], "msg": fault[1], "type": fault[2]}])
+        return stored
+
+    def _invalid(self, detail: list[dict[str, Any]]) -> ValidationFailed:
+        summary = "; ".join(f"{_where(d['loc'])}: {d['msg']}" for d in detail)
+        return ValidationFailed(f"Invalid arguments for {self.name!r}: {summary}.", detail)
 
     def form_value(self, name: str, value: str) -> Any:
         """A multipart text field: raw for ``str`` parameters, else JSON if it parses."""
@@ -240,7 +330,7 @@ class Codec:
         if param is None or param.is_text or param.kind in BINARY_KINDS:
             return value
         try:
-            return pydantic_core.from_json(value)
+            return pydantic_core.from_json(value, allow_inf_nan=False)
         except ValueError:
             return value
 
@@ -262,12 +352,8 @@ class Codec:
         if param.kind == "bytes":
             return file.data
         if param.kind == "image":
-            from PIL import Image
-
-            img = Image.open(io.BytesIO(file.data))
-            img.load()
-            return img
-        name = os.path.basename(file.filename or "") or f"{param.name}.bin"
+            return load_image(file.data)  # safe formats only, whatever reached the store
+        name = safe_filename(file.filename) or f"{param.name}.bin"
         target = pathlib.Path(workdir) / param.name
         target.mkdir(parents=True, exist_ok=True)
         path = target / name
@@ -275,7 +361,9 @@ class Codec:
         return path
 
     def dump_result(self, value: Any) -> tuple[bytes, str]:
-        """Encode a return value: images as PNG, files with their own type, the rest as JSON."""
+        """Encode a return value: images as PNG, files with their own type, arrays typed, the rest as JSON."""
+        if self.output_kind == "ndarray" and value is not None:
+            return pydantic_core.to_json(array_to_wire(value)), "application/json"
         if _is_subclass(type(value), "PIL.Image", "Image"):
             buf = io.BytesIO()
             value.save(buf, format="PNG")
@@ -293,6 +381,44 @@ class Codec:
             "output": {"kind": self.output_kind, "schema": self.output_schema},
             "files": [p.name for p in self.params if p.kind in BINARY_KINDS],
         }
+
+
+def _pinned_dtype(name: str, pname: str, annotation: Any) -> Any:
+    try:
+        return annotated_dtype(annotation)
+    except ValueError as exc:
+        raise ServiceDefinitionError(f"Parameter {pname!r} of {name!r}: {exc}.") from None
+
+
+_PLAIN = (str, int, bool, type(None))
+
+
+def _where(loc: list[str]) -> str:
+    if len(loc) > 6:
+        return f"{'.'.join(loc[:3])}...{'.'.join(loc[-2:])}"
+    return ".".join(loc) or "(body)"
+
+
+def _fault(value: Any, depth: int, limit: int) -> tuple[list[str], str, str] | None:
+    """Where a value cannot be stored faithfully: nesting past ``limit``, or a float that is not finite."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else ([], f"{value} is not a finite number; JSON has none", "finite_number")
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = enumerate(value)
+    else:
+        return None
+    if depth > limit:
+        return [], f"nested deeper than the limit of {limit} levels", "too_deep"
+    for key, item in items:
+        if type(item) in _PLAIN:
+            continue
+        fault = _fault(item, depth + 1, limit)
+        if fault is not None:
+            fault[0].insert(0, str(key))
+            return fault
+    return None
 
 
 def _json_fallback(value: Any) -> Any:

@@ -103,3 +103,40 @@ class TestService:
     @taskserve.api
     def describe(self, text: str) -> dict[str, object]:
         return {"text": text, "length": len(text)}
+
+    @taskserve.task(timeout=2, max_attempts=1)
+    def stuck_in_c(self, seconds: float = 100) -> str:
+        """Blocks in C code (``time.sleep``), which no exception raised into its thread can stop."""
+        time.sleep(seconds)
+        return "woke up"
+
+    @taskserve.task
+    def halve(self, x: float, weights: dict[str, float] | None = None) -> float:
+        return x / 2
+
+    @taskserve.task
+    def depth(self, value: object) -> int:
+        """How deeply ``value`` nests lists and dicts (a scalar is 0)."""
+        level = 0
+        while isinstance(value, (list, dict)) and value:
+            value = value[0] if isinstance(value, list) else next(iter(value.values()))
+            level += 1
+        return level
+
+    @taskserve.task
+    def scale(self, values: np.typing.NDArray[np.float32], factor: float = 2.0) -> np.typing.NDArray[np.float32]:
+        return values * np.float32(factor)
+
+    @taskserve.task
+    def array_info(self, arr: np.ndarray) -> dict[str, object]:
+        """What the worker received: a test compares it with what the client sent."""
+        return {"dtype": str(arr.dtype), "shape": list(arr.shape), "writeable": bool(arr.flags.writeable)}
+
+    @taskserve.task(max_attempts=3, retry_on=(ConnectionError,))
+    def flaky_connection(self, log: str, failures: int) -> int:
+        """Raises ConnectionError, listed in its ``retry_on``, on its first ``failures`` runs (counted in ``log``)."""
+        _touch(log, "run")
+        runs = pathlib.Path(log).read_text().split().count("run")
+        if runs <= failures:
+            raise ConnectionError(f"run {runs} failed")
+        return runs

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import mimetypes
 import os
 import pathlib
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +16,7 @@ import httpx
 import pydantic_core
 
 from .._types import TaskStatus
+from .._wire import array_from_wire, array_to_npy, array_to_wire, is_ndarray, load_image
 from ..exceptions import (
     ClientError,
     InvalidTransition,
@@ -75,6 +78,8 @@ def _file_part(name: str, value: Any) -> tuple[str, bytes, str] | None:
 
 
 def _jsonable(value: Any) -> Any:
+    if is_ndarray(value):  # typed, so dtype and shape arrive as they are here
+        return array_to_wire(value)
     return pydantic_core.to_jsonable_python(value, fallback=_fallback)
 
 
@@ -85,15 +90,19 @@ def _fallback(value: Any) -> Any:
 
 
 def encode_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """httpx request arguments: JSON, or multipart when any argument is a file or image."""
+    """httpx request arguments: JSON, or multipart when any argument is a file or image (arrays then go as .npy)."""
     files = {k: part for k, v in kwargs.items() if (part := _file_part(k, v)) is not None}
     if not files:
-        return {"content": pydantic_core.to_json(_jsonable(kwargs)), "headers": {"content-type": "application/json"}}
+        body = {k: _jsonable(v) for k, v in kwargs.items()}
+        return {"content": pydantic_core.to_json(body), "headers": {"content-type": "application/json"}}
     data = {}
     for k, v in kwargs.items():
         if k in files:
             continue
-        data[k] = v if isinstance(v, str) else pydantic_core.to_json(_jsonable(v)).decode()
+        if is_ndarray(v):
+            files[k] = (f"{k}.npy", array_to_npy(v), "application/x-npy")
+        else:
+            data[k] = v if isinstance(v, str) else pydantic_core.to_json(_jsonable(v)).decode()
     return {"data": data, "files": files}
 
 
@@ -107,26 +116,33 @@ def encode_json_item(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def decode_result(info: EndpointInfo, response: httpx.Response) -> Any:
-    ctype = response.headers.get("content-type", "").split(";")[0]
+    """The result as its Python type: arrays with their dtype, images in safe formats only, files in a new temp file."""
+    ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
         value = response.json()
         if info.output_kind == "ndarray":
-            import numpy as np
-
-            return np.asarray(value)
+            return array_from_wire(value)
         return value
+    if ctype == "application/x-npy":
+        return array_from_wire(response.content)
     if ctype.startswith("image/") or info.output_kind == "image":
-        from PIL import Image
-
-        img = Image.open(io.BytesIO(response.content))
-        img.load()
-        return img
+        return load_image(response.content)  # never EPS or PDF, which Pillow would hand to Ghostscript
     if info.output_kind == "file":
-        directory = tempfile.mkdtemp(prefix="taskserve-result-")
-        path = pathlib.Path(directory) / f"{response.headers.get('x-task-id', 'result')}"
-        path.write_bytes(response.content)
-        return path
+        return _save_result(response.content, ctype)
     return response.content
+
+
+_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,10}")
+
+
+def _save_result(content: bytes, ctype: str) -> pathlib.Path:
+    """A new private file (0600) named by us: nothing the server says becomes part of a path, but for a
+    suffix from the standard table of content types."""
+    suffix = mimetypes.guess_extension(ctype) or ".bin"
+    fd, name = tempfile.mkstemp(prefix="taskserve-result-", suffix=suffix if _SUFFIX.fullmatch(suffix) else ".bin")
+    with os.fdopen(fd, "wb") as f:
+        f.write(content)
+    return pathlib.Path(name)
 
 
 def error_message(response: httpx.Response) -> tuple[str, dict[str, Any]]:

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from ..exceptions import (
@@ -58,6 +58,12 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
 
+async def client_gone(request: Request, exc: Exception) -> JSONResponse:
+    # Nobody reads this answer; what matters is that a hang-up is not logged as a server fault.
+    logger.debug("client disconnected before sending all of %s %s", request.method, request.url.path)
+    return JSONResponse({"error": "The client disconnected before the request was complete."}, status_code=400)
+
+
 async def server_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"error": f"Internal server error: {type(exc).__name__}."}, status_code=500)
@@ -70,5 +76,6 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     QueueUnavailable: unavailable,
     PayloadTooLarge: too_large,
     HTTPException: http_error,
+    ClientDisconnect: client_gone,
     Exception: server_error,
 }

@@ -4,26 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .._types import NewTask, TaskRecord, TaskStatus
-from ..codec import FileArg
-from ..exceptions import InvalidTransition, PayloadTooLarge, QueueUnavailable, ValidationFailed
+from .._wire import InputLimits
+from ..exceptions import InvalidTransition, QueueUnavailable
 from ..queue.base import Queue
 from ..service import Endpoint, Service
 from . import openapi
 from ._errors import EXCEPTION_HANDLERS
+from .inputs import read_arguments, read_many
 from .metrics import Metrics
 from .workers import WorkerView
 
@@ -31,43 +30,10 @@ logger = logging.getLogger("taskserve.server")
 
 DEFAULT_MAX_BODY = 100 * 1024 * 1024
 MAX_WAIT = 300.0
-MAX_BATCH = 10_000
 DEFAULT_CALL_TIMEOUT = 300.0  # a direct call waits at most this (or its endpoint's timeout + 30 s)
 NO_WORKER_GRACE = 5.0  # a direct call waits this long for a worker to appear before it answers 503
 
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes whether or not a length was sent."""
-    length = request.headers.get("content-length")
-    too_large = PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes; send a smaller one.")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # lets request.form() parse what we already read
-    return body
-
-
-def parse_json(body: bytes, expected: type) -> Any:
-    try:
-        data = json.loads(body) if body.strip() else ({} if expected is dict else None)
-    except ValueError as exc:
-        raise ValidationFailed(
-            f"The request body is not valid JSON ({exc}).", [{"loc": [], "msg": str(exc), "type": "json_invalid"}]
-        ) from None
-    if not isinstance(data, expected):
-        what = "an object of arguments" if expected is dict else "an array of argument objects"
-        raise ValidationFailed(
-            f"The request body must be a JSON {what}.", [{"loc": [], "msg": f"expected {what}", "type": "type_error"}]
-        )
-    return data
 
 
 def task_id_param(request: Request) -> str:
@@ -117,22 +83,7 @@ class EndpointRoutes:
     # -- input -----------------------------------------------------------------------------
 
     async def arguments(self, request: Request) -> bytes:
-        body = await read_body(request, self.max_body)
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if ctype == "application/x-www-form-urlencoded" and body.lstrip()[:1] == b"{":
-            ctype = "application/json"  # curl -d '{...}' sends JSON under the form type
-        if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            data: dict[str, Any] = {}
-            async with request.form(max_files=1000, max_fields=1000, max_part_size=self.max_body) as form:
-                for key, value in form.multi_items():
-                    if isinstance(value, UploadFile):
-                        data[key] = FileArg(await value.read(), value.filename, value.content_type)
-                    else:
-                        data[key] = self.codec.form_value(key, value)
-            return self.codec.validate(data)
-        if ctype not in ("application/json", "", "text/plain") and not ctype.endswith("+json"):
-            raise HTTPException(415, f"Send arguments as application/json or multipart/form-data, not {ctype!r}.")
-        return self.codec.validate(parse_json(body, dict))
+        return await read_arguments(request, self.codec, request.app.state.limits, self.max_body)
 
     def new_task(self, args: bytes) -> NewTask:
         ep = self.endpoint
@@ -148,21 +99,8 @@ class EndpointRoutes:
         return JSONResponse({"task_id": record.id, "status": record.status.value})
 
     async def submit_many(self, request: Request) -> Response:
-        items = parse_json(await read_body(request, self.max_body), list)
-        if len(items) > MAX_BATCH:
-            raise ValidationFailed(f"At most {MAX_BATCH} tasks per submit_many; got {len(items)}. Split the batch.")
-        tasks: list[NewTask] = []
-        errors: list[dict[str, Any]] = []
-        for index, item in enumerate(items):
-            try:
-                tasks.append(self.new_task(self.codec.validate(item)))
-            except ValidationFailed as exc:
-                errors.extend({"index": index, **d} for d in exc.detail)
-        if errors:
-            where = ", ".join(
-                sorted({f"item {e['index']}" + (f" field {'.'.join(e['loc'])}" if e["loc"] else "") for e in errors})
-            )
-            raise ValidationFailed(f"No task was submitted: invalid arguments in {where}.", errors)
+        args = await read_many(request, self.codec, request.app.state.limits, self.max_body)
+        tasks = [self.new_task(a) for a in args]
         records = await self.queue.enqueue_many(tasks)
         self.metrics.submitted.labels(self.endpoint.name).inc(len(records))
         return JSONResponse({"tasks": [{"task_id": r.id, "status": r.status.value} for r in records]})
@@ -283,6 +221,7 @@ def create_app(
     maintenance: bool = True,
     worker_pids: Callable[[], list[int]] | None = None,
     call_timeout: float = DEFAULT_CALL_TIMEOUT,
+    limits: InputLimits | None = None,
 ) -> Starlette:
     """The ASGI app serving ``service`` over ``queue``.
 
@@ -291,6 +230,7 @@ def create_app(
         maintenance: run lease recovery and retention purge in this process.
         worker_pids: the live local worker processes, shown by ``/readyz`` (``taskserve serve`` passes it).
         call_timeout: seconds a direct call waits for its result (at least the endpoint's timeout + 30).
+        limits: what one request's arguments may hold (image pixels, array sizes, JSON depth).
     """
     metrics = Metrics({ep.route: ep.name for ep in service.endpoints})
     workers = WorkerView(queue)
@@ -361,6 +301,7 @@ def create_app(
 
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.queue = queue
+    app.state.limits = limits or InputLimits()
     app.state.service = service
     app.state.metrics = metrics
     return app

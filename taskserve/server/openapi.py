@@ -6,11 +6,25 @@ import copy
 from typing import Any
 
 from .. import __version__
+from .._wire import DEFAULT_MAX_JSON_DEPTH, SAFE_IMAGE_FORMATS
+from ..codec import ARRAY_SCHEMA
 from ..service import Endpoint, Service
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 STATUS = {"$ref": "#/components/schemas/TaskStatus"}
 TASK_ID_PARAM = {"name": "task_id", "in": "query", "required": True, "schema": {"type": "string"}}
+IMAGE_TYPES = ", ".join(f"image/{f.lower()}" for f in SAFE_IMAGE_FORMATS)
+DESCRIPTION = (
+    "Arguments are a JSON object, or multipart/form-data when files travel (text fields are read as JSON "
+    "unless the parameter is a string). Files and bytes are file parts, or base64 strings in JSON. Images "
+    f"must be {', '.join(SAFE_IMAGE_FORMATS)}. numpy arrays are a nested list, the typed object NDArray "
+    '({"dtype", "shape", "data"}, data a nested list or base64 of the raw little-endian bytes), or a .npy '
+    "part (numpy.save, no pickles); array results are NDArray with base64 data. Refused with 422 at submit: "
+    f"nesting deeper than {DEFAULT_MAX_JSON_DEPTH} levels, NaN, Infinity and numbers beyond float range, "
+    "text that is not Unicode, "
+    "dtypes outside NDArray's list, and images or arrays over the server's limits (--max-image-pixels, "
+    "--max-array-bytes, --max-array-elements; detail type too_large). Bodies over --max-body-size get 413."
+)
 
 
 def service_schema(service: Service) -> dict[str, Any]:
@@ -33,7 +47,9 @@ def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 def _result_response(ep: Endpoint) -> dict[str, Any]:
     kind = ep.codec.output_kind
-    if kind == "image":
+    if kind == "ndarray":
+        content = {"application/json": {"schema": {"$ref": "#/components/schemas/NDArray"}}}
+    elif kind == "image":
         content = {"image/png": {"schema": {"type": "string", "contentMediaType": "image/png"}}}
     elif kind in ("file", "bytes"):
         content = {
@@ -42,6 +58,13 @@ def _result_response(ep: Endpoint) -> dict[str, Any]:
     else:
         content = {"application/json": {"schema": ep.codec.output_schema or {}}}
     return {"description": "The result.", "content": content}
+
+
+def _encoding(ep: Endpoint) -> dict[str, Any]:
+    """The content types of each file part of a multipart body."""
+    types = {"image": IMAGE_TYPES, "file": "application/octet-stream", "bytes": "application/octet-stream"}
+    types["ndarray"] = "application/x-npy, application/json"
+    return {p.name: {"contentType": types[p.kind]} for p in ep.codec.params if p.kind in types}
 
 
 def _lift_defs(schema: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
@@ -86,18 +109,22 @@ def openapi_document(service: Service) -> dict[str, Any]:
             "type": "object",
             "properties": {"task_id": {"type": "string"}, "status": {"type": "string"}},
         },
+        "NDArray": ARRAY_SCHEMA,
     }
     paths: dict[str, Any] = {}
     for ep in service.endpoints:
         input_name = ep.codec.model.__name__
         components[input_name] = _lift_defs(ep.codec.describe()["input"], components)
         ref = {"$ref": f"#/components/schemas/{input_name}"}
+        multipart: dict[str, Any] = {"schema": ref}
+        if encoding := _encoding(ep):
+            multipart["encoding"] = encoding
         body = {
             "required": True,
-            "content": {"application/json": {"schema": ref}, "multipart/form-data": {"schema": ref}},
+            "content": {"application/json": {"schema": ref}, "multipart/form-data": multipart},
         }
         tag = [ep.name]
-        invalid = _error("Invalid input; detail lists each field.")
+        invalid = _error("Invalid input, or a value over a limit; detail lists each field.")
         paths[ep.route] = {
             "post": {
                 "summary": f"Run {ep.name} and wait for its result",
@@ -107,7 +134,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "responses": {
                     "200": _result_response(ep),
                     "422": invalid,
-                    "413": _error("Body too large."),
+                    "413": _error("The body is larger than --max-body-size."),
                     "500": _error("The call failed."),
                     "503": _error("Queue unavailable."),
                 },
@@ -126,7 +153,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "responses": {
                     "200": _json("Queued.", {"$ref": "#/components/schemas/Submitted"}),
                     "422": invalid,
-                    "413": _error("Body too large."),
+                    "413": _error("The body is larger than --max-body-size."),
                     "503": _error("Queue unavailable."),
                 },
             }
@@ -197,7 +224,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
         paths[path] = {"get": {"operationId": path.strip("/").replace(".", "_"), "responses": plain}}
     return {
         "openapi": "3.1.0",
-        "info": {"title": service.name, "version": __version__},
+        "info": {"title": service.name, "version": __version__, "description": DESCRIPTION},
         "paths": paths,
         "components": {"schemas": components},
     }

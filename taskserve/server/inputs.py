@@ -1,0 +1,198 @@
+"""Request bodies into validated, storable arguments: JSON, multipart and form-urlencoded.
+
+Every fault in what a client sends is its own (422, 413 or 415 with a message), never a 500:
+the body is bounded before it is read, JSON is parsed with non-finite numbers refused and
+a bounded depth, multipart is parsed from the bytes already read with bounded parts, and
+text must be UTF-8. Small JSON bodies are validated on the event loop, as submit latency
+matters; large bodies, and endpoints taking files, images or arrays, in a thread, so that
+one costly request cannot stall every other one (and the health checks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl
+
+import anyio.to_thread
+import pydantic_core
+from python_multipart.multipart import Field, File, FormParser, parse_options_header
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from .._wire import InputLimits
+from ..codec import Codec, FileArg
+from ..exceptions import PayloadTooLarge, ValidationFailed
+
+INLINE_BODY = 64 * 1024  # larger bodies are validated in a thread
+MAX_BATCH = 10_000  # argument objects in one submit_many
+MAX_FORM_PARTS = 1000  # fields and files in one form
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes whether or not a length was sent.
+
+    A client that hangs up meanwhile raises starlette's ``ClientDisconnect``, answered quietly.
+    """
+    length = request.headers.get("content-length")
+    too_large = PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes; send a smaller one.")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # lets request.form() parse what we already read
+    return body
+
+
+def _invalid(message: str, kind: str = "value_error") -> ValidationFailed:
+    return ValidationFailed(message, [{"loc": [], "msg": message, "type": kind}])
+
+
+def parse_json(body: bytes, expected: type, limits: InputLimits | None = None) -> Any:
+    """The body as JSON of the ``expected`` type (dict or list); NaN, Infinity and lone surrogates refused."""
+    depth = (limits or InputLimits()).max_json_depth
+    if not body.strip():
+        body = b"{}" if expected is dict else b"null"
+    try:
+        data = pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        text = str(exc)
+        if "recursion limit" in text:
+            raise _invalid(f"The request body is nested deeper than the limit of {depth} levels.", "too_deep") from None
+        if "hex escape" in text or "surrogate" in text:
+            text += "; a \\uD800-\\uDFFF escape must be half of a surrogate pair"
+        elif b"NaN" in body or b"Infinity" in body:
+            text += "; NaN and Infinity are not JSON numbers"
+        raise ValidationFailed(
+            f"The request body is not valid JSON ({text}).", [{"loc": [], "msg": text, "type": "json_invalid"}]
+        ) from None
+    if not isinstance(data, expected):
+        what = "object of arguments" if expected is dict else "array of argument objects"
+        raise _invalid(f"The request body must be a JSON {what}.", "type_error")
+    return data
+
+
+def _media_type(request: Request, body: bytes) -> str:
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype == "application/x-www-form-urlencoded" and body.lstrip()[:1] == b"{":
+        return "application/json"  # curl -d '{...}' sends JSON under the form type
+    if ctype in FORM_TYPES or ctype in ("application/json", "", "text/plain") or ctype.endswith("+json"):
+        return ctype
+    raise HTTPException(415, f"Send arguments as application/json or multipart/form-data, not {ctype!r}.")
+
+
+def _inline(body: bytes, codec: Codec) -> bool:
+    return len(body) <= INLINE_BODY and not codec.binary_inputs
+
+
+async def read_arguments(request: Request, codec: Codec, limits: InputLimits, max_body: int) -> bytes:
+    """The validated, storable arguments of a submit or a direct call."""
+    body = await read_body(request, max_body)
+    ctype = _media_type(request, body)
+    content_type = request.headers.get("content-type", "")
+    if _inline(body, codec):
+        return arguments(body, ctype, content_type, codec, limits)
+    return await anyio.to_thread.run_sync(arguments, body, ctype, content_type, codec, limits)
+
+
+def arguments(body: bytes, ctype: str, content_type: str, codec: Codec, limits: InputLimits) -> bytes:
+    if ctype in FORM_TYPES:
+        return codec.validate(form_data(body, ctype, content_type, codec), limits)
+    return codec.validate(parse_json(body, dict, limits), limits)
+
+
+async def read_many(request: Request, codec: Codec, limits: InputLimits, max_body: int) -> list[bytes]:
+    """The validated arguments of each item of a submit_many, all or none."""
+    body = await read_body(request, max_body)
+    if _inline(body, codec):
+        return many_arguments(body, codec, limits)
+    return await anyio.to_thread.run_sync(many_arguments, body, codec, limits)
+
+
+def many_arguments(body: bytes, codec: Codec, limits: InputLimits) -> list[bytes]:
+    items = parse_json(body, list, limits)
+    if len(items) > MAX_BATCH:
+        raise ValidationFailed(f"At most {MAX_BATCH} tasks per submit_many; got {len(items)}. Split the batch.")
+    args: list[bytes] = []
+    errors: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        try:
+            args.append(codec.validate(item, limits))
+        except ValidationFailed as exc:
+            errors.extend({"index": index, **d} for d in exc.detail)
+    if errors:
+        where = ", ".join(
+            sorted({f"item {e['index']}" + (f" field {'.'.join(e['loc'])}" if e["loc"] else "") for e in errors})
+        )
+        raise ValidationFailed(f"No task was submitted: invalid arguments in {where}.", errors)
+    return args
+
+
+# -- forms ---------------------------------------------------------------------------------
+
+
+def form_data(body: bytes, ctype: str, content_type: str, codec: Codec) -> dict[str, Any]:
+    """A form's fields as arguments: files as ``FileArg``, text as ``Codec.form_value`` reads it."""
+    data: dict[str, Any] = {}
+    parts = _urlencoded(body) if ctype == "application/x-www-form-urlencoded" else _multipart(body, content_type)
+    for name, value in parts:
+        data[name] = value if isinstance(value, FileArg) else codec.form_value(name, value)
+    return data
+
+
+def _urlencoded(body: bytes) -> list[tuple[str, str]]:
+    try:
+        return parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_FORM_PARTS, errors="strict")
+    except UnicodeDecodeError:
+        raise _invalid("The form is not valid UTF-8; send text fields as UTF-8.") from None
+    except ValueError:
+        raise _invalid(f"The form has more than {MAX_FORM_PARTS} fields.", "too_large") from None
+
+
+def _multipart(body: bytes, content_type: str) -> list[tuple[str, str | FileArg]]:
+    """Parse a multipart body already in memory (it is bounded by the body limit) without an event loop."""
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise _invalid("The multipart/form-data request has no boundary in its Content-Type.")
+    parts: list[tuple[str, str | FileArg]] = []
+
+    def add(name: bytes | None, value: str | FileArg) -> None:
+        if len(parts) >= MAX_FORM_PARTS:
+            raise _invalid(f"The form has more than {MAX_FORM_PARTS} parts.", "too_large")
+        parts.append(((name or b"").decode("utf-8", "replace"), value))
+
+    def on_field(field: Field) -> None:
+        name = (field.field_name or b"").decode("utf-8", "replace")
+        try:
+            add(field.field_name, (field.value or b"").decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValidationFailed(
+                f"The form field {name!r} is not valid UTF-8; send text as UTF-8, or as a file.",
+                [{"loc": [name], "msg": "not valid UTF-8", "type": "unicode_error"}],
+            ) from None
+
+    def on_file(file: File) -> None:
+        file.file_object.seek(0)
+        data = file.file_object.read()
+        file.close()
+        filename = file.file_name.decode("utf-8", "replace") if file.file_name else None
+        add(file.field_name, FileArg(data, filename, file.content_type))
+
+    # Files stay in memory: the body is, and is bounded, already.
+    parser = FormParser(
+        "multipart/form-data", on_field, on_file, boundary=boundary, config={"MAX_MEMORY_FILE_SIZE": len(body) + 1}
+    )
+    try:
+        parser.write(body)
+        parser.finalize()
+    except (ValueError, OSError) as exc:
+        if isinstance(exc, ValidationFailed):
+            raise
+        raise _invalid(f"The multipart/form-data body cannot be parsed ({exc}).") from None
+    return parts
