@@ -86,6 +86,37 @@ def _common(fn: Any) -> Any:
     return fn
 
 
+def _gpus_option(fn: Any) -> Any:
+    return click.option(
+        "--gpus",
+        default=None,
+        metavar="IDS",
+        help="GPU ids to spread the workers over, like 0,1 [default: CUDA_VISIBLE_DEVICES, else nvidia-smi -L].",
+    )(fn)
+
+
+def _worker_plan(service: Any, workers: int | None, gpus: str | None) -> tuple[int, list[list[str]] | None]:
+    """How many workers to start and the GPU ids of each (None: leave CUDA_VISIBLE_DEVICES alone).
+
+    A service with ``resources={"gpu": N}`` gets one worker per N GPUs found (fewer if
+    ``--workers`` says so); asking for more than there are stops start-up, naming the numbers.
+    """
+    from . import devices
+
+    per_worker = service.gpus_per_worker
+    if workers == 0:
+        return 0, None
+    if per_worker <= 0:
+        count = service.workers if workers is None else workers
+        return count, None if gpus is None else [devices.discover(gpus)[0]] * count
+    found, source = devices.discover(gpus)
+    try:
+        plan = devices.assign(per_worker, found, workers, source)
+    except devices.DeviceError as exc:
+        raise click.ClickException(str(exc)) from None
+    return len(plan), plan
+
+
 @click.group()
 @click.version_option(__version__, prog_name="taskserve")
 def cli() -> None:
@@ -137,6 +168,7 @@ def cli() -> None:
     type=click.IntRange(min=1),
     help="Largest numpy array argument, in elements.",
 )
+@_gpus_option
 def serve(target: str, host: str, port: int, workers: int | None, max_body_size: int, **options: Any) -> None:
     """Run the API server and worker processes for TARGET (module:Class)."""
     _setup_logging(options.pop("log_level"))
@@ -156,6 +188,7 @@ def serve(target: str, host: str, port: int, workers: int | None, max_body_size:
     type=click.IntRange(min=1),
     help="Worker processes to run [default: the service's own, else 1].",
 )
+@_gpus_option
 def worker(target: str, workers: int | None, **options: Any) -> None:
     """Run worker processes only (for instance on another machine) for TARGET."""
     _setup_logging(options.pop("log_level"))
@@ -261,6 +294,7 @@ async def _serve(
     lease: float,
     grace: float,
     retention: float | None,
+    gpus: str | None,
 ) -> None:
     import uvicorn
 
@@ -270,12 +304,20 @@ async def _serve(
     from .supervisor import Supervisor
 
     service = load_service(target)
-    count = service.workers if workers is None else workers
+    count, plan = _worker_plan(service, workers, gpus)
     queue = _open_queue(broker, retention)  # connected by the app's lifespan
     supervisor = None
     if count:
         supervisor = Supervisor(
-            target, broker, queue, workers=count, concurrency=concurrency, lease=lease, grace=grace, retention=retention
+            target,
+            broker,
+            queue,
+            workers=count,
+            concurrency=concurrency,
+            lease=lease,
+            grace=grace,
+            retention=retention,
+            devices=plan,
         )
     app = create_app(
         service,
@@ -334,16 +376,25 @@ async def _workers_only(
     lease: float,
     grace: float,
     retention: float | None,
+    gpus: str | None,
 ) -> None:
     from .service import load_service
     from .supervisor import Supervisor
 
     service = load_service(target)  # fail here, clearly, rather than in every child
-    count = service.workers if workers is None else workers  # as `serve` does
+    count, plan = _worker_plan(service, workers, gpus)  # as `serve` does
     queue = _open_queue(broker, retention)
     await _connect(queue)
     supervisor = Supervisor(
-        target, broker, queue, workers=count, concurrency=concurrency, lease=lease, grace=grace, retention=retention
+        target,
+        broker,
+        queue,
+        workers=count,
+        concurrency=concurrency,
+        lease=lease,
+        grace=grace,
+        retention=retention,
+        devices=plan,
     )
     stop = asyncio.Event()
     with _signals(stop.set):

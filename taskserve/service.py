@@ -102,6 +102,7 @@ class Endpoint:
     def batch_param(self) -> str:
         """The one parameter of a batchable function."""
         return self.codec.params[0].name
+
     @property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.fn)
@@ -187,12 +188,15 @@ class Service:
         endpoints: its tasks and APIs.
         name: shown in logs and the schema; defaults to the class name.
         workers: default number of worker processes for ``taskserve serve``.
+        resources: what each worker process needs; ``{"gpu": N}`` gives every worker N GPUs
+            of its own (or a share of one, for N below 1) through ``CUDA_VISIBLE_DEVICES``.
     """
 
     cls: type
     endpoints: list[Endpoint] = field(default_factory=list)
     name: str = ""
     workers: int = 1
+    resources: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.cls.__name__
@@ -207,8 +211,19 @@ class Service:
         if not self.endpoints:
             raise ServiceDefinitionError(f"{self.name} has no @taskserve.task or @taskserve.api methods.")
 
+    @property
+    def gpus_per_worker(self) -> float:
+        """GPUs each worker needs (0: none)."""
+        gpu = self.resources.get("gpu", 0) or 0
+        try:
+            return float(gpu)
+        except (TypeError, ValueError):
+            raise ServiceDefinitionError(f"resources={{'gpu': {gpu!r}}} of {self.name} must be a number.") from None
+
     @classmethod
-    def from_class(cls, klass: type, *, name: str = "", workers: int = 1) -> Service:
+    def from_class(
+        cls, klass: type, *, name: str = "", workers: int = 1, resources: dict[str, Any] | None = None
+    ) -> Service:
         endpoints = []
         for attr in dir(klass):
             member = inspect.getattr_static(klass, attr, None)
@@ -218,7 +233,7 @@ class Service:
             if isinstance(ep, Endpoint):
                 endpoints.append(ep)
         endpoints.sort(key=lambda e: e.route)
-        return cls(klass, endpoints, name=name, workers=workers)
+        return cls(klass, endpoints, name=name, workers=workers, resources=dict(resources or {}))
 
     @property
     def by_route(self) -> dict[str, Endpoint]:
@@ -231,13 +246,15 @@ class Service:
 @overload
 def service(cls: C) -> C: ...
 @overload
-def service(*, name: str = "", workers: int = 1) -> Callable[[C], C]: ...
-def service(cls: Any = None, *, name: str = "", workers: int = 1) -> Any:
+def service(*, name: str = "", workers: int = 1, resources: dict[str, Any] | None = None) -> Callable[[C], C]: ...
+def service(cls: Any = None, *, name: str = "", workers: int = 1, resources: dict[str, Any] | None = None) -> Any:
     """Mark a class as a taskserve service, collecting its ``@task`` and ``@api`` methods.
 
     Args:
         name: the service's name, default the class name.
         workers: default number of worker processes when served.
+        resources: ``{"gpu": N}``: N GPUs per worker (a fraction below 1 shares one GPU);
+            ``taskserve serve`` starts one worker per N GPUs found.
 
     Example:
         >>> @taskserve.service(workers=2)
@@ -245,7 +262,7 @@ def service(cls: Any = None, *, name: str = "", workers: int = 1) -> Any:
     """
 
     def wrap(klass: C) -> C:
-        setattr(klass, SERVICE_ATTR, Service.from_class(klass, name=name, workers=workers))
+        setattr(klass, SERVICE_ATTR, Service.from_class(klass, name=name, workers=workers, resources=resources))
         return klass
 
     return wrap(cls) if cls is not None else wrap

@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 
+from .devices import worker_env
 from .exceptions import QueueUnavailable
 from .queue.base import Queue
 from .worker import EXIT_RECYCLE
@@ -45,6 +46,8 @@ class Supervisor:
         broker: the broker URL the workers use.
         queue: this process's queue, used to re-queue a dead worker's tasks at once.
         options: passed to each worker: concurrency, lease, grace, retention.
+        devices: the GPU ids of each worker slot (``devices.assign``), set as its
+            ``CUDA_VISIBLE_DEVICES``; None leaves the environment's as it is.
     """
 
     def __init__(
@@ -58,8 +61,10 @@ class Supervisor:
         lease: float = 30.0,
         grace: float = 30.0,
         retention: float | None = None,
+        devices: list[list[str]] | None = None,
     ) -> None:
         self.target = target
+        self.devices = devices
         self.broker = broker
         self.queue = queue
         self.workers = workers
@@ -89,9 +94,11 @@ class Supervisor:
     async def start(self) -> None:
         self._slots = [asyncio.create_task(self._keep(i)) for i in range(self.workers)]
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    async def _spawn(self, slot: int) -> asyncio.subprocess.Process:
         wid = worker_id()
         env = {**os.environ, "TASKSERVE_BROKER": self.broker, SUPERVISOR_PID: str(os.getpid()), WORKER_ID: wid}
+        if self.devices is not None:
+            env.update(worker_env(self.devices[slot]))
         proc = await asyncio.create_subprocess_exec(*self.command(), env=env, start_new_session=True)
         self.ids[proc.pid] = wid
         return proc
@@ -100,11 +107,12 @@ class Supervisor:
         backoff = 0.5
         while not self._stopping:
             started = time.monotonic()
-            proc = await self._spawn()
+            proc = await self._spawn(slot)
             self.processes[slot] = proc
             if self._stopping:  # stop() came while it was being started
                 self._signal(proc)
-            logger.info("worker %d started (pid %d, id %s)", slot, proc.pid, self.ids[proc.pid])
+            gpus = "" if self.devices is None else f", GPUs {','.join(self.devices[slot]) or 'none'}"
+            logger.info("worker %d started (pid %d, id %s%s)", slot, proc.pid, self.ids[proc.pid], gpus)
             code = await proc.wait()
             if self._stopping:
                 return

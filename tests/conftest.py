@@ -304,14 +304,16 @@ def make_server(tmp_path: Path) -> Iterator[ServerFactory]:
     def make(
         broker: str,
         *options: str,
-        workers: int = 1,
+        workers: int | None = 1,
         service: str = SERVICE,
         start: bool = True,
         port: int | None = None,
     ) -> Server:
         port = port or free_port()
         args = [sys.executable, "-m", "taskserve", "serve", service, "--port", str(port), "--broker", broker]
-        args += ["--workers", str(workers), "--lease", "2", "--grace", "5", *options]
+        if workers is not None:  # None: the service's own count (or its GPUs) decides
+            args += ["--workers", str(workers)]
+        args += ["--lease", "2", "--grace", "5", *options]
         server = Server(args, port, tmp_path / f"server-{len(servers)}.log", tagged_env(uuid.uuid4().hex))
         servers.append(server)
         return server.start() if start else server
