@@ -7,8 +7,10 @@ see a backend's own row or hash layout.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,14 +37,29 @@ class TaskStatus(str, enum.Enum):
 TERMINAL_STATUSES = frozenset({TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.CANCELLED})
 
 
+_id_lock = threading.Lock()
+_last_id = [0, 0]  # the milliseconds and random part of this process's last id
+
+
 def new_task_id() -> str:
     """A time-ordered id (48 bits of milliseconds, 80 random bits), like a UUIDv7.
 
     Ordered ids keep B-tree inserts at the right edge of the index, so submit stays fast at
-    millions of stored tasks; the random part makes them unguessable and collision-free.
+    millions of stored tasks. Within one millisecond a process's ids still increase (the
+    random part grows by a random step), so tasks of equal priority submitted one after the
+    other are claimed in that order; the random step keeps the next id unguessable.
     """
     ms = int(time.time() * 1000) & ((1 << 48) - 1)
-    return f"{ms:012x}{os.urandom(10).hex()}"
+    with _id_lock:
+        last_ms, last_rand = _last_id
+        if ms <= last_ms:
+            ms, rand = last_ms, last_rand + 1 + int.from_bytes(os.urandom(4), "big")
+            if rand >= 1 << 80:  # a million ids in one millisecond: borrow the next one
+                ms, rand = ms + 1, int.from_bytes(os.urandom(9), "big")
+        else:
+            rand = int.from_bytes(os.urandom(9), "big")  # 72 bits: room to grow within the ms
+        _last_id[:] = [ms, rand]
+    return f"{ms:012x}{rand:020x}"
 
 
 def iso(ts: float | None) -> str | None:
@@ -51,12 +68,28 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def split_error(error: str | None) -> tuple[str, str]:
+    """``"Type: message"`` as ``(type, message)``: the one place the stored error string is taken apart."""
+    if not error:
+        return "Error", ""
+    kind, sep, message = error.partition(": ")
+    if not sep and (" " in kind or not kind):
+        return "Error", error
+    return kind, message
+
+
+def args_hash(args: bytes) -> str:
+    """What idempotency compares: the same key with other arguments is a conflict."""
+    return hashlib.sha256(args).hexdigest()
+
+
 @dataclass
 class NewTask:
     """What a submit hands to the queue: the validated, JSON-encoded arguments and options.
 
-    ``priority``, ``run_at`` and ``group`` are stored and honoured in claim order so that
-    priorities, delays and per-route concurrency caps can be added without a schema change.
+    ``priority`` and ``run_at`` are honoured in claim order. ``ttl`` (seconds from ``run_at``)
+    or ``expires_at``, and ``deadline``, are stored but not enforced by the queue
+    yet; ``retry_of`` names the task a manual retry came from.
     """
 
     route: str
@@ -66,10 +99,25 @@ class NewTask:
     priority: int = 0
     run_at: float | None = None
     id: str = field(default_factory=new_task_id)
+    tags: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    args_hash: str | None = None
+    ttl: float | None = None
+    expires_at: float | None = None
+    deadline: float | None = None
+    retry_of: str | None = None
 
 
 @dataclass
 class TaskRecord:
+    """A task as the store holds it (everything but its arguments and result).
+
+    ``error`` is the last failure as ``"Type: message"``; ``errors`` keeps one
+    ``{"attempt", "type", "message", "at"}`` per failed attempt. ``expires_at`` is the TTL
+    deadline (``None`` without a ttl); ``purge_at`` is when retention deletes a
+    finished task.
+    """
+
     id: str
     route: str
     status: TaskStatus
@@ -82,6 +130,31 @@ class TaskRecord:
     worker: str | None = None
     priority: int = 0
     timeout: float | None = None
+    run_at: float | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    retry_of: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    progress: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+    args_hash: str | None = None
+    batch_size: int | None = None
+    expires_at: float | None = None
+    deadline: float | None = None
+    purge_at: float | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        """Seconds from when the task fell due (``run_at``, the submit unless delayed) to its last start."""
+        if self.started_at is None:
+            return None
+        return max(0.0, self.started_at - (self.run_at if self.run_at is not None else self.created_at))
+
+    @property
+    def run_time(self) -> float | None:
+        """Seconds the last attempt ran, once the task has ended."""
+        if self.started_at is None or self.completed_at is None:
+            return None
+        return max(0.0, self.completed_at - self.started_at)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,7 +167,51 @@ class TaskRecord:
             "max_attempts": self.max_attempts,
             "error": self.error,
             "worker": self.worker,
+            "route": self.route,
+            "priority": self.priority,
+            "run_at": iso(self.run_at),
+            "errors": [{**e, "at": iso(e.get("at"))} for e in self.errors],
+            "retry_of": self.retry_of,
+            "tags": dict(self.tags),
+            "progress": self.progress,
+            "batch_size": self.batch_size,
+            "queue_time": self.queue_time,
+            "run_time": self.run_time,
+            "expires_at": iso(self.expires_at),
         }
+
+
+@dataclass
+class Event:
+    """One entry of a task's append-only event log.
+
+    ``id`` orders the events of one task (as strings and as numbers) and never changes, so a
+    reader resumes after the last id it saw (SSE ``Last-Event-ID``). ``kind`` is ``status``
+    for now (``data``: the new ``status``, and ``reason`` for a re-queue); ``progress`` and
+    ``output`` come later.
+    """
+
+    id: str
+    kind: str
+    data: dict[str, Any]
+    at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "data": self.data, "at": iso(self.at)}
+
+
+def event_id(seq: int) -> str:
+    """The public form of a task's n-th event: zero-padded, so string order is number order."""
+    return f"{seq:010d}"
+
+
+def event_seq(event_id: str | None) -> int:
+    if not event_id:
+        return 0
+    try:
+        return int(event_id)
+    except ValueError:
+        raise ValueError(f"Not an event id: {event_id!r}; pass the id of an event this task reported.") from None
 
 
 @dataclass
@@ -134,6 +251,21 @@ class Outcome:
     retry_delay: float = 0.0
     # When the call really began (seconds since the epoch); the claim time is only when it was taken.
     started_at: float | None = None
+    # The failure's type and message apart (they go to the record's ``errors``); if left out they
+    # are read from ``error``, and ``error`` is built from them when only they are given.
+    error_type: str | None = None
+    error_message: str | None = None
+    # How many items the call that ran this task held (batchable endpoints).
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.error is None and self.error_type is not None:
+            self.error = f"{self.error_type}: {self.error_message}" if self.error_message else self.error_type
+
+    def error_parts(self) -> tuple[str, str]:
+        if self.error_type is not None:
+            return self.error_type, self.error_message or ""
+        return split_error(self.error)
 
 
 @dataclass

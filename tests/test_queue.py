@@ -485,6 +485,14 @@ async def test_claim_with_limit_takes_the_highest_priority_first(queue: Queue) -
     assert [(c.id, c.priority) for c in claims] == [(high.id, 9), (mid.id, 5), (low.id, 0)]
 
 
+async def test_tasks_of_equal_priority_are_claimed_in_submission_order(queue: Queue) -> None:
+    # Many land in the same millisecond: their ids still increase, so the queue stays FIFO.
+    submitted = [await queue.enqueue(task()) for _ in range(50)]
+    submitted += await queue.enqueue_many([task() for _ in range(50)])
+    claims = await queue.claim(["/gen"], "w", limit=100)
+    assert [c.id for c in claims] == [t.id for t in submitted]
+
+
 async def test_claim_with_min_priority_takes_only_urgent_work(queue: Queue) -> None:
     low, mid, high = await queue.enqueue_many([task(priority=0), task(priority=5), task("/other", priority=9)])
     urgent = await queue.claim(["/gen", "/other"], "w", limit=5, min_priority=5)
@@ -563,3 +571,191 @@ async def test_outcome_started_at_is_the_start_status_shows(queue: Queue, ends: 
     stored = (await queue.get(record.id)).started_at
     assert claimed_at is not None and stored is not None
     assert abs(stored - started) < 0.05 and stored - claimed_at > 0.15
+
+
+# -- the full record, the event log and listing (issue 9) ---------------------------------------
+
+
+async def test_record_keeps_the_options_of_its_submit(queue: Queue) -> None:
+    import hashlib
+
+    before = time.time()
+    record = await queue.enqueue(task(tags={"team": "a", "run": "7"}, idempotency_key="k1", ttl=60, priority=2))
+    stored = await queue.get(record.id)
+    assert (stored.tags, stored.idempotency_key) == ({"team": "a", "run": "7"}, "k1")
+    assert stored.args_hash == hashlib.sha256(b'{"prompt": "a"}').hexdigest()
+    assert stored.run_at is not None and before - 1 < stored.run_at < time.time() + 1
+    assert stored.expires_at is not None and abs(stored.expires_at - (stored.run_at + 60)) < 1
+    assert (stored.errors, stored.retry_of, stored.progress, stored.batch_size) == ([], None, None, None)
+    body = stored.to_json()
+    assert (body["route"], body["priority"], body["tags"], body["queue_time"]) == ("/gen", 2, stored.tags, None)
+    assert body["expires_at"].endswith("Z") and body["run_at"].endswith("Z")
+
+
+async def test_record_without_ttl_has_no_expiry_and_a_deadline_is_kept(queue: Queue) -> None:
+    deadline = time.time() + 300
+    record = await queue.enqueue(task(deadline=deadline))
+    stored = await queue.get(record.id)
+    assert stored.expires_at is None and stored.to_json()["expires_at"] is None
+    assert stored.deadline is not None and abs(stored.deadline - deadline) < 1
+
+
+async def test_retry_names_its_origin_and_keeps_the_tags(queue: Queue) -> None:
+    record = await queue.enqueue(task(tags={"team": "a"}))
+    [claim] = await queue.claim(["/gen"], "w")
+    await queue.finish([failed(claim)])
+    new = await queue.retry(record.id)
+    stored = await queue.get(new.id)
+    assert (new.retry_of, stored.retry_of, stored.tags) == (record.id, record.id, {"team": "a"})
+    assert stored.to_json()["retry_of"] == record.id
+    assert (await queue.get(record.id)).retry_of is None
+
+
+async def test_errors_keep_every_failed_attempt_and_outlive_a_success(queue: Queue) -> None:
+    record = await queue.enqueue(task(max_attempts=3))
+    [first] = await queue.claim(["/gen"], "w")
+    await queue.finish([failed(first, retry=True)])
+    [second] = await queue.claim(["/gen"], "w")
+    await queue.finish([Outcome(second.id, second.token, TaskStatus.FAILURE, error_type="KeyError", retry=True)])
+    [third] = await queue.claim(["/gen"], "w")
+    await queue.finish([done(third, batch_size=4)])
+    stored = await queue.get(record.id)
+    assert (stored.status, stored.error, stored.batch_size) == (TaskStatus.SUCCESS, None, 4)
+    errors = [(e["attempt"], e["type"], e["message"]) for e in stored.errors]
+    assert errors == [(1, "ValueError", "boom"), (2, "KeyError", "")]
+    assert all(abs(e["at"] - time.time()) < 5 for e in stored.errors)
+    assert stored.queue_time is not None and stored.run_time is not None and stored.run_time >= 0
+    assert stored.to_json()["errors"][0]["at"].endswith("Z")
+
+
+async def test_a_lost_worker_is_one_of_the_errors(queue: Queue) -> None:
+    record = await queue.enqueue(task(max_attempts=2))
+    await queue.claim(["/gen"], "w1", lease=0.01)
+    await eventually(queue.recover)
+    [again] = await queue.claim(["/gen"], "w2")
+    await queue.finish([failed(again)])
+    stored = await queue.get(record.id)
+    assert [(e["attempt"], e["type"]) for e in stored.errors] == [(1, "WorkerLost"), (2, "ValueError")]
+    assert stored.error == "ValueError: boom"
+
+
+async def statuses(queue: Queue, task_id: str, after: str | None = None) -> list[str]:
+    return [e.data["status"] for e in await queue.events(task_id, after)]
+
+
+async def test_events_log_each_status_change_in_order(open_queue: OpenQueue) -> None:
+    api, worker = open_queue(), open_queue()
+    record = await api.enqueue(task(max_attempts=2))
+    [first] = await worker.claim(["/gen"], "w")
+    await worker.finish([failed(first, retry=True)])
+    [second] = await worker.claim(["/gen"], "w")
+    await worker.finish([done(second)])
+    events = await api.events(record.id)
+    assert [e.data["status"] for e in events] == ["pending", "in_progress", "pending", "in_progress", "success"]
+    assert {e.kind for e in events} == {"status"} and events[2].data["reason"] == "retry"
+    ids = [e.id for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == 5 and [int(i) for i in ids] == sorted(int(i) for i in ids)
+    assert all(abs(e.at - time.time()) < 5 for e in events)
+    assert await statuses(api, record.id, after=ids[2]) == ["in_progress", "success"]
+    assert await api.events(record.id, after=ids[-1]) == []
+    assert [e.id for e in await api.events(record.id)] == ids, "ids are stable"
+
+
+async def test_events_log_cancel_release_and_worker_lost(queue: Queue) -> None:
+    released, lost, cancelled = await queue.enqueue_many([task(), task(max_attempts=2, priority=-1), task()])
+    await queue.cancel(cancelled.id)
+    [claim] = await queue.claim(["/gen"], "w")
+    await queue.finish([Outcome(claim.id, claim.token, TaskStatus.PENDING)])
+    await queue.claim(["/gen"], "w", limit=2, lease=0.01)
+    await eventually(queue.recover)
+    assert await statuses(queue, cancelled.id) == ["pending", "cancelled"]
+    assert await statuses(queue, released.id) == ["pending", "in_progress", "pending", "in_progress", "failure"]
+    assert (await queue.events(released.id))[2].data == {"status": "pending", "reason": "released"}
+    assert [e.data.get("reason") for e in await queue.events(lost.id)] == [None, None, "lost"]
+    assert await queue.events("no-such-task") == []
+
+
+async def list_ids(queue: Queue, **filters: Any) -> list[str]:
+    return [r.id for r in (await queue.list(**filters))[0]]
+
+
+async def test_list_is_newest_first_with_route_and_status_filters(queue: Queue) -> None:
+    # Ids are time-ordered (new_task_id); explicit ones keep four submits of one millisecond in order.
+    routes = ("/gen", "/other", "/gen", "/gen")
+    a, b, c, d = [
+        await queue.enqueue(task(route, id=f"{n:012x}{uuid.uuid4().hex[:20]}")) for n, route in enumerate(routes)
+    ]
+    [claim] = await queue.claim(["/gen"], "w")  # a, the oldest
+    await queue.finish([done(claim)])
+    await queue.cancel(d.id)
+    assert await list_ids(queue) == [d.id, c.id, b.id, a.id]
+    assert await list_ids(queue, route="/gen") == [d.id, c.id, a.id]
+    assert await list_ids(queue, status="success") == [a.id]
+    assert await list_ids(queue, route="/gen", status=TaskStatus.PENDING) == [c.id]
+    assert await list_ids(queue, route="/other", status="cancelled") == []
+    page, cursor = await queue.list(route="/gen", status="cancelled")
+    assert [r.status for r in page] == [TaskStatus.CANCELLED] and cursor is None
+
+
+async def test_list_pages_neither_skip_nor_repeat_while_tasks_are_submitted(queue: Queue) -> None:
+    first = [r.id for r in await queue.enqueue_many([task() for _ in range(23)])]
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = await queue.list(route="/gen", limit=5, cursor=cursor)
+        seen += [r.id for r in page]
+        await queue.enqueue(task())  # submitted while paging
+        if cursor is None:
+            break
+    assert seen == sorted(seen, reverse=True) and len(set(seen)) == len(seen)
+    assert set(first) <= set(seen)
+
+
+async def test_list_by_tag_and_status(queue: Queue) -> None:
+    teams = ("a", "b", "a")
+    tagged = await queue.enqueue_many(
+        [task(tags={"team": t}, id=f"{n:012x}{uuid.uuid4().hex[:20]}") for n, t in enumerate(teams)]
+    )
+    await queue.enqueue_many([task() for _ in range(5)])
+    assert await list_ids(queue, tag="team:a") == [tagged[2].id, tagged[0].id]
+    page, cursor = await queue.list(tag="team:a", limit=1)
+    assert [r.id for r in page] == [tagged[2].id] and cursor is not None
+    assert await list_ids(queue, tag="team:a", limit=1, cursor=cursor) == [tagged[0].id]
+    assert await list_ids(queue, tag="team:a", status="success") == []
+
+
+async def test_list_drops_purged_tasks(open_queue: OpenQueue) -> None:
+    queue = open_queue(retention=0.5)
+    kept, finished = await queue.enqueue_many([task("/keep"), task()])
+    [claim] = await queue.claim(["/gen"], "w")
+    await queue.finish([done(claim)])
+
+    async def gone() -> bool:
+        await queue.purge()
+        return await list_ids(queue) == [kept.id]
+
+    await eventually(gone)
+    assert await list_ids(queue, route="/gen") == [] and await queue.events(finished.id) == []
+
+
+@pytest.mark.redis
+async def test_redis_purge_sweeps_expired_tasks_out_of_the_listing_indexes(redis_prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    from taskserve.queue.redis import RedisQueue
+
+    queue = RedisQueue(with_prefix(REDIS_URL, redis_prefix), retention=0.2)
+    raw = aioredis.Redis.from_url(REDIS_URL)
+    kept, gone = await queue.enqueue_many([task("/keep"), task()])
+    [claim] = await queue.claim(["/gen"], "w")
+    await queue.finish([done(claim)])
+
+    async def swept() -> bool:
+        await queue.purge()  # no listing in between: the sweep alone cleans up
+        return await raw.zrange(f"{redis_prefix}:all", 0, -1) == [kept.id.encode()]
+
+    await eventually(swept)
+    assert await raw.zcard(f"{redis_prefix}:ix:/gen") == 0 and await raw.exists(f"{redis_prefix}:e:{gone.id}") == 0
+    assert await raw.smembers(f"{redis_prefix}:ixroutes") == {b"/keep"}
+    await raw.aclose()
+    await queue.close()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
-from .._types import TaskRecord, TaskStatus
+from .._types import Event, NewTask, Outcome, TaskRecord, TaskStatus, event_id, split_error
 from .base import Watch
 
 # Numbered migrations; PRAGMA user_version records the last one applied. Only append.
@@ -53,11 +54,58 @@ MIGRATIONS: list[tuple[int, str]] = [
         ) WITHOUT ROWID;
         """,
     ),
+    (
+        # The full task record (options, errors per attempt, progress, timings) and the event
+        # log. The purge time was called expires_at; that name now means the TTL deadline, so the column is renamed
+        # (its index follows) and expires_at comes back as a new, empty column. Old rows read
+        # back with the new fields empty; their first event is number 1.
+        # A trigger appends a task's status events, so every write that changes a status logs it
+        # in its own transaction, in SQLite's C code rather than a statement more per write.
+        # Event 1, the submit, is the task row itself (read_events): a submit writes no page more.
+        # The listing index holds finished tasks only (they alone have a completed_at), so it takes
+        # one write per task, at its end; active tasks are listed through their state's partial index.
+        3,
+        """
+        ALTER TABLE tasks RENAME COLUMN expires_at TO purge_at;
+        ALTER TABLE tasks ADD COLUMN expires_at REAL;
+        ALTER TABLE tasks ADD COLUMN deadline REAL;
+        ALTER TABLE tasks ADD COLUMN errors TEXT;
+        ALTER TABLE tasks ADD COLUMN retry_of TEXT;
+        ALTER TABLE tasks ADD COLUMN tags TEXT;
+        ALTER TABLE tasks ADD COLUMN progress TEXT;
+        ALTER TABLE tasks ADD COLUMN idempotency_key TEXT;
+        ALTER TABLE tasks ADD COLUMN args_hash TEXT;
+        ALTER TABLE tasks ADD COLUMN batch_size INTEGER;
+        CREATE INDEX IF NOT EXISTS tasks_listing ON tasks (status, route, id) WHERE completed_at IS NOT NULL;
+        CREATE INDEX IF NOT EXISTS tasks_idempotency ON tasks (route, idempotency_key)
+            WHERE idempotency_key IS NOT NULL;
+        CREATE TABLE IF NOT EXISTS events (
+            task_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL, at REAL NOT NULL,
+            PRIMARY KEY (task_id, seq)
+        ) WITHOUT ROWID;
+        CREATE TRIGGER IF NOT EXISTS tasks_changed AFTER UPDATE OF status ON tasks
+        WHEN new.status IS NOT old.status BEGIN
+            INSERT INTO events (task_id, seq, kind, data, at) VALUES (
+                new.id,
+                (SELECT coalesce(max(seq), 1) + 1 FROM events WHERE task_id = new.id),
+                'status',
+                CASE WHEN new.status != 'pending' THEN json_object('status', new.status)
+                     ELSE json_object('status', 'pending', 'reason', CASE
+                        WHEN new.attempts < old.attempts THEN 'released'
+                        WHEN new.error LIKE 'WorkerLost:%' THEN 'lost'
+                        ELSE 'retry' END) END,
+                (julianday('now') - 2440587.5) * 86400.0
+            );
+        END;
+        """,
+    ),
 ]
 
 RECORD_COLUMNS = (
-    "id, route, status, created_at, started_at, completed_at, attempts, max_attempts, error, worker, priority, timeout"
+    "id, route, status, created_at, started_at, completed_at, attempts, max_attempts, error, worker, priority, timeout,"
+    " run_at, errors, retry_of, tags, progress, idempotency_key, args_hash, batch_size, expires_at, deadline, purge_at"
 )
+STATUSES = tuple(s.value for s in TaskStatus)
 
 
 def record(row: Sequence[Any]) -> TaskRecord:
@@ -74,7 +122,89 @@ def record(row: Sequence[Any]) -> TaskRecord:
         worker=row[9],
         priority=row[10],
         timeout=row[11],
+        run_at=row[12],
+        errors=[] if row[13] is None else json.loads(row[13]),
+        retry_of=row[14],
+        tags={} if row[15] is None else json.loads(row[15]),
+        progress=None if row[16] is None else json.loads(row[16]),
+        idempotency_key=row[17],
+        args_hash=row[18],
+        batch_size=row[19],
+        expires_at=row[20],
+        deadline=row[21],
+        purge_at=row[22],
     )
+
+
+# -- the event log ---------------------------------------------------------------------------
+
+
+def read_events(conn: sqlite3.Connection, task_id: str, after: int) -> list[Event]:
+    events = []
+    if after < 1:
+        row = conn.execute("SELECT created_at FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if row is not None:
+            events.append(Event(event_id(1), "status", {"status": "pending"}, row[0]))
+    rows = conn.execute(
+        "SELECT seq, kind, data, at FROM events WHERE task_id = ? AND seq > ? ORDER BY seq", (task_id, after)
+    ).fetchall()
+    return events + [Event(event_id(seq), kind, json.loads(data), at) for seq, kind, data, at in rows]
+
+
+# -- listing ---------------------------------------------------------------------------------
+
+
+def list_rows(
+    conn: sqlite3.Connection, route: str | None, status: str | None, limit: int, before: str | None
+) -> tuple[list[TaskRecord], str | None]:
+    """Newest first: through the primary key, the listing index of finished tasks, or for an
+    active state its partial index (sorted, so the cost follows the backlog, not the store).
+
+    A route without a status merges the states' slices; a finished state without a route
+    merges the slices of each route found in it (a skip-scan of the listing index).
+    """
+    upper, bound = ("AND id < ?", [before]) if before else ("", [])
+    if route is None and status is None:
+        sql = f"SELECT {RECORD_COLUMNS} FROM tasks WHERE 1 {upper} ORDER BY id DESC LIMIT ?"
+        rows = conn.execute(sql, (*bound, limit + 1)).fetchall()
+    else:
+        states = (status,) if status is not None else STATUSES
+        rows, slices = [], 0
+        for state in states:
+            # The state is one of STATUSES, written into the SQL so that the partial index applies.
+            if state in ACTIVE_INDEX:
+                index, where = ACTIVE_INDEX[state], "" if route is None else "AND route = ?"
+                routes: list[str | None] = [route]
+            else:
+                index, where = "tasks_listing", "AND completed_at IS NOT NULL AND route = ?"
+                routes = [route] if route is not None else [r for (r,) in conn.execute(ROUTES_IN_STATE, (state,))]
+            sql = (
+                f"SELECT {RECORD_COLUMNS} FROM tasks INDEXED BY {index} WHERE status = '{TaskStatus(state).value}'"
+                f" {where} {upper} ORDER BY id DESC LIMIT ?"
+            )
+            for r in routes:
+                rows += conn.execute(sql, (*([] if r is None else [r]), *bound, limit + 1)).fetchall()
+                slices += 1
+        if slices > 1:
+            rows.sort(key=lambda row: row[0], reverse=True)
+    page = [record(r) for r in rows[:limit]]
+    return page, (page[-1].id if len(rows) > limit else None)
+
+
+ACTIVE_INDEX = {"pending": "tasks_due", "in_progress": "tasks_leases"}
+ROUTES_IN_STATE = """
+    WITH RECURSIVE r(route) AS (
+        SELECT min(route) FROM tasks INDEXED BY tasks_listing WHERE status = ?1
+            AND completed_at IS NOT NULL
+        UNION ALL
+        SELECT (
+            SELECT min(route) FROM tasks INDEXED BY tasks_listing
+            WHERE status = ?1 AND completed_at IS NOT NULL AND route > r.route
+        )
+        FROM r WHERE r.route IS NOT NULL
+    )
+    SELECT route FROM r WHERE route IS NOT NULL
+"""
 
 
 def db_path(url: str) -> str:
@@ -96,12 +226,118 @@ def count_finished(conn: sqlite3.Connection, ended: collections.Counter[tuple[st
         )
 
 
+def task_row(t: NewTask, ts: float) -> tuple[Any, ...]:
+    tags = json.dumps(t.tags) if t.tags else None
+    return (t.id, t.route, t.priority, t.run_at, ts, t.max_attempts, t.timeout, t.args, tags, t.retry_of,
+            t.idempotency_key, t.args_hash, t.expires_at, t.deadline)  # fmt: skip
+
+
 def insert_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
     conn.executemany(
-        "INSERT INTO tasks (id, route, status, priority, run_at, created_at, max_attempts, timeout, args)"
-        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO tasks (id, route, status, priority, run_at, created_at, max_attempts, timeout, args, tags,"
+        " retry_of, idempotency_key, args_hash, expires_at, deadline)"
+        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         rows,
     )
+
+
+# -- finishing -------------------------------------------------------------------------------
+
+# One failed attempt, appended to the record's errors in the UPDATE that records it.
+ADD_ERROR = (
+    "errors = json_insert(coalesce(errors, '[]'), '$[#]',"
+    " json_object('attempt', attempts, 'type', ?, 'message', ?, 'at', ?))"
+)
+
+
+def finish_rows(
+    conn: sqlite3.Connection, outcomes: Sequence[Outcome], ts: float, purge_at: float
+) -> tuple[list[bool], list[str], bool]:
+    """Apply outcomes whose claim still holds: ``(applied per outcome, ended ids, any re-queued)``."""
+    applied: list[bool] = []
+    ended: collections.Counter[tuple[str, str]] = collections.Counter()
+    terminal: list[str] = []
+    requeued = False
+    for o in outcomes:
+        held = (o.id, o.token)
+        row: Any = None
+        if o.status is TaskStatus.SUCCESS:
+            row = conn.execute(
+                "UPDATE tasks SET status = 'success', result = ?, content_type = ?, completed_at = ?,"
+                " purge_at = ?, token = NULL, lease_expires = NULL, error = NULL,"
+                " started_at = coalesce(?, started_at), batch_size = coalesce(?, batch_size)"
+                " WHERE id = ? AND token = ? AND status = 'in_progress' RETURNING route",
+                (o.result, o.content_type, ts, purge_at, o.started_at, o.batch_size, *held),
+            ).fetchone()
+            if row is not None:
+                terminal.append(o.id)
+                ended[(row[0], "success")] += 1
+        elif o.status is TaskStatus.PENDING:
+            row = conn.execute(
+                "UPDATE tasks SET status = 'pending', attempts = attempts - 1, token = NULL, lease_expires = NULL,"
+                " started_at = NULL, worker = NULL"
+                " WHERE id = ? AND token = ? AND status = 'in_progress' RETURNING route",
+                held,
+            ).fetchone()
+            requeued = requeued or row is not None
+        else:
+            kind, message = o.error_parts()
+            error = (kind, message, ts)
+            if o.retry:
+                row = conn.execute(
+                    f"UPDATE tasks SET status = 'pending', run_at = ?, error = ?, {ADD_ERROR}, token = NULL,"
+                    " lease_expires = NULL, worker = NULL, started_at = coalesce(?, started_at),"
+                    " batch_size = coalesce(?, batch_size)"
+                    " WHERE id = ? AND token = ? AND status = 'in_progress' AND attempts < max_attempts"
+                    " RETURNING route",
+                    (ts + o.retry_delay, o.error, *error, o.started_at, o.batch_size, *held),
+                ).fetchone()
+                requeued = requeued or row is not None
+            if row is None:
+                row = conn.execute(
+                    f"UPDATE tasks SET status = 'failure', error = ?, {ADD_ERROR}, completed_at = ?, purge_at = ?,"
+                    " token = NULL, lease_expires = NULL, started_at = coalesce(?, started_at),"
+                    " batch_size = coalesce(?, batch_size)"
+                    " WHERE id = ? AND token = ? AND status = 'in_progress' RETURNING route",
+                    (o.error, *error, ts, purge_at, o.started_at, o.batch_size, *held),
+                ).fetchone()
+                if row is not None:
+                    terminal.append(o.id)
+                    ended[(row[0], "failure")] += 1
+        applied.append(row is not None)
+    count_finished(conn, ended)
+    return applied, terminal, requeued
+
+
+def recover_rows(conn: sqlite3.Connection, ts: float, purge_at: float, error: str) -> tuple[int, list[str]]:
+    """Lapsed leases: back to pending while attempts remain, else failed as worker lost."""
+    lost = (error, *split_error(error), ts)
+    requeued = conn.execute(
+        "UPDATE tasks INDEXED BY tasks_leases SET status = 'pending', token = NULL, lease_expires = NULL,"
+        f" worker = NULL, error = ?, {ADD_ERROR}"
+        " WHERE status = 'in_progress' AND lease_expires < ? AND attempts < max_attempts RETURNING id",
+        (*lost, ts),
+    ).fetchall()
+    failed = conn.execute(
+        f"UPDATE tasks INDEXED BY tasks_leases SET status = 'failure', error = ?, {ADD_ERROR}, completed_at = ?,"
+        " purge_at = ?, token = NULL, lease_expires = NULL"
+        " WHERE status = 'in_progress' AND lease_expires < ? RETURNING id, route",
+        (*lost, ts, purge_at, ts),
+    ).fetchall()
+    count_finished(conn, collections.Counter((r[1], "failure") for r in failed))
+    return len(requeued), [r[0] for r in failed]
+
+
+def statements(sql: str) -> list[str]:
+    """A migration's statements; a trigger's body holds semicolons of its own."""
+    out, pending = [], ""
+    for part in sql.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                out.append(pending)
+            pending = ""
+    return out
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -110,9 +346,8 @@ def migrate(conn: sqlite3.Connection) -> None:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     for number, sql in MIGRATIONS:
         if number > version:
-            for statement in sql.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in statements(sql):
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")
 
 

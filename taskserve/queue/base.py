@@ -18,11 +18,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from .._types import Claim, NewTask, Outcome, Result, TaskRecord, TaskStatus, WorkerInfo
+from .._types import Claim, Event, NewTask, Outcome, Result, TaskRecord, TaskStatus, WorkerInfo, args_hash, event_seq
 from ..exceptions import InvalidTransition, TaskNotFound
 
 DEFAULT_RETENTION = 24 * 3600.0
 DEFAULT_LEASE = 30.0
+# A tag filter looks at most this many of the newest matching tasks per page (no index on tags).
+TAG_WINDOW = 10_000
 
 BACKENDS = {
     "sqlite": "taskserve.queue.sqlite:SQLiteQueue",
@@ -114,6 +116,11 @@ class Queue(abc.ABC):
         for task in tasks:
             if task.run_at is None:
                 task.run_at = ts
+            if task.args_hash is None:
+                task.args_hash = args_hash(task.args)
+            if task.ttl is not None and task.expires_at is None:
+                # Counted from when the task falls due: a delayed task is not "late" before then.
+                task.expires_at = max(task.run_at, ts) + task.ttl
         await self._enqueue(tasks, ts)
         return [
             TaskRecord(
@@ -124,6 +131,13 @@ class Queue(abc.ABC):
                 max_attempts=t.max_attempts,
                 priority=t.priority,
                 timeout=t.timeout,
+                run_at=t.run_at,
+                retry_of=t.retry_of,
+                tags=dict(t.tags),
+                idempotency_key=t.idempotency_key,
+                args_hash=t.args_hash,
+                expires_at=t.expires_at,
+                deadline=t.deadline,
             )
             for t in tasks
         ]
@@ -143,13 +157,13 @@ class Queue(abc.ABC):
         record = await self.get(task_id, route)
         if record.status.is_terminal:
             raise InvalidTransition(
-                f"Task {task_id!r} is already {record.status.value} and cannot be cancelled.", record.status
+                f"Task {task_id!r} has already ended ({record.status.value}) and cannot be cancelled.", record.status
             )
         cancelled = await self._cancel(task_id, now())
         if cancelled is None:  # it finished between our read and our write
             record = await self.get(task_id, route)
             raise InvalidTransition(
-                f"Task {task_id!r} is already {record.status.value} and cannot be cancelled.", record.status
+                f"Task {task_id!r} has already ended ({record.status.value}) and cannot be cancelled.", record.status
             )
         return cancelled
 
@@ -170,6 +184,8 @@ class Queue(abc.ABC):
             max_attempts=record.max_attempts,
             timeout=record.timeout,
             priority=record.priority,
+            tags=dict(record.tags),
+            retry_of=record.id,
         )
         return await self.enqueue(new)
 
@@ -190,6 +206,18 @@ class Queue(abc.ABC):
             return record
         finally:
             watch.close()
+
+    async def events(self, task_id: str, after: str | None = None) -> list[Event]:
+        """The task's event log after the event id ``after`` (all of it without), oldest first.
+
+        Every status change appends an event in the same atomic write that makes it, so the log
+        and the status never disagree; ids are stable, so a reader resumes where it stopped.
+
+        Example:
+            >>> [e.data["status"] for e in await queue.events(task_id)]
+            ['pending', 'in_progress', 'success']
+        """
+        return await self._events(task_id, event_seq(after))
 
     # -- worker side -----------------------------------------------------------------------
 
@@ -314,6 +342,20 @@ class Queue(abc.ABC):
     async def _get(self, task_id: str) -> TaskRecord | None: ...
 
     @abc.abstractmethod
+    async def _events(self, task_id: str, after: int) -> list[Event]:
+        """The events of the task whose number is greater than ``after``, in order."""
+
+    @abc.abstractmethod
+    async def _list(
+        self, route: str | None, status: str | None, limit: int, before: str | None
+    ) -> tuple[list[TaskRecord], str | None]:
+        """Up to ``limit`` tasks with ids below ``before``, newest first, and where to go on from.
+
+        A backend may return fewer than ``limit`` with a cursor (it bounds the work of one
+        call); the cursor is ``None`` only when nothing older matches.
+        """
+
+    @abc.abstractmethod
     async def _get_args(self, task_id: str) -> bytes | None: ...
 
     @abc.abstractmethod
@@ -377,3 +419,53 @@ class Queue(abc.ABC):
     def _notify_cancelled(self, task_id: str) -> None:
         for listener in list(self.cancel_listeners):
             listener(task_id)
+
+    # Last in the class: below this, ``list`` names the method, not the builtin type.
+    async def list(
+        self,
+        route: str | None = None,
+        status: TaskStatus | str | None = None,
+        tag: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[TaskRecord], str | None]:
+        """Tasks newest first (finished ones too, until purged), a page at a time.
+
+        Args:
+            route: only this route's tasks.
+            status: only tasks in this state.
+            tag: ``"KEY:VALUE"``, only tasks so labelled. No index covers tags: a page looks at
+                no more than ``TAG_WINDOW`` of the newest tasks the other filters select, and
+                may come back short, with a cursor to look further. On Redis a status filter
+                is bounded the same way (its index is by age alone); on SQLite it is indexed.
+            limit: the most tasks a page holds.
+            cursor: ``next_cursor`` of the page before.
+
+        Returns:
+            The page, and the cursor of the next one (``None`` at the end). Task ids are
+            ordered by creation time and the cursor is the last id looked at, so paging
+            neither repeats nor skips a task while others are submitted.
+
+        Example:
+            >>> page, cursor = await queue.list(route="/gen", status="failure", limit=20)
+        """
+        limit = max(1, min(int(limit), 1000))
+        state = None if status is None else TaskStatus(status).value
+        if tag is None:
+            return await self._list(route, state, limit, cursor)
+        key, _, value = tag.partition(":")
+        found: list[TaskRecord] = []
+        looked = 0
+        while looked < TAG_WINDOW:
+            page, cursor = await self._list(route, state, min(max(limit * 4, 200), TAG_WINDOW - looked), cursor)
+            looked += len(page)
+            for record in page:
+                if record.tags.get(key) == value:
+                    found.append(record)
+                    if len(found) == limit:
+                        # Continue right after the last task handed out, so none is skipped.
+                        more = record is not page[-1] or cursor is not None
+                        return found, record.id if more else None
+            if cursor is None:
+                return found, None
+        return found, cursor

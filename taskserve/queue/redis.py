@@ -9,6 +9,11 @@ under a prefix (``taskserve``, or ``?prefix=NAME`` so that several services or a
 share one Redis):
 
     P:t:ID              hash: the task's fields, its args and its result; expires once terminal
+    P:e:ID              stream: the task's event log, ids 0-1, 0-2, ...; expires with the hash
+    P:all               zset, all scores 0: every task id, lex order = age (listing, newest first)
+    P:ix:ROUTE          the same for one route; ids of expired hashes leave on listing or sweep
+    P:ixroutes          set of routes with a listing index (the sweep visits these)
+    P:sweep             hash index key -> the id the last sweep of it stopped after
     P:ready:ROUTE       zset of due tasks: score -priority, member "run_at|ID" (ties by run_at)
     P:delayed:ROUTE     zset of tasks not due yet, scored by run_at; claim promotes the due ones
     P:leases:ROUTE      zset of running tasks, scored by lease expiry (recover, counts)
@@ -29,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
+import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,18 +49,37 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("The Redis broker needs the redis package: pip install 'taskserve[redis]'.") from exc
 
-from .._types import WORKER_LOST, Claim, NewTask, Outcome, Result, TaskRecord, TaskStatus, WorkerInfo
+from .._types import (
+    WORKER_LOST,
+    Claim,
+    Event,
+    NewTask,
+    Outcome,
+    Result,
+    TaskRecord,
+    TaskStatus,
+    WorkerInfo,
+    event_id,
+    split_error,
+)
 from ..exceptions import QueueError, QueueUnavailable
 from .base import DEFAULT_RETENTION, Queue, Watch, now
 
 logger = logging.getLogger("taskserve.queue")
 
 RECORD_FIELDS = tuple(
-    "route status created_at started_at completed_at attempts max_attempts error worker priority timeout".split()
+    "route status created_at started_at completed_at attempts max_attempts error worker priority timeout run_at"
+    " errors retry_of tags progress idempotency_key args_hash batch_size expires_at deadline purge_at".split()
 )
+# A page of a listing filtered by status looks at no more ids than this (the index is by age only).
+LIST_WINDOW = 5000
+MAX_CONNECTIONS = 100  # per process; more callers wait for a free connection (``?max_connections=``)
+POOL_WAIT = 20.0  # seconds a caller waits for a free connection before QueueUnavailable
 
 # The Lua lives in lua/*.lua, read once at import; each script is the prelude plus its body.
-SCRIPT_NAMES = ("enqueue", "claim", "finish", "extend", "cancel", "recover", "counts", "heartbeat", "workers")
+SCRIPT_NAMES = (
+    *("enqueue", "claim", "finish", "extend", "cancel", "recover", "counts", "heartbeat", "workers", "list", "sweep"),
+)
 
 
 def _load_scripts() -> dict[str, str]:
@@ -66,10 +91,16 @@ def _load_scripts() -> dict[str, str]:
 SCRIPTS = _load_scripts()
 
 
+def _float(value: str | None) -> float | None:
+    return None if value is None else float(value)
+
+
 def _record(task_id: str, values: Sequence[Any]) -> TaskRecord | None:
-    route, status, created, started, completed, attempts, max_attempts, error, worker, priority, timeout = (
+    """A hash written before a field existed reads back with that field's default."""
+    (route, status, created, started, completed, attempts, max_attempts, error, worker, priority, timeout, run_at,
+     errors, retry_of, tags, progress, key, args_hash, batch_size, expires_at, deadline, purge_at) = (
         None if v is None else v.decode() for v in values
-    )
+    )  # fmt: skip
     if route is None or status is None or created is None:
         return None
     return TaskRecord(
@@ -84,7 +115,18 @@ def _record(task_id: str, values: Sequence[Any]) -> TaskRecord | None:
         error=error,
         worker=worker,
         priority=int(priority or 0),
-        timeout=None if timeout is None else float(timeout),
+        timeout=_float(timeout),
+        run_at=_float(run_at),
+        errors=[] if errors is None else json.loads(errors),
+        retry_of=retry_of,
+        tags={} if tags is None else json.loads(tags),
+        progress=None if progress is None else json.loads(progress),
+        idempotency_key=key,
+        args_hash=args_hash,
+        batch_size=None if batch_size is None else int(batch_size),
+        expires_at=_float(expires_at),
+        deadline=_float(deadline),
+        purge_at=_float(purge_at),
     )
 
 
@@ -136,15 +178,24 @@ class RedisQueue(Queue):
         query = dict(parse_qsl(parsed.query))
         self.prefix = prefix or query.pop("prefix", None) or "taskserve"
         query.pop("retention", None)  # ours, not redis-py's
-        options: dict[str, Any] = {"socket_connect_timeout": 5.0, "socket_timeout": 30.0, **query}
+        options: dict[str, Any] = {
+            "socket_connect_timeout": 5.0,
+            "socket_timeout": 30.0,
+            "max_connections": MAX_CONNECTIONS,
+            **query,
+        }
         # A short retry rides out a restart or a dropped connection; longer outages surface
         # as QueueUnavailable (HTTP 503) instead of hanging a request.
-        self._client = aioredis.Redis.from_url(
+        # A blocking pool: past ``max_connections`` callers wait their turn for a connection
+        # rather than fail with "Too many connections" (hundreds of concurrent long polls).
+        pool = aioredis.BlockingConnectionPool.from_url(
             urlunparse(parsed._replace(query=urlencode(options))),
+            timeout=POOL_WAIT,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
             socket_keepalive=True,
             health_check_interval=30,
         )
+        self._client = aioredis.Redis.from_pool(pool)
         self._scripts = {name: self._client.register_script(body) for name, body in SCRIPTS.items()}
         # Pushed changes make polling a safety net only, for messages lost while reconnecting.
         self.poll_cap = 5.0
@@ -327,13 +378,42 @@ class RedisQueue(Queue):
         for t in tasks:
             timeout = "" if t.timeout is None else repr(float(t.timeout))
             delay = 0.0 if t.run_at is None else max(0.0, t.run_at - ts)
-            args += [t.id, t.route, t.priority, repr(delay), t.max_attempts, timeout, t.args]
+            expires = "" if t.expires_at is None else repr(t.expires_at - ts)
+            deadline = "" if t.deadline is None else repr(t.deadline - ts)
+            tags = json.dumps(t.tags) if t.tags else ""
+            args += [t.id, t.route, t.priority, repr(delay), t.max_attempts, timeout, t.args, tags]
+            args += [t.retry_of or "", t.idempotency_key or "", t.args_hash or "", expires, deadline]
         await self._run("enqueue", *args)
 
     async def _get(self, task_id: str) -> TaskRecord | None:
         with self._translate():
             values: list[Any] = await self._client.hmget(self._key("t", task_id), RECORD_FIELDS)
         return _record(task_id, values)
+
+    async def _events(self, task_id: str, after: int) -> list[Event]:
+        with self._translate():
+            entries: Any = await self._client.xrange(self._key("e", task_id), f"0-{after + 1}", "+")
+        return [
+            Event(
+                event_id(int(entry_id.split(b"-")[1])),
+                fields[b"k"].decode(),
+                json.loads(fields[b"d"]),
+                float(fields[b"at"]),
+            )
+            for entry_id, fields in entries
+        ]
+
+    async def _list(
+        self, route: str | None, status: str | None, limit: int, before: str | None
+    ) -> tuple[list[TaskRecord], str | None]:
+        reply = await self._run("list", route or "", status or "", limit, before or "", LIST_WINDOW, *RECORD_FIELDS)
+        width = len(RECORD_FIELDS) + 1
+        records = []
+        for i in range(1, len(reply), width):
+            found = _record(reply[i].decode(), reply[i + 1 : i + width])
+            if found is not None:
+                records.append(found)
+        return records, reply[0].decode() or None
 
     async def _get_args(self, task_id: str) -> bytes | None:
         with self._translate():
@@ -371,6 +451,7 @@ class RedisQueue(Queue):
             # The start travels as an age by this host's clock; the script subtracts it from Redis's now.
             age = "" if o.started_at is None else repr(max(0.0, ts - o.started_at))
             args += [o.id, o.token, kind, o.result or b"", o.content_type or "", o.error or "", retry_delay, age]
+            args += [*(o.error_parts() if kind == "f" else ("", "")), "" if o.batch_size is None else o.batch_size]
         applied = await self._run("finish", *args)
         return [bool(a) for a in applied]
 
@@ -392,14 +473,18 @@ class RedisQueue(Queue):
         }
 
     async def _recover(self, ts: float, worker: str = "") -> int:
-        return int(await self._run("recover", self._retention_ms(), WORKER_LOST, worker))
+        return int(await self._run("recover", self._retention_ms(), WORKER_LOST, worker, *split_error(WORKER_LOST)))
 
     async def _abandon(self, worker: str, ts: float) -> int:
         return await self._recover(ts, worker)
 
     async def _purge(self, ts: float) -> int:
-        # Redis expires finished tasks by itself; only the route index needs pruning.
+        # Redis expires finished tasks by itself; the route set and the listing indexes need pruning.
         await self._run("counts", "prune")
+        for _ in range(100):  # bounded: a store far larger than this is swept over several purges
+            _, walked = await self._run("sweep", 5000)
+            if walked:
+                break
         return 0
 
     async def _counts(self) -> dict[tuple[str, str], int]:

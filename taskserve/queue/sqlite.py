@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlparse
 
-from .._types import WORKER_LOST, Claim, NewTask, Outcome, Result, TaskRecord, TaskStatus, WorkerInfo
+from .._types import WORKER_LOST, Claim, Event, NewTask, Outcome, Result, TaskRecord, WorkerInfo
 from ..exceptions import QueueUnavailable
 from . import _wake
 from ._sqlite_schema import (
@@ -33,10 +33,15 @@ from ._sqlite_schema import (
     SQLiteWatch,
     count_finished,
     db_path,
+    finish_rows,
     insert_rows,
+    list_rows,
     migrate,
     pass_on,
+    read_events,
     record,
+    recover_rows,
+    task_row,
 )
 from ._sqlite_thread import ThreadedConnection, configure, translate
 from .base import DEFAULT_RETENTION, Queue, Watch
@@ -47,6 +52,9 @@ WAL_LIMIT = 16 * 1024 * 1024
 # Submits of up to this many tasks are committed on the event loop's thread (see
 # _commit_inserts); a bigger bulk insert would hold the loop too long and uses the writer.
 INLINE_ROWS = 64
+# Claim's reads are pinned to the partial index made for them (small, in claim order): an index
+# leading with status, as a listing index might, would otherwise win the planner and need a sort.
+DUE = "INDEXED BY tasks_due"
 
 
 class SQLiteQueue(Queue):
@@ -212,7 +220,7 @@ class SQLiteQueue(Queue):
         # Only delayed tasks can be pending here (the caller's claim found nothing due).
         row = await self._read(
             lambda c: c.execute(
-                f"SELECT min(run_at) FROM tasks WHERE status = 'pending' AND route IN ({marks})", routes
+                f"SELECT min(run_at) FROM tasks {DUE} WHERE status = 'pending' AND route IN ({marks})", routes
             ).fetchone()
         )
         if row is not None and row[0] is not None:
@@ -233,7 +241,7 @@ class SQLiteQueue(Queue):
         await self._read(lambda c: c.execute("SELECT 1").fetchone())
 
     async def _enqueue(self, tasks: Sequence[NewTask], ts: float) -> None:
-        rows = [(t.id, t.route, t.priority, t.run_at, ts, t.max_attempts, t.timeout, t.args) for t in tasks]
+        rows = [task_row(t, ts) for t in tasks]
         # Delayed tasks wake nobody: an idle worker sleeps at most a second, then plans its
         # next wake-up from the earliest run_at.
         due = any(t.run_at is None or t.run_at <= ts for t in tasks)
@@ -306,6 +314,14 @@ class SQLiteQueue(Queue):
         )
         return None if row is None else record(row)
 
+    async def _events(self, task_id: str, after: int) -> list[Event]:
+        return await self._quick_read(lambda c: read_events(c, task_id, after))
+
+    async def _list(
+        self, route: str | None, status: str | None, limit: int, before: str | None
+    ) -> tuple[list[TaskRecord], str | None]:
+        return await self._read(lambda c: list_rows(c, route, status, limit, before))
+
     async def _get_args(self, task_id: str) -> bytes | None:
         row = await self._read(lambda c: c.execute("SELECT args FROM tasks WHERE id = ?", (task_id,)).fetchone())
         return None if row is None else bytes(row[0])
@@ -323,8 +339,9 @@ class SQLiteQueue(Queue):
     async def _cancel(self, task_id: str, ts: float) -> TaskRecord | None:
         def cancel(conn: sqlite3.Connection) -> Any:
             return conn.execute(
-                "UPDATE tasks SET status = 'cancelled', completed_at = ?, expires_at = ?, token = NULL,"
-                " lease_expires = NULL WHERE id = ? AND status IN ('pending', 'in_progress')"
+                "UPDATE tasks SET status = 'cancelled', completed_at = ?, purge_at = ?, token = NULL,"
+                " lease_expires = NULL"
+                " WHERE id = ? AND status IN ('pending', 'in_progress')"
                 f" RETURNING {RECORD_COLUMNS}",
                 (ts, ts + self.retention, task_id),
             ).fetchone()
@@ -370,7 +387,9 @@ class SQLiteQueue(Queue):
                 return True
         marks = ",".join("?" * len(routes))
         floor = "" if min_priority is None else f" AND priority >= {int(min_priority)}"
-        probe = f"SELECT 1 FROM tasks WHERE status = 'pending' AND run_at <= ? AND route IN ({marks}){floor} LIMIT 1"
+        probe = (
+            f"SELECT 1 FROM tasks {DUE} WHERE status = 'pending' AND run_at <= ? AND route IN ({marks}){floor} LIMIT 1"
+        )
         return await self._quick_read(lambda c: c.execute(probe, (ts, *routes)).fetchone()) is not None
 
     def _claim_job(
@@ -383,8 +402,9 @@ class SQLiteQueue(Queue):
         def claim(conn: sqlite3.Connection) -> list[Claim]:
             rows = conn.execute(
                 "UPDATE tasks SET status = 'in_progress', attempts = attempts + 1, token = ?, lease_expires = ?,"
-                " started_at = ?, worker = ? WHERE rowid IN (SELECT rowid FROM tasks WHERE status = 'pending'"
-                f" AND run_at <= ? AND route IN ({marks}){floor} ORDER BY priority DESC, run_at LIMIT ?)"
+                " started_at = ?, worker = ? WHERE rowid IN (SELECT rowid FROM tasks"
+                f" {DUE} WHERE status = 'pending' AND run_at <= ? AND route IN ({marks}){floor}"
+                " ORDER BY priority DESC, run_at LIMIT ?)"
                 " RETURNING id, route, args, attempts, max_attempts, timeout, priority, run_at",
                 (token, ts + lease, ts, worker, ts, *routes, limit),
             ).fetchall()
@@ -404,61 +424,14 @@ class SQLiteQueue(Queue):
         self, outcomes: list[Outcome], ts: float
     ) -> tuple[Callable[[sqlite3.Connection], list[bool]], Callable[[], None]]:
         """The finishing writes, and what to announce once they are committed."""
-        expires = ts + self.retention
+        purge_at = ts + self.retention
         applied_terminal: list[str] = []
         requeued = False
 
         def finish(conn: sqlite3.Connection) -> list[bool]:
             nonlocal requeued
-            applied: list[bool] = []
-            ended: collections.Counter[tuple[str, str]] = collections.Counter()
-            for o in outcomes:
-                held = (o.id, o.token)
-                if o.status is TaskStatus.SUCCESS:
-                    row = conn.execute(
-                        "UPDATE tasks SET status = 'success', result = ?, content_type = ?, completed_at = ?,"
-                        " expires_at = ?, token = NULL, lease_expires = NULL, error = NULL,"
-                        " started_at = coalesce(?, started_at)"
-                        " WHERE id = ? AND token = ? AND status = 'in_progress' RETURNING route",
-                        (o.result, o.content_type, ts, expires, o.started_at, *held),
-                    ).fetchone()
-                    done = row is not None
-                    if row is not None:
-                        applied_terminal.append(o.id)
-                        ended[(row[0], "success")] += 1
-                elif o.status is TaskStatus.PENDING:
-                    cur = conn.execute(
-                        "UPDATE tasks SET status = 'pending', attempts = attempts - 1, token = NULL,"
-                        " lease_expires = NULL, started_at = NULL, worker = NULL"
-                        " WHERE id = ? AND token = ? AND status = 'in_progress'",
-                        held,
-                    )
-                    done = cur.rowcount == 1
-                    requeued = requeued or done
-                else:
-                    done = False
-                    if o.retry:
-                        cur = conn.execute(
-                            "UPDATE tasks SET status = 'pending', run_at = ?, error = ?, token = NULL,"
-                            " lease_expires = NULL, worker = NULL, started_at = coalesce(?, started_at)"
-                            " WHERE id = ? AND token = ? AND status = 'in_progress' AND attempts < max_attempts",
-                            (ts + o.retry_delay, o.error, o.started_at, *held),
-                        )
-                        done = cur.rowcount == 1
-                        requeued = requeued or done
-                    if not done:
-                        row = conn.execute(
-                            "UPDATE tasks SET status = 'failure', error = ?, completed_at = ?, expires_at = ?,"
-                            " token = NULL, lease_expires = NULL, started_at = coalesce(?, started_at)"
-                            " WHERE id = ? AND token = ? AND status = 'in_progress' RETURNING route",
-                            (o.error, ts, expires, o.started_at, *held),
-                        ).fetchone()
-                        done = row is not None
-                        if row is not None:
-                            applied_terminal.append(o.id)
-                            ended[(row[0], "failure")] += 1
-                applied.append(done)
-            count_finished(conn, ended)
+            applied, ended, requeued = finish_rows(conn, outcomes, ts, purge_at)
+            applied_terminal.extend(ended)
             return applied
 
         def after() -> None:
@@ -489,7 +462,7 @@ class SQLiteQueue(Queue):
         marks = ",".join("?" * len(ids))
         rows = await self._read(
             lambda c: c.execute(
-                f"SELECT id, token FROM tasks WHERE id IN ({marks}) AND status = 'in_progress'", ids
+                f"SELECT id, token FROM tasks WHERE id IN ({marks}) AND +status = 'in_progress'", ids
             ).fetchall()
         )
         return {task_id for task_id, token in rows if held.get(task_id) == token}
@@ -498,21 +471,10 @@ class SQLiteQueue(Queue):
         retention = self.retention
 
         def recover(conn: sqlite3.Connection) -> tuple[int, list[str]]:
-            requeued = conn.execute(
-                "UPDATE tasks SET status = 'pending', token = NULL, lease_expires = NULL, worker = NULL, error = ?"
-                " WHERE status = 'in_progress' AND lease_expires < ? AND attempts < max_attempts",
-                (WORKER_LOST, ts),
-            ).rowcount
-            rows = conn.execute(
-                "UPDATE tasks SET status = 'failure', error = ?, completed_at = ?, expires_at = ?, token = NULL,"
-                " lease_expires = NULL WHERE status = 'in_progress' AND lease_expires < ? RETURNING id, route",
-                (WORKER_LOST, ts, ts + retention, ts),
-            ).fetchall()
-            count_finished(conn, collections.Counter((r[1], "failure") for r in rows))
-            return requeued, [r[0] for r in rows]
+            return recover_rows(conn, ts, ts + retention, WORKER_LOST)
 
         # Probe with a read first: recovery runs every second in every process.
-        probe = "SELECT 1 FROM tasks WHERE status = 'in_progress' AND lease_expires < ? LIMIT 1"
+        probe = "SELECT 1 FROM tasks INDEXED BY tasks_leases WHERE status = 'in_progress' AND lease_expires < ? LIMIT 1"
         if await self._quick_read(lambda c: c.execute(probe, (ts,)).fetchone()) is None:
             return 0
         requeued, failed = await self._write(recover)
@@ -524,7 +486,9 @@ class SQLiteQueue(Queue):
     async def _abandon(self, worker: str, ts: float) -> int:
         def abandon(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE tasks SET lease_expires = ? WHERE status = 'in_progress' AND worker = ?", (ts - 1, worker)
+                "UPDATE tasks INDEXED BY tasks_worker SET lease_expires = ?"
+                " WHERE status = 'in_progress' AND worker = ?",
+                (ts - 1, worker),
             )
             conn.execute("DELETE FROM workers WHERE id = ?", (worker,))
 
@@ -557,14 +521,17 @@ class SQLiteQueue(Queue):
         total = 0
         await self._write(lambda c: c.execute("DELETE FROM workers WHERE expires < ?", (ts - 3600,)))
         while True:
-            deleted = await self._write(
-                lambda c: (
-                    c.execute(
-                        "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE expires_at < ? LIMIT 2000)",
-                        (ts,),
-                    ).rowcount
-                )
-            )
+
+            def purge(conn: sqlite3.Connection) -> int:
+                ids = conn.execute(
+                    "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE purge_at < ? LIMIT 2000)"
+                    " RETURNING id",
+                    (ts,),
+                ).fetchall()
+                conn.executemany("DELETE FROM events WHERE task_id = ?", ids)
+                return len(ids)
+
+            deleted = await self._write(purge)
             total += deleted
             if deleted < 2000:
                 return total

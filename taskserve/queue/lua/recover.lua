@@ -1,4 +1,4 @@
--- ARGV: prefix, retention_ms, error, worker ('' for none). First lapses what the worker holds and
+-- ARGV: prefix, retention_ms, error, worker ('' for none), error type, error message. First lapses what the worker holds and
 -- forgets it (abandon), then moves every lapsed lease back to pending, or to failure once out of
 -- attempts. Safe to re-send: a second run finds those leases already gone.
 local retention, err, worker, n = ARGV[2], ARGV[3], ARGV[4], 0
@@ -21,9 +21,11 @@ for _, route in ipairs(redis.call('SMEMBERS', P .. ':routes')) do
     if h[1] == 'in_progress' then
       n = n + 1
       hset(id, 'error', err)
+      add_error(id, h[3], ARGV[5], ARGV[6])
       if tonumber(h[3]) < tonumber(h[4]) then
         hset(id, 'status', 'pending')
         hdel(id, 'token', 'lease', 'worker')
+        status_event(id, 'pending', 'lost')
         queue(id, route)
       else
         terminal(id, route, 'failure', retention)
