@@ -17,6 +17,8 @@ import click
 from . import __version__
 
 DEFAULT_BROKER = "sqlite:///taskserve.db"
+SHUTDOWN_REQUESTS = 5  # seconds open requests get at shutdown before they are cancelled
+SHUTDOWN_MARGIN = 10.0  # seconds past the grace after which a stuck shutdown is forced, then cut short
 logger = logging.getLogger("taskserve")
 T = TypeVar("T")
 
@@ -333,7 +335,18 @@ async def _serve(
         def capture_signals(self) -> Generator[None, None, None]:
             yield  # we handle signals ourselves, to drain the workers too
 
-    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", access_log=False))
+    # Requests still open at shutdown (long polls of wait, slow uploads) get a few seconds,
+    # then are cancelled: a shutdown never waits on a client.
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        access_log=False,
+        timeout_graceful_shutdown=SHUTDOWN_REQUESTS,
+    )
+    server = Server(config)
     signals = 0
 
     def on_signal() -> None:
@@ -342,10 +355,17 @@ async def _serve(
         server.should_exit = True
         if signals == 1:
             logger.info("shutting down: draining workers (Ctrl-C again to force)")
-        else:
+            # Whatever hangs (a broker that went away mid-shutdown), the process ends:
+            # past the workers' grace and a margin, the shutdown is forced as by a second signal.
+            asyncio.get_running_loop().call_later(grace + SHUTDOWN_MARGIN, on_signal)
+        elif signals == 2:
             server.force_exit = True
             if supervisor is not None:
                 asyncio.get_running_loop().create_task(supervisor.stop(force=True))
+        else:
+            logger.error("shutdown did not finish in time; exiting now")
+            _kill_workers(supervisor)
+            os._exit(1)
 
     with _signals(on_signal):
         logger.info(
@@ -365,6 +385,13 @@ async def _serve(
             if supervisor is not None:
                 await supervisor.stop(force=signals > 1)
     logger.info("stopped")
+
+
+def _kill_workers(supervisor: Any) -> None:
+    """SIGKILL every worker still running (they would follow us anyway, by their parent watch)."""
+    for pid in supervisor.pids if supervisor is not None else []:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 async def _workers_only(
@@ -409,7 +436,8 @@ async def _workers_only(
         await stop.wait()
         logger.info("shutting down: draining workers")
         await supervisor.stop()
-    await queue.close()
+    with contextlib.suppress(asyncio.TimeoutError):  # a broker that went away must not hold us
+        await asyncio.wait_for(queue.close(), SHUTDOWN_REQUESTS)
     logger.info("stopped")
 
 

@@ -86,6 +86,8 @@ async def test_queued_tasks_run_as_one_call_and_each_gets_its_slice(queue: Queue
     await Worker(SERVICE, queue, name="w").run(burst=True)
     assert CALLS == [3]
     assert [await result(queue, t.id) for t in tasks] == [[1], [2], [3]]
+    # Each task's status says how many items the call that answered it held.
+    assert [(await queue.get(t.id)).batch_size for t in tasks] == [3, 3, 3]
 
 
 async def test_calls_hold_at_most_max_batch_size_items(queue: Queue) -> None:
@@ -102,6 +104,7 @@ async def test_a_task_bigger_than_max_batch_size_runs_alone(queue: Queue) -> Non
     await Worker(SERVICE, queue, name="w").run(burst=True)
     assert sorted(CALLS) == [1, 6]
     assert [await result(queue, t.id) for t in tasks] == [[1] * 6, [2]]
+    assert [(await queue.get(t.id)).batch_size for t in tasks] == [6, 1]
 
 
 async def test_an_exception_item_fails_only_its_own_task(queue: Queue) -> None:
@@ -111,6 +114,7 @@ async def test_an_exception_item_fails_only_its_own_task(queue: Queue) -> None:
     records = [await queue.get(t.id) for t in tasks]
     assert [r.status for r in records] == [TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.SUCCESS]
     assert records[1].error == "ValueError: bad item 'bad'"
+    assert records[1].errors[0]["type"] == "ValueError" and records[1].errors[0]["message"] == "bad item 'bad'"
     assert CALLS == [3]
 
 

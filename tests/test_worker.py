@@ -32,8 +32,9 @@ CALLS: list[tuple[int, bool]] = []  # (x, ran on the main thread) per call, in o
 @taskserve.service(name="threads")
 class Threads:
     @taskserve.task
-    def score(self, x: int, sleep_ms: float = 0) -> int:
+    def score(self, x: int, sleep_ms: float = 0, block_ms: float = 0) -> int:
         CALLS.append((x, threading.current_thread() is threading.main_thread()))
+        time.sleep(block_ms / 1000)  # one call in C: an interruption waits until it returns
         end = time.monotonic() + sleep_ms / 1000
         while time.monotonic() < end:  # in short steps, so an interruption lands between two
             time.sleep(0.002)
@@ -188,3 +189,21 @@ async def test_quick_tasks_run_in_sequence_and_a_cancel_stops_only_its_own(queue
     assert time.monotonic() - began < 2.0, "the cancelled call was interrupted, not waited for"
     statuses = [(await queue.get(t.id)).status for t in tasks]
     assert statuses == [TaskStatus.SUCCESS, TaskStatus.CANCELLED, TaskStatus.SUCCESS]
+
+
+async def test_a_drain_that_gives_up_on_a_stuck_sequence_keeps_what_already_ran(queue: Queue) -> None:
+    tasks = [NewTask("/score", args(x=i, block_ms=2000 if i == 1 else 0)) for i in range(3)]
+    await queue.enqueue_many(tasks)
+    worker = Worker(SERVICE, queue, name="w", grace=0.1)
+    worker._route_avg["/score"] = 0.0001  # known to be quick: the three go to one thread hop
+    run = asyncio.create_task(worker.run())
+    while 1 not in [x for x, _ in CALLS]:
+        await asyncio.sleep(0.01)
+    worker.stop()  # the grace ends while task 1 is stuck in C code
+    await asyncio.wait_for(run, 5)
+    assert worker.recycle, "a call that would not stop asks for a fresh process"
+    records = [await queue.get(t.id) for t in tasks]
+    # Task 0 returned before the drain gave up: its result stands, it is not run a second time.
+    assert (records[0].status, records[0].attempts) == (TaskStatus.SUCCESS, 1)
+    assert [r.status for r in records[1:]] == [TaskStatus.PENDING, TaskStatus.PENDING]
+    assert [x for x, _ in CALLS] == [0, 1]

@@ -229,6 +229,8 @@ class Worker:
 
     async def _start_buffered(self, free: int) -> None:
         for _ in range(free):
+            if self.stopping:
+                return  # what is still buffered is handed back by the drain
             claim = self.buffer.pop()
             if claim is None:
                 return
@@ -312,7 +314,8 @@ class Worker:
         route = runnings[0].claim.route
         self._route_avg[route] = 0.8 * self._route_avg.get(route, 1.0) + 0.2 * took
         for running, outcome in zip(runnings, outcomes, strict=True):
-            self._running.pop(running.claim.id, None)
+            if self._running.pop(running.claim.id, None) is None:
+                continue  # the drain gave up on it and already reported it
             if outcome is UNSTARTED:  # the sequence ran out of time: back to the buffer, or to the queue
                 claim = running.claim
                 if self.stopping:
@@ -424,10 +427,15 @@ class Worker:
                     handed_back += 1
             if still:
                 await asyncio.wait(still, timeout=0.5)
-                # A thread that will not stop: hand its task back ourselves, the process is exiting.
+                # A thread that will not stop: report for it ourselves, the process is exiting.
+                # Tasks of a sequence that did end keep their outcome; the rest go back.
                 for running in list(self._running.values()):
                     if running.task in still and not running.task.done():
-                        self._outbox.append(Outcome(running.claim.id, running.claim.token, TaskStatus.PENDING))
+                        del self._running[running.claim.id]
+                        outcome = self.executor.settle(running, running.ended)
+                        if outcome is not None:
+                            self._outbox.append(outcome)
                         self.recycle = True
+                self._outbox_ready.set()
         if handed_back:
             logger.info("worker %s handed %d unfinished task(s) back to the queue", self.name, handed_back)

@@ -95,6 +95,9 @@ class Running:
     stop_reason: str | None = None
     started_at: float | None = None
     batch_size: int | None = None  # items in the call that ran it (batchable endpoints)
+    # What its call in a sequence ended with, as soon as it ended: a drain that gives up on
+    # the rest of a stuck sequence still reports the tasks that did run.
+    ended: Any = None
 
     @property
     def timeout(self) -> float | None:
@@ -134,7 +137,14 @@ class Executor:
     def _failed(self, running: Running, exc: BaseException) -> Outcome:
         claim, endpoint = running.claim, running.endpoint
         if isinstance(exc, Retry):
-            return self._outcome(running, TaskStatus.FAILURE, error=describe(exc), retry=True, retry_delay=exc.delay)
+            return self._outcome(
+                running,
+                TaskStatus.FAILURE,
+                error_type="Retry",
+                error_message=str(exc),
+                retry=True,
+                retry_delay=exc.delay,
+            )
         logger.warning(
             "task %s (%s) failed on attempt %d:\n%s",
             claim.id,
@@ -143,15 +153,24 @@ class Executor:
             "".join(traceback.format_exception(exc)).rstrip(),
         )
         retry = bool(endpoint.retry_on) and isinstance(exc, endpoint.retry_on)
-        return self._outcome(running, TaskStatus.FAILURE, error=describe(exc), retry=retry)
+        return self._outcome(
+            running, TaskStatus.FAILURE, error_type=type(exc).__name__, error_message=str(exc), retry=retry
+        )
 
     def _outcome(self, running: Running, status: TaskStatus, **fields: Any) -> Outcome:
-        return Outcome(running.claim.id, running.claim.token, status, started_at=running.started_at, **fields)
+        return Outcome(
+            running.claim.id,
+            running.claim.token,
+            status,
+            started_at=running.started_at,
+            batch_size=running.batch_size,
+            **fields,
+        )
 
     def _stopped(self, running: Running) -> Outcome | None:
         if running.stop_reason == "timeout":
-            error = f"TimeoutError: {running.endpoint.name} ran longer than its timeout of {running.timeout}s"
-            return self._outcome(running, TaskStatus.FAILURE, error=error)
+            message = f"{running.endpoint.name} ran longer than its timeout of {running.timeout}s"
+            return self._outcome(running, TaskStatus.FAILURE, error_type="TimeoutError", error_message=message)
         if running.stop_reason == "shutdown":
             return Outcome(running.claim.id, running.claim.token, TaskStatus.PENDING)
         return None  # cancelled or lost: the store already says what happened
@@ -194,17 +213,19 @@ class Executor:
                 workdir = os.path.join(self.workdir, running.claim.id)
                 call = running.sync = SyncCall()
                 try:
-                    results.append(call.run(self._whole(running, workdir)))
+                    result = call.run(self._whole(running, workdir))
                 except BaseException as exc:  # each task's own outcome, TaskInterrupted included
-                    results.append(exc)
+                    result = exc
                 finally:
                     if running.endpoint.codec.writes_files:
                         shutil.rmtree(workdir, ignore_errors=True)
+                running.ended = result
+                results.append(result)
             return results
 
         results = await loop.run_in_executor(self.pool, context.run, sequence)
         return [
-            UNSTARTED if result is UNSTARTED else self._settle(running, result)
+            UNSTARTED if result is UNSTARTED else self.settle(running, result)
             for running, result in zip(runnings, results, strict=True)
         ]
 
@@ -226,9 +247,9 @@ class Executor:
             if runnings[0].endpoint.codec.writes_files:
                 for running in runnings:
                     shutil.rmtree(os.path.join(self.workdir, running.claim.id), ignore_errors=True)
-        return [self._settle(running, result) for running, result in zip(runnings, results, strict=True)]
+        return [self.settle(running, result) for running, result in zip(runnings, results, strict=True)]
 
-    def _settle(self, running: Running, result: Any) -> Outcome | None:
+    def settle(self, running: Running, result: Any) -> Outcome | None:
         """The outcome of one task run in a sequence or a batch (``result`` None: it never ran)."""
         if running.stop_reason in ("cancelled", "lost"):
             return None  # the store already says what happened; the result is thrown away
@@ -258,12 +279,18 @@ class Executor:
         except asyncio.CancelledError:
             # Cancelled from outside (stop_task): the thread goes on until interrupted.
             await self.interrupt(running, future)
+            if running.stop_reason == "shutdown" and future.done() and future.exception() is None:
+                # The call returned before the interruption could land: it ran, so its result
+                # stands (handing it back would run it a second time).
+                return future.result()  # type: ignore[no-any-return]
             raise
 
     async def interrupt(self, running: Running, future: asyncio.Future[Any]) -> None:
         """Stop a sync call's thread; if it will not stop (stuck in C code), mark the process for recycling."""
         assert running.sync is not None
         running.sync.interrupt()
+        # Whatever the thread ends with is settled here; nobody else awaits this future.
+        future.add_done_callback(_retrieve)
         done, _ = await asyncio.wait([future], timeout=STOP_PATIENCE)
         if not done:
             logger.warning("task %s did not stop when interrupted; this worker will be recycled", running.claim.id)
@@ -295,10 +322,10 @@ class Executor:
         return await loop.run_in_executor(self.pool, codec.dump_result, value)
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # marks it retrieved: an interrupted call's TaskInterrupted is expected
+
+
 def _binary(endpoint: Endpoint) -> bool:
     return any(p.kind in BINARY_KINDS or p.kind == "ndarray" for p in endpoint.codec.params)
-
-
-def describe(exc: BaseException) -> str:
-    message = str(exc)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
