@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from ._transport import AsyncPoolsTransport, PoolsTransport
 from .aio import AsyncHTTPClient, AsyncTask
 from .sync import SyncHTTPClient, Task
 
-__all__ = ["AsyncHTTPClient", "AsyncTask", "SyncHTTPClient", "Task"]
+__all__ = ["AsyncHTTPClient", "AsyncPoolsTransport", "AsyncTask", "PoolsTransport", "SyncHTTPClient", "Task"]

@@ -40,15 +40,20 @@ class EndpointInfo:
     task: bool
     output_kind: str = "json"
     files: list[str] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)
+    wait_many: str | None = None  # the bulk wait route; None on a server that predates it
 
     @classmethod
     def from_schema(cls, entry: dict[str, Any]) -> EndpointInfo:
+        properties = (entry.get("input") or {}).get("properties") or {}
         return cls(
             entry["name"],
             entry["route"],
             entry["task"],
             entry.get("output", {}).get("kind", "json"),
             entry.get("files", []),
+            list(properties),
+            (entry.get("bulk") or {}).get("wait_many"),
         )
 
 

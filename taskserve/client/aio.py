@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any
 
 import httpx
 
 from .._types import TaskStatus
-from ..exceptions import ClientError
+from ..exceptions import ClientError, TaskCancelled, TaskFailed, TaskNotFound, TaskNotReady
 from ._base import (
     DEFAULT_TIMEOUT,
     WAIT_CHUNK,
@@ -22,6 +24,8 @@ from ._base import (
     request_timeout,
     transport_error,
 )
+from ._map import POLL, MapRun, as_arguments, progress_bar
+from ._transport import default_async_transport
 
 
 class AsyncTask:
@@ -115,6 +119,71 @@ class AsyncEndpoint:
         """A handle on an existing task of this endpoint, by id."""
         return AsyncTask(self, task_id)
 
+    def map(self, items: Iterable[Any], *, as_completed: bool = False, progress: bool = False) -> AsyncIterator[Any]:
+        """Run the task on every item and yield the results, in input order unless ``as_completed``.
+
+        The awaitable twin of ``SyncEndpoint.map``: bulk submit, bulk wait (about N / 100
+        requests for N tasks), and a failed or cancelled task yields its exception in place of
+        its result. Work starts when the iteration does.
+
+        Args:
+            items: one dict of arguments per task; for an endpoint with a single parameter, a
+                bare value is that parameter (a dict is always taken as arguments).
+            as_completed: yield each result as its task ends, not in input order.
+            progress: draw a progress bar (needs ``rich``: ``pip install 'taskserve[progress]'``).
+
+        Returns:
+            An async iterator of results, or exception instances for the tasks that did not succeed.
+
+        Raises:
+            ValidationFailed: an item's arguments are invalid (items of earlier chunks of 1,000
+                are queued by then).
+            TypeError: a bare value for an endpoint that takes more than one parameter.
+
+        Example:
+            >>> async for result in client.embed.map(texts, as_completed=True):
+            ...     print(result)
+        """
+        return self._map(list(items), as_completed, progress)
+
+    async def _map(self, items: list[Any], as_completed: bool, progress: bool) -> AsyncIterator[Any]:
+        info = await self._task_info()
+        arguments = as_arguments(info, items)
+        run = MapRun(info, len(arguments), not as_completed, self.task)
+        bar = progress_bar(progress, info.name, run.total)
+        try:
+            for start, chunk in run.chunks(arguments):
+                payload = [encode_json_item(item) for item in chunk]
+                response = await self.client._request("POST", f"{info.route}/submit_many", None, json=payload)
+                run.submitted(start, response.json())
+            while not run.done:
+                run.check()
+                if run.open:
+                    before = len(run.open)
+                    await self._map_wait(info, run)
+                    bar.advance(before - len(run.open))
+                for result in run.take():
+                    yield result
+        finally:
+            bar.close()
+
+    async def _map_wait(self, info: EndpointInfo, run: MapRun) -> None:
+        if info.wait_many is None:  # a server without the bulk route: one task at a time
+            task = self.task(next(iter(run.open)))
+            if (await task.wait(POLL)).is_terminal:
+                run.settle(task.id, await self._outcome(task))
+            return
+        response = await self.client._request("POST", info.wait_many, None, json=run.wait_body(), timeout=POLL + 30)
+        fetch = [self.task(task_id) for task_id, _ in run.absorb(response.json())]
+        for task, outcome in zip(fetch, await asyncio.gather(*(self._outcome(t) for t in fetch)), strict=True):
+            run.settle(task.id, outcome)
+
+    async def _outcome(self, task: AsyncTask) -> Any:
+        try:
+            return await task.get()
+        except (TaskFailed, TaskCancelled, TaskNotReady, TaskNotFound) as exc:
+            return exc
+
     async def _task_info(self) -> EndpointInfo:
         info = await self.info()
         if not info.task:
@@ -128,7 +197,9 @@ class AsyncHTTPClient:
     Args:
         url: the server, like ``http://localhost:3000``.
         timeout: seconds for each request (long polls add their own wait).
-        transport: an httpx async transport, e.g. ``httpx.ASGITransport(app)`` in tests.
+        transport: an httpx async transport, e.g. ``httpx.ASGITransport(app)`` in tests. By default
+            aiohttp's (with ``taskserve[aiohttp]``), else ``AsyncPoolsTransport``: both keep their
+            throughput when hundreds of coroutines share the client, which one httpx pool does not.
 
     Example:
         >>> async with taskserve.AsyncHTTPClient("http://localhost:3000") as client:
@@ -144,6 +215,7 @@ class AsyncHTTPClient:
         headers: dict[str, str] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        transport = transport if transport is not None else default_async_transport()
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport, headers=headers)
         self._endpoints: dict[str, EndpointInfo] | None = None
 

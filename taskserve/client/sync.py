@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
 import httpx
 
 from .._types import TaskStatus
-from ..exceptions import ClientError
+from ..exceptions import ClientError, TaskCancelled, TaskFailed, TaskNotFound, TaskNotReady
 from ._base import (
     DEFAULT_TIMEOUT,
     WAIT_CHUNK,
@@ -22,6 +23,8 @@ from ._base import (
     request_timeout,
     transport_error,
 )
+from ._map import POLL, MapRun, as_arguments, progress_bar
+from ._transport import default_transport
 
 
 class Task:
@@ -111,6 +114,74 @@ class SyncEndpoint:
         """A handle on an existing task of this endpoint, by id."""
         return Task(self, task_id)
 
+    def map(self, items: Iterable[Any], *, as_completed: bool = False, progress: bool = False) -> Iterator[Any]:
+        """Run the task on every item and yield the results, in input order unless ``as_completed``.
+
+        Submits in bulk and waits in bulk, so N tasks cost about N / 100 requests. A task that
+        failed or was cancelled yields its exception (``TaskFailed``, ``TaskCancelled``) in place
+        of its result, so one bad item never costs the others their results. Work starts when
+        the iteration does.
+
+        Args:
+            items: one dict of arguments per task; for an endpoint with a single parameter, a
+                bare value is that parameter (a dict is always taken as arguments).
+            as_completed: yield each result as its task ends, not in input order.
+            progress: draw a progress bar (needs ``rich``: ``pip install 'taskserve[progress]'``).
+
+        Returns:
+            An iterator of results, or exception instances for the tasks that did not succeed.
+
+        Raises:
+            ValidationFailed: an item's arguments are invalid (items of earlier chunks of 1,000
+                are queued by then).
+            TypeError: a bare value for an endpoint that takes more than one parameter.
+
+        Example:
+            >>> for result in client.embed.map([{"text": t} for t in texts], progress=True):
+            ...     if isinstance(result, Exception):
+            ...         print("failed:", result)
+        """
+        self._need_task()
+        return self._map(as_arguments(self.info, items), as_completed, progress)
+
+    def _map(self, arguments: list[dict[str, Any]], as_completed: bool, progress: bool) -> Iterator[Any]:
+        run = MapRun(self.info, len(arguments), not as_completed, self.task)
+        bar = progress_bar(progress, self.info.name, run.total)
+        try:
+            for start, chunk in run.chunks(arguments):
+                run.submitted(
+                    start,
+                    self.client._request(
+                        "POST", f"{self.info.route}/submit_many", None, json=[encode_json_item(item) for item in chunk]
+                    ).json(),
+                )
+            while not run.done:
+                run.check()
+                if run.open:
+                    before = len(run.open)
+                    self._map_wait(run)
+                    bar.advance(before - len(run.open))
+                yield from run.take()
+        finally:
+            bar.close()
+
+    def _map_wait(self, run: MapRun) -> None:
+        if self.info.wait_many is None:  # a server without the bulk route: one task at a time
+            task = self.task(next(iter(run.open)))
+            if task.wait(POLL).is_terminal:
+                run.settle(task.id, self._outcome(task))
+            return
+        body = run.wait_body()
+        answer = self.client._request("POST", self.info.wait_many, None, json=body, timeout=POLL + 30).json()
+        for task_id, _ in run.absorb(answer):
+            run.settle(task_id, self._outcome(self.task(task_id)))
+
+    def _outcome(self, task: Task) -> Any:
+        try:
+            return task.get()
+        except (TaskFailed, TaskCancelled, TaskNotReady, TaskNotFound) as exc:
+            return exc
+
     def _need_task(self) -> None:
         if not self.info.task:
             raise ClientError(f"{self.info.name!r} is an @api endpoint, not a task; call it directly.")
@@ -122,7 +193,8 @@ class SyncHTTPClient:
     Args:
         url: the server, like ``http://localhost:3000``.
         timeout: seconds for each request (long polls add their own wait).
-        transport: an httpx transport, for tests or embedding.
+        transport: an httpx transport, for tests or embedding. By default ``PoolsTransport``,
+            several small pools, so that one client shared by many threads keeps its throughput.
 
     Example:
         >>> with taskserve.SyncHTTPClient("http://localhost:3000") as client:
@@ -138,6 +210,7 @@ class SyncHTTPClient:
         headers: dict[str, str] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        transport = transport if transport is not None else default_transport()
         self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport, headers=headers)
         self._endpoints: dict[str, EndpointInfo] | None = None
 

@@ -1,9 +1,10 @@
-"""Routes of SPEC §3: one set per endpoint, plus the service-wide ones."""
+"""The HTTP routes: one set per endpoint (submit, status, get, wait, cancel, retry, call) and the service-wide ones."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +21,7 @@ from .._wire import InputLimits
 from ..exceptions import InvalidTransition, QueueUnavailable
 from ..queue.base import Queue
 from ..service import Endpoint, Service
-from . import openapi
+from . import bulk, openapi
 from ._errors import EXCEPTION_HANDLERS
 from .inputs import read_arguments, read_many
 from .metrics import Metrics
@@ -32,6 +33,7 @@ DEFAULT_MAX_BODY = 100 * 1024 * 1024
 MAX_WAIT = 300.0
 DEFAULT_CALL_TIMEOUT = 300.0  # a direct call waits at most this (or its endpoint's timeout + 30 s)
 NO_WORKER_GRACE = 5.0  # a direct call waits this long for a worker to appear before it answers 503
+CLOSE_TIMEOUT = 5.0  # seconds closing the broker connection may take at shutdown
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -72,6 +74,7 @@ class EndpointRoutes:
         return [
             Route(f"{r}/submit", self.submit, methods=["POST"]),
             Route(f"{r}/submit_many", self.submit_many, methods=["POST"]),
+            Route(f"{r}/wait_many", functools.partial(bulk.wait_many, self), methods=["POST"]),
             Route(f"{r}/status", self.status, methods=["GET"]),
             Route(f"{r}/get", self.get, methods=["GET"]),
             Route(f"{r}/wait", self.wait, methods=["GET"]),
@@ -297,7 +300,11 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await queue.close()
+            try:
+                # A broker that went away must not hold the process: the connection is dropped anyway.
+                await asyncio.wait_for(queue.close(), CLOSE_TIMEOUT)
+            except asyncio.TimeoutError:
+                logger.warning("closing the broker connection took over %.0fs; leaving it", CLOSE_TIMEOUT)
 
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.queue = queue

@@ -9,9 +9,27 @@ from .. import __version__
 from .._wire import DEFAULT_MAX_JSON_DEPTH, SAFE_IMAGE_FORMATS
 from ..codec import ARRAY_SCHEMA
 from ..service import Endpoint, Service
+from .bulk import DEFAULT_WAIT, INLINE_BUDGET, INLINE_RESULT, MAX_IDS, MAX_WAIT
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 STATUS = {"$ref": "#/components/schemas/TaskStatus"}
+WORKER = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "host": {"type": "string"},
+        "pid": {"type": "integer"},
+        "routes": {"type": "array", "items": {"type": "string"}},
+        "concurrency": {"type": "integer"},
+        "state": {"type": "string", "enum": ["starting", "ready", "stopping"]},
+        "started_at": {"type": "string", "format": "date-time"},
+        "last_seen": {"type": "string", "format": "date-time"},
+        "running": {"type": "array", "items": {"type": "string"}},
+        "gpus": {"type": "array", "items": {"type": "string"}},
+        "done": {"type": "integer"},
+        "failed": {"type": "integer"},
+    },
+}
 TASK_ID_PARAM = {"name": "task_id", "in": "query", "required": True, "schema": {"type": "string"}}
 IMAGE_TYPES = ", ".join(f"image/{f.lower()}" for f in SAFE_IMAGE_FORMATS)
 DESCRIPTION = (
@@ -32,9 +50,49 @@ def service_schema(service: Service) -> dict[str, Any]:
         "name": service.name,
         "version": __version__,
         "endpoints": [
-            {"name": ep.name, "route": ep.route, "task": ep.is_task, **ep.codec.describe()} for ep in service.endpoints
+            {"name": ep.name, "route": ep.route, "task": ep.is_task, **ep.codec.describe(), **_bulk(ep)}
+            for ep in service.endpoints
         ],
     }
+
+
+def _bulk(ep: Endpoint) -> dict[str, Any]:
+    """Where a client finds the bulk routes of a task endpoint; their absence means an older server."""
+    if not ep.is_task:
+        return {}
+    return {
+        "bulk": {"submit_many": f"{ep.route}/submit_many", "wait_many": f"{ep.route}/wait_many", "max_ids": MAX_IDS}
+    }
+
+
+WAIT_MANY_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "required": ["task_ids"],
+    "additionalProperties": False,
+    "properties": {
+        "task_ids": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_IDS},
+        "timeout": {"type": "number", "minimum": 0, "maximum": MAX_WAIT, "default": DEFAULT_WAIT},
+        "min_done": {"type": "integer", "minimum": 1, "default": 1},
+        "results": {"type": "boolean", "default": True},
+    },
+}
+WAIT_MANY_RESPONSE: dict[str, Any] = {
+    "type": "object",
+    "required": ["tasks", "pending", "missing"],
+    "properties": {
+        "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/TaskOutcome"}},
+        "pending": {"type": "array", "items": {"type": "string"}},
+        "missing": {"type": "array", "items": {"type": "string"}},
+    },
+}
+WAIT_MANY_DESCRIPTION = (
+    "Long poll on many tasks of this route at once. Answers once at least min(min_done, len(task_ids)) of them "
+    "have ended (or at once if an id is unknown), or after timeout seconds, with whatever has ended by then. "
+    "tasks: the ended ones, in request order, each a TaskStatus plus, on success, either result (the JSON "
+    f"result inline, up to {INLINE_RESULT} bytes each and {INLINE_BUDGET} bytes per answer) or result_url "
+    "(GET it, as for files and images). pending: ids not ended yet. missing: ids unknown on this route "
+    "(expired, never submitted, or of another route)."
+)
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -110,6 +168,10 @@ def openapi_document(service: Service) -> dict[str, Any]:
             "properties": {"task_id": {"type": "string"}, "status": {"type": "string"}},
         },
         "NDArray": ARRAY_SCHEMA,
+        "TaskOutcome": {
+            "allOf": [STATUS],
+            "properties": {"result": {}, "result_url": {"type": "string"}},
+        },
     }
     paths: dict[str, Any] = {}
     for ep in service.endpoints:
@@ -136,7 +198,10 @@ def openapi_document(service: Service) -> dict[str, Any]:
                     "422": invalid,
                     "413": _error("The body is larger than --max-body-size."),
                     "500": _error("The call failed."),
-                    "503": _error("Queue unavailable."),
+                    "503": _error("Queue unavailable, or no worker is serving this route (the message says which)."),
+                    "504": _error(
+                        "The call did not finish within its time limit (the endpoint's timeout or --call-timeout)."
+                    ),
                 },
             }
         }
@@ -182,6 +247,21 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 },
             }
         }
+        paths[f"{ep.route}/wait_many"] = {
+            "post": {
+                "summary": f"Wait for many {ep.name} tasks and fetch their results",
+                "description": WAIT_MANY_DESCRIPTION,
+                "operationId": f"{ep.name}_wait_many",
+                "tags": tag,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": WAIT_MANY_REQUEST}}},
+                "responses": {
+                    "200": _json("The ended tasks, and the ids still pending or unknown.", WAIT_MANY_RESPONSE),
+                    "413": _error("The body is larger than 1 MiB."),
+                    "422": _error("An invalid body; detail names the field."),
+                    "503": _error("Queue unavailable."),
+                },
+            }
+        }
         paths[f"{ep.route}/status"] = {
             "get": {
                 **by_id,
@@ -220,8 +300,37 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "put": {**op, "operationId": f"{ep.name}_{action}_put"},
             }
     plain = {"200": {"description": "OK"}}
-    for path in ("/schema.json", "/docs.json", "/healthz", "/readyz", "/metrics"):
+    for path in ("/schema.json", "/docs.json", "/healthz", "/metrics"):
         paths[path] = {"get": {"operationId": path.strip("/").replace(".", "_"), "responses": plain}}
+    counts = {"type": "object", "additionalProperties": {"type": "integer"}, "description": "Ready workers per route."}
+    ready_fields: dict[str, Any] = {"status": {"type": "string"}, "broker": {"type": "string"}, "workers": counts}
+    ready = {"type": "object", "properties": ready_fields}
+    paths["/readyz"] = {
+        "get": {
+            "operationId": "readyz",
+            "summary": "Ready when the broker answers and a live worker serves every route",
+            "responses": {
+                "200": _json("Ready; the worker count of each route.", ready),
+                "503": _json(
+                    "Not ready: the broker is away (error) or a route has no worker (status no_workers).",
+                    {**ready, "properties": {**ready_fields, "error": {"type": "string"}}},
+                ),
+            },
+        }
+    }
+    paths["/workers"] = {
+        "get": {
+            "operationId": "workers",
+            "summary": "The worker processes that report to the broker, from any host",
+            "responses": {
+                "200": _json(
+                    "Live workers, each with its routes, state, running tasks and tallies.",
+                    {"type": "object", "properties": {"workers": {"type": "array", "items": WORKER}}},
+                ),
+                "503": _error("Queue unavailable."),
+            },
+        }
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": service.name, "version": __version__, "description": DESCRIPTION},
