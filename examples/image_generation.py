@@ -1,4 +1,4 @@
-"""The service of SPEC §1, with a procedural Pillow image standing in for a diffusion model.
+"""The demo service: images from a prompt, with a procedural Pillow image standing in for a diffusion model.
 
 Run it with ``taskserve serve examples.image_generation:ImageGenerationService``.
 """

@@ -1,4 +1,4 @@
-"""SPEC §3 against a real ``taskserve serve`` (uvicorn + worker processes), on each broker."""
+"""The HTTP API (docs/api.md) against a real ``taskserve serve`` (uvicorn + worker processes), on each broker."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from openapi_spec_validator import validate
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 import taskserve
 
@@ -27,6 +28,16 @@ def submit(served: Server, route: str, **args: object) -> str:
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "pending"
     return str(r.json()["task_id"])
+
+
+def submitted(served: Server, endpoint: str) -> float:
+    """The value of the API's submitted-tasks counter for ``endpoint`` (0 before the first submit)."""
+    text = httpx.get(f"{served.url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "taskserve_tasks_submitted_total" and sample.labels.get("endpoint") == endpoint:
+                return sample.value
+    return 0.0
 
 
 def finished(served: Server, route: str, task_id: str) -> dict[str, object]:
@@ -57,6 +68,18 @@ def test_failure_keeps_the_error_and_retry_makes_a_new_task(client: taskserve.Sy
     assert new_task.wait(timeout=20).value == "failure"
     assert task.get_status().value == "failure"  # the old one is unchanged
     assert task.status()["attempts"] == 1
+
+
+def test_an_exception_in_retry_on_runs_the_task_again(client: taskserve.SyncHTTPClient, tmp_path) -> None:
+    log = tmp_path / "runs.log"
+    task = client.flaky_connection.submit(log=str(log), failures=2)
+    assert task.get(timeout=20) == 3
+    assert task.status()["attempts"] == 3
+    assert log.read_text().split() == ["run"] * 3
+    exhausted = client.flaky_connection.submit(log=str(tmp_path / "other.log"), failures=5)
+    assert exhausted.wait(timeout=20).value == "failure"
+    assert exhausted.status()["attempts"] == 3  # max_attempts: no fourth run
+    assert exhausted.status()["error"] == "ConnectionError: run 3 failed"
 
 
 def test_status_json_has_the_contract_fields(served: Server) -> None:
@@ -126,12 +149,14 @@ def test_get_of_a_failed_task_is_409_with_the_failure(served: Server) -> None:
     [({"a": "three"}, "a"), ({"b": 2}, "a"), ({"a": 1, "c": 2}, "c")],
 )
 def test_invalid_input_is_422_naming_the_field_and_queues_nothing(served: Server, body: dict, field: str) -> None:
-    before = httpx.get(f"{served.url}/metrics").text.count('taskserve_tasks_submitted_total{endpoint="add"}')
+    before = submitted(served, "add")
     r = httpx.post(f"{served.url}/add/submit", json=body)
     assert r.status_code == 422
     assert field in r.json()["error"]
     assert any(d["loc"] == [field] for d in r.json()["detail"])
-    assert httpx.get(f"{served.url}/metrics").text.count('taskserve_tasks_submitted_total{endpoint="add"}') == before
+    assert submitted(served, "add") == before
+    submit(served, "add", a=1)  # the counter does move when something is queued
+    assert submitted(served, "add") == before + 1
 
 
 def test_malformed_json_is_422(served: Server) -> None:

@@ -1,4 +1,4 @@
-"""SPEC §4: durability, crash recovery, cancel and drain, with processes really killed."""
+"""Durability, crash recovery, cancel and drain, with processes really killed."""
 
 from __future__ import annotations
 
