@@ -10,6 +10,7 @@ import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import pytest
 
 from taskserve._types import WORKER_LOST, Claim, NewTask, Outcome, TaskStatus, WorkerInfo
 from taskserve.exceptions import InvalidTransition, QueueError, QueueUnavailable, TaskNotFound
-from taskserve.queue import Queue
+from taskserve.queue import Queue, lifecycle
+from taskserve.queue.lifecycle import Move
 
 from .conftest import REDIS_URL, RedisServer, clear_redis, need_redis
 
@@ -759,3 +761,45 @@ async def test_redis_purge_sweeps_expired_tasks_out_of_the_listing_indexes(redis
     assert await raw.smembers(f"{redis_prefix}:ixroutes") == {b"/keep"}
     await raw.aclose()
     await queue.close()
+
+
+# -- the state machine's one write primitive (lifecycle.Move), on both backends --------------
+
+
+async def test_a_move_applies_only_where_its_guards_hold_and_the_first_that_holds_wins(queue: Queue) -> None:
+    record = await queue.enqueue(task(max_attempts=2))
+    [claim] = await queue.claim(["/gen"], "w")
+    ts = time.time()
+    assert await queue._apply([(record.id, [Move(TaskStatus.SUCCESS, token="another claim")])], ts) == [False]
+    assert await queue._apply([(record.id, lifecycle.lost())], ts) == [False], "its lease still holds"
+    assert await queue._apply([("no-such-task", lifecycle.cancelled("r"))], ts) == [False]
+    assert (await queue.get(record.id)).status is TaskStatus.IN_PROGRESS
+
+    def retry_or_fail(token: str) -> list[Move]:
+        failure = Move(TaskStatus.FAILURE, token=token, error=("E", "x"), error_text="E: x")
+        return [replace(failure, to=TaskStatus.PENDING, attempts_left=True, reason="retry", delay=0.0), failure]
+
+    # Attempt 1 of 2: the retry holds. Attempt 2: no attempt is left, so the failure does.
+    assert await queue._apply([(record.id, retry_or_fail(claim.token))], time.time()) == [True]
+    assert (await queue.get(record.id)).status is TaskStatus.PENDING
+    [again] = await queue.claim(["/gen"], "w")
+    assert await queue._apply([(record.id, retry_or_fail(again.token))], time.time()) == [True]
+    ended = await queue.get(record.id)
+    assert (ended.status, ended.error, [e["attempt"] for e in ended.errors]) == (TaskStatus.FAILURE, "E: x", [1, 2])
+    # Terminal is final: no move applies any more, whatever its guards.
+    assert await queue._apply([(record.id, lifecycle.cancelled("r"))], time.time()) == [False]
+    assert [e.data["status"] for e in await queue.events(record.id)][-1] == "failure"
+
+
+async def test_moves_of_many_tasks_apply_each_on_its_own(queue: Queue) -> None:
+    records = await queue.enqueue_many([task() for _ in range(3)])
+    claims = {c.id: c for c in await queue.claim(["/gen"], "w", limit=3)}
+    items = [
+        (records[0].id, lifecycle.finished(Outcome(records[0].id, claims[records[0].id].token, TaskStatus.SUCCESS))),
+        (records[1].id, lifecycle.finished(Outcome(records[1].id, "stale token", TaskStatus.SUCCESS))),
+        (records[2].id, lifecycle.cancelled("r")),
+    ]
+    assert await queue._apply(items, time.time()) == [True, False, True]
+    statuses = [(await queue.get(r.id)).status for r in records]
+    assert statuses == [TaskStatus.SUCCESS, TaskStatus.IN_PROGRESS, TaskStatus.CANCELLED]
+    assert await queue.finished_counts() == {("/gen", "success"): 1, ("/gen", "cancelled"): 1}

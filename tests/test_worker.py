@@ -102,6 +102,7 @@ async def test_a_drain_longer_than_the_lease_keeps_renewing_and_records_the_resu
     assert await queue.get_result(task.id) is not None
 
 
+@pytest.mark.interrupts_threads
 async def test_a_per_task_timeout_applies_where_the_endpoint_has_none(queue: Queue) -> None:
     task = await queue.enqueue(NewTask("/score", args(x=3, sleep_ms=3000), timeout=0.3, max_attempts=1))
     began = time.monotonic()
@@ -147,6 +148,7 @@ async def test_a_claim_whose_lease_may_have_lapsed_is_not_started(queue: Queue) 
     assert CALLS == [] and (await queue.get(task.id)).status is TaskStatus.IN_PROGRESS
 
 
+@pytest.mark.interrupts_threads
 def test_interrupting_a_call_as_it_returns_never_harms_the_pool_thread() -> None:
     pool = ThreadPoolExecutor(max_workers=1)
     rng = random.Random(1)
@@ -175,6 +177,7 @@ def test_interrupting_a_call_as_it_returns_never_harms_the_pool_thread() -> None
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+@pytest.mark.interrupts_threads
 async def test_quick_tasks_run_in_sequence_and_a_cancel_stops_only_its_own(queue: Queue) -> None:
     tasks = [NewTask("/score", args(x=i, sleep_ms=3000 if i == 1 else 0)) for i in range(3)]
     await queue.enqueue_many(tasks)
@@ -191,6 +194,7 @@ async def test_quick_tasks_run_in_sequence_and_a_cancel_stops_only_its_own(queue
     assert statuses == [TaskStatus.SUCCESS, TaskStatus.CANCELLED, TaskStatus.SUCCESS]
 
 
+@pytest.mark.interrupts_threads
 async def test_a_drain_that_gives_up_on_a_stuck_sequence_keeps_what_already_ran(queue: Queue) -> None:
     tasks = [NewTask("/score", args(x=i, block_ms=2000 if i == 1 else 0)) for i in range(3)]
     await queue.enqueue_many(tasks)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
-from .._types import Event, NewTask, Outcome, TaskRecord, TaskStatus, event_id, split_error
+from .._types import Event, NewTask, TaskRecord, TaskStatus, event_id
 from .base import Watch
 
 # Numbered migrations; PRAGMA user_version records the last one applied. Only append.
@@ -59,8 +59,9 @@ MIGRATIONS: list[tuple[int, str]] = [
         # log. The purge time was called expires_at; that name now means the TTL deadline, so the column is renamed
         # (its index follows) and expires_at comes back as a new, empty column. Old rows read
         # back with the new fields empty; their first event is number 1.
-        # A trigger appends a task's status events, so every write that changes a status logs it
-        # in its own transaction, in SQLite's C code rather than a statement more per write.
+        # A trigger appends a task's status events (a move back to pending says why, in
+        # reason; see lifecycle.py), so every write that changes a status logs it in its own
+        # transaction, in SQLite's C code rather than a statement more per write.
         # Event 1, the submit, is the task row itself (read_events): a submit writes no page more.
         # The listing index holds finished tasks only (they alone have a completed_at), so it takes
         # one write per task, at its end; active tasks are listed through their state's partial index.
@@ -76,6 +77,7 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE tasks ADD COLUMN idempotency_key TEXT;
         ALTER TABLE tasks ADD COLUMN args_hash TEXT;
         ALTER TABLE tasks ADD COLUMN batch_size INTEGER;
+        ALTER TABLE tasks ADD COLUMN reason TEXT;
         CREATE INDEX IF NOT EXISTS tasks_listing ON tasks (status, route, id) WHERE completed_at IS NOT NULL;
         CREATE INDEX IF NOT EXISTS tasks_idempotency ON tasks (route, idempotency_key)
             WHERE idempotency_key IS NOT NULL;
@@ -90,10 +92,7 @@ MIGRATIONS: list[tuple[int, str]] = [
                 (SELECT coalesce(max(seq), 1) + 1 FROM events WHERE task_id = new.id),
                 'status',
                 CASE WHEN new.status != 'pending' THEN json_object('status', new.status)
-                     ELSE json_object('status', 'pending', 'reason', CASE
-                        WHEN new.attempts < old.attempts THEN 'released'
-                        WHEN new.error LIKE 'WorkerLost:%' THEN 'lost'
-                        ELSE 'retry' END) END,
+                     ELSE json_object('status', 'pending', 'reason', new.reason) END,
                 (julianday('now') - 2440587.5) * 86400.0
             );
         END;
@@ -239,93 +238,6 @@ def insert_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
         " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         rows,
     )
-
-
-# -- finishing -------------------------------------------------------------------------------
-
-# One failed attempt, appended to the record's errors in the UPDATE that records it.
-ADD_ERROR = (
-    "errors = json_insert(coalesce(errors, '[]'), '$[#]',"
-    " json_object('attempt', attempts, 'type', ?, 'message', ?, 'at', ?))"
-)
-
-
-def finish_rows(
-    conn: sqlite3.Connection, outcomes: Sequence[Outcome], ts: float, purge_at: float
-) -> tuple[list[bool], list[str], bool]:
-    """Apply outcomes whose claim still holds: ``(applied per outcome, ended ids, any re-queued)``."""
-    applied: list[bool] = []
-    ended: collections.Counter[tuple[str, str]] = collections.Counter()
-    terminal: list[str] = []
-    requeued = False
-    for o in outcomes:
-        held = (o.id, o.token)
-        row: Any = None
-        if o.status is TaskStatus.SUCCESS:
-            row = conn.execute(
-                "UPDATE tasks SET status = 'success', result = ?, content_type = ?, completed_at = ?,"
-                " purge_at = ?, token = NULL, lease_expires = NULL, error = NULL,"
-                " started_at = coalesce(?, started_at), batch_size = coalesce(?, batch_size)"
-                " WHERE id = ? AND token = ? AND status = 'in_progress' RETURNING route",
-                (o.result, o.content_type, ts, purge_at, o.started_at, o.batch_size, *held),
-            ).fetchone()
-            if row is not None:
-                terminal.append(o.id)
-                ended[(row[0], "success")] += 1
-        elif o.status is TaskStatus.PENDING:
-            row = conn.execute(
-                "UPDATE tasks SET status = 'pending', attempts = attempts - 1, token = NULL, lease_expires = NULL,"
-                " started_at = NULL, worker = NULL"
-                " WHERE id = ? AND token = ? AND status = 'in_progress' RETURNING route",
-                held,
-            ).fetchone()
-            requeued = requeued or row is not None
-        else:
-            kind, message = o.error_parts()
-            error = (kind, message, ts)
-            if o.retry:
-                row = conn.execute(
-                    f"UPDATE tasks SET status = 'pending', run_at = ?, error = ?, {ADD_ERROR}, token = NULL,"
-                    " lease_expires = NULL, worker = NULL, started_at = coalesce(?, started_at),"
-                    " batch_size = coalesce(?, batch_size)"
-                    " WHERE id = ? AND token = ? AND status = 'in_progress' AND attempts < max_attempts"
-                    " RETURNING route",
-                    (ts + o.retry_delay, o.error, *error, o.started_at, o.batch_size, *held),
-                ).fetchone()
-                requeued = requeued or row is not None
-            if row is None:
-                row = conn.execute(
-                    f"UPDATE tasks SET status = 'failure', error = ?, {ADD_ERROR}, completed_at = ?, purge_at = ?,"
-                    " token = NULL, lease_expires = NULL, started_at = coalesce(?, started_at),"
-                    " batch_size = coalesce(?, batch_size)"
-                    " WHERE id = ? AND token = ? AND status = 'in_progress' RETURNING route",
-                    (o.error, *error, ts, purge_at, o.started_at, o.batch_size, *held),
-                ).fetchone()
-                if row is not None:
-                    terminal.append(o.id)
-                    ended[(row[0], "failure")] += 1
-        applied.append(row is not None)
-    count_finished(conn, ended)
-    return applied, terminal, requeued
-
-
-def recover_rows(conn: sqlite3.Connection, ts: float, purge_at: float, error: str) -> tuple[int, list[str]]:
-    """Lapsed leases: back to pending while attempts remain, else failed as worker lost."""
-    lost = (error, *split_error(error), ts)
-    requeued = conn.execute(
-        "UPDATE tasks INDEXED BY tasks_leases SET status = 'pending', token = NULL, lease_expires = NULL,"
-        f" worker = NULL, error = ?, {ADD_ERROR}"
-        " WHERE status = 'in_progress' AND lease_expires < ? AND attempts < max_attempts RETURNING id",
-        (*lost, ts),
-    ).fetchall()
-    failed = conn.execute(
-        f"UPDATE tasks INDEXED BY tasks_leases SET status = 'failure', error = ?, {ADD_ERROR}, completed_at = ?,"
-        " purge_at = ?, token = NULL, lease_expires = NULL"
-        " WHERE status = 'in_progress' AND lease_expires < ? RETURNING id, route",
-        (*lost, ts, purge_at, ts),
-    ).fetchall()
-    count_finished(conn, collections.Counter((r[1], "failure") for r in failed))
-    return len(requeued), [r[0] for r in failed]
 
 
 def statements(sql: str) -> list[str]:

@@ -13,13 +13,27 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from .._types import Claim, Event, NewTask, Outcome, Result, TaskRecord, TaskStatus, WorkerInfo, args_hash, event_seq
+from .._types import (
+    WORKER_LOST,
+    Claim,
+    Event,
+    NewTask,
+    Outcome,
+    Result,
+    TaskRecord,
+    TaskStatus,
+    WorkerInfo,
+    args_hash,
+    event_seq,
+)
 from ..exceptions import InvalidTransition, TaskNotFound
+from . import lifecycle
 
 DEFAULT_RETENTION = 24 * 3600.0
 DEFAULT_LEASE = 30.0
@@ -159,13 +173,13 @@ class Queue(abc.ABC):
             raise InvalidTransition(
                 f"Task {task_id!r} has already ended ({record.status.value}) and cannot be cancelled.", record.status
             )
-        cancelled = await self._cancel(task_id, now())
-        if cancelled is None:  # it finished between our read and our write
+        [cancelled] = await self._apply([(task_id, lifecycle.cancelled(os.urandom(8).hex()))], now())
+        if not cancelled:  # it finished between our read and our write
             record = await self.get(task_id, route)
             raise InvalidTransition(
                 f"Task {task_id!r} has already ended ({record.status.value}) and cannot be cancelled.", record.status
             )
-        return cancelled
+        return await self.get(task_id, route)
 
     async def retry(self, task_id: str, route: str | None = None) -> TaskRecord:
         """Submit a new task with the arguments of a finished one; the old one is unchanged."""
@@ -248,7 +262,7 @@ class Queue(abc.ABC):
         """
         if not outcomes:
             return []
-        return await self._finish(list(outcomes), now())
+        return await self._apply([(o.id, lifecycle.finished(o)) for o in outcomes], now())
 
     async def finish_and_claim(
         self,
@@ -281,7 +295,7 @@ class Queue(abc.ABC):
 
     async def abandon(self, worker: str) -> int:
         """Treat every lease ``worker`` holds as lapsed now (its process is known to be dead)."""
-        return await self._abandon(worker, now())
+        return await self._recover(worker)
 
     def listen_for_cancel(self) -> None:  # noqa: B027 - optional hook
         """Start hearing cancels from other processes (calls ``cancel_listeners``); workers call it once."""
@@ -312,7 +326,15 @@ class Queue(abc.ABC):
 
     async def recover(self) -> int:
         """Re-queue tasks whose lease lapsed (their worker died); fail those out of attempts."""
-        return await self._recover(now())
+        return await self._recover(None)
+
+    async def _recover(self, worker: str | None) -> int:
+        ts = now()
+        ids = await self._lapsed(ts, worker)
+        if not ids:
+            return 0
+        moves = lifecycle.lost(WORKER_LOST)
+        return sum(await self._apply([(task_id, moves) for task_id in ids], ts))
 
     async def purge(self) -> int:
         """Delete finished tasks older than the retention time; returns how many."""
@@ -362,21 +384,29 @@ class Queue(abc.ABC):
     async def _get_result(self, task_id: str) -> Result | None: ...
 
     @abc.abstractmethod
-    async def _cancel(self, task_id: str, ts: float) -> TaskRecord | None:
-        """Atomically move a non-terminal task to ``cancelled``; ``None`` if it was terminal."""
+    async def _apply(self, items: list[tuple[str, list[lifecycle.Move]]], ts: float) -> list[bool]:
+        """The one write of the state machine: per task, the first move whose guards hold.
+
+        Atomic per task (guards checked and effects made in one transaction or script), and
+        safe to re-send after a lost reply. Returns, per task, whether a move was applied.
+        """
+
+    @abc.abstractmethod
+    async def _lapsed(self, ts: float, worker: str | None) -> list[str]:
+        """Running tasks whose lease ran out, for ``lifecycle.lost``.
+
+        With ``worker``, first make every lease that worker holds lapse and forget the worker.
+        """
 
     @abc.abstractmethod
     async def _claim(
         self, routes: list[str], worker: str, limit: int, lease: float, ts: float, min_priority: int | None
     ) -> list[Claim]: ...
 
-    @abc.abstractmethod
-    async def _finish(self, outcomes: list[Outcome], ts: float) -> list[bool]: ...
-
     async def _finish_and_claim(
         self, outcomes: list[Outcome], routes: list[str], worker: str, limit: int, lease: float, ts: float
     ) -> list[Claim]:
-        await self._finish(outcomes, ts)
+        await self._apply([(o.id, lifecycle.finished(o)) for o in outcomes], ts)
         return await self._claim(routes, worker, limit, lease, ts, None)
 
     @abc.abstractmethod
@@ -386,16 +416,10 @@ class Queue(abc.ABC):
     async def _still_held(self, held: dict[str, str]) -> set[str]: ...
 
     @abc.abstractmethod
-    async def _recover(self, ts: float) -> int: ...
-
-    @abc.abstractmethod
     async def _purge(self, ts: float) -> int: ...
 
     @abc.abstractmethod
     async def _counts(self) -> dict[tuple[str, str], int]: ...
-
-    @abc.abstractmethod
-    async def _abandon(self, worker: str, ts: float) -> int: ...
 
     @abc.abstractmethod
     async def _finished_counts(self) -> dict[tuple[str, str], int]: ...

@@ -50,19 +50,17 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("The Redis broker needs the redis package: pip install 'taskserve[redis]'.") from exc
 
 from .._types import (
-    WORKER_LOST,
     Claim,
     Event,
     NewTask,
-    Outcome,
     Result,
     TaskRecord,
     TaskStatus,
     WorkerInfo,
     event_id,
-    split_error,
 )
 from ..exceptions import QueueError, QueueUnavailable
+from . import lifecycle
 from .base import DEFAULT_RETENTION, Queue, Watch, now
 
 logger = logging.getLogger("taskserve.queue")
@@ -77,9 +75,7 @@ MAX_CONNECTIONS = 100  # per process; more callers wait for a free connection (`
 POOL_WAIT = 20.0  # seconds a caller waits for a free connection before QueueUnavailable
 
 # The Lua lives in lua/*.lua, read once at import; each script is the prelude plus its body.
-SCRIPT_NAMES = (
-    *("enqueue", "claim", "finish", "extend", "cancel", "recover", "counts", "heartbeat", "workers", "list", "sweep"),
-)
+SCRIPT_NAMES = (*("enqueue", "claim", "move", "extend", "lapsed", "counts", "heartbeat", "workers", "list", "sweep"),)
 
 
 def _load_scripts() -> dict[str, str]:
@@ -89,6 +85,35 @@ def _load_scripts() -> dict[str, str]:
 
 
 SCRIPTS = _load_scripts()
+
+
+def _move_args(task_id: str, moves: list[lifecycle.Move], ts: float) -> list[Any]:
+    """A task's moves as ``move.lua`` reads them: id, the result bytes, the moves as JSON."""
+    result, encoded = b"", []
+    for m in moves:
+        fields: dict[str, Any] = {"to": m.to.value, "held": [s.value for s in m.held]}
+        optional = {
+            "token": m.token,
+            "lapsed": m.lapsed or None,
+            "left": m.attempts_left or None,
+            "reason": m.reason,
+            "delay": m.delay,
+            "give": m.give_back_attempt or None,
+            "etext": m.error_text,
+            "ctype": m.content_type,
+            # The start travels as an age by this host's clock; the script subtracts it from Redis's now.
+            "age": None if m.started_at is None else max(0.0, ts - m.started_at),
+            "batch": m.batch_size,
+            "stamp": m.stamp,
+            "tell": m.tells_holder or None,
+        }
+        fields.update((k, v) for k, v in optional.items() if v is not None)
+        if m.error is not None:
+            fields["etype"], fields["emsg"] = m.error
+        if m.result is not None:
+            fields["result"], result = True, m.result
+        encoded.append(fields)
+    return [task_id, result, json.dumps(encoded)]
 
 
 def _float(value: str | None) -> float | None:
@@ -428,10 +453,6 @@ class RedisQueue(Queue):
             return None
         return Result(body, content_type.decode() if content_type else "application/octet-stream")
 
-    async def _cancel(self, task_id: str, ts: float) -> TaskRecord | None:
-        values = await self._run("cancel", self._retention_ms(), os.urandom(8).hex(), task_id, *RECORD_FIELDS)
-        return None if values is None else _record(task_id, values)
-
     async def _claim(
         self, routes: list[str], worker: str, limit: int, lease: float, ts: float, min_priority: int | None
     ) -> list[Claim]:
@@ -443,17 +464,11 @@ class RedisQueue(Queue):
             for task_id, route, args, n, max_n, t, pr in rows
         ]
 
-    async def _finish(self, outcomes: list[Outcome], ts: float) -> list[bool]:
+    async def _apply(self, items: list[tuple[str, list[lifecycle.Move]]], ts: float) -> list[bool]:
         args: list[Any] = [self._retention_ms()]
-        for o in outcomes:
-            kind = {TaskStatus.SUCCESS: "n" if o.result is None else "s", TaskStatus.PENDING: "p"}.get(o.status, "f")
-            retry_delay = repr(max(0.0, o.retry_delay)) if o.retry else ""
-            # The start travels as an age by this host's clock; the script subtracts it from Redis's now.
-            age = "" if o.started_at is None else repr(max(0.0, ts - o.started_at))
-            args += [o.id, o.token, kind, o.result or b"", o.content_type or "", o.error or "", retry_delay, age]
-            args += [*(o.error_parts() if kind == "f" else ("", "")), "" if o.batch_size is None else o.batch_size]
-        applied = await self._run("finish", *args)
-        return [bool(a) for a in applied]
+        for task_id, moves in items:
+            args += _move_args(task_id, moves, ts)
+        return [bool(a) for a in await self._run("move", *args)]
 
     async def _extend(self, held: dict[str, str], lease: float, ts: float) -> set[str]:
         pairs = [part for item in held.items() for part in item]
@@ -472,11 +487,8 @@ class RedisQueue(Queue):
             if status == b"in_progress" and stored == token.encode()
         }
 
-    async def _recover(self, ts: float, worker: str = "") -> int:
-        return int(await self._run("recover", self._retention_ms(), WORKER_LOST, worker, *split_error(WORKER_LOST)))
-
-    async def _abandon(self, worker: str, ts: float) -> int:
-        return await self._recover(ts, worker)
+    async def _lapsed(self, ts: float, worker: str | None) -> list[str]:
+        return [i.decode() for i in await self._run("lapsed", worker or "")]
 
     async def _purge(self, ts: float) -> int:
         # Redis expires finished tasks by itself; the route set and the listing indexes need pruning.

@@ -14,7 +14,6 @@ Durability: ``synchronous=NORMAL`` in WAL mode survives any process crash (``kil
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import os
@@ -24,23 +23,21 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlparse
 
-from .._types import WORKER_LOST, Claim, Event, NewTask, Outcome, Result, TaskRecord, WorkerInfo
+from .._types import Claim, Event, NewTask, Outcome, Result, TaskRecord, WorkerInfo
 from ..exceptions import QueueUnavailable
-from . import _wake
+from . import _wake, lifecycle
+from ._sqlite_moves import Moved, lapsed_ids, move_rows
 from ._sqlite_schema import (
     MIGRATIONS as MIGRATIONS,
     RECORD_COLUMNS,
     SQLiteWatch,
-    count_finished,
     db_path,
-    finish_rows,
     insert_rows,
     list_rows,
     migrate,
     pass_on,
     read_events,
     record,
-    recover_rows,
     task_row,
 )
 from ._sqlite_thread import ThreadedConnection, configure, translate
@@ -336,29 +333,6 @@ class SQLiteQueue(Queue):
             return None
         return Result(bytes(row[0]), row[1])
 
-    async def _cancel(self, task_id: str, ts: float) -> TaskRecord | None:
-        def cancel(conn: sqlite3.Connection) -> Any:
-            return conn.execute(
-                "UPDATE tasks SET status = 'cancelled', completed_at = ?, purge_at = ?, token = NULL,"
-                " lease_expires = NULL"
-                " WHERE id = ? AND status IN ('pending', 'in_progress')"
-                f" RETURNING {RECORD_COLUMNS}",
-                (ts, ts + self.retention, task_id),
-            ).fetchone()
-
-        def cancel_and_count(conn: sqlite3.Connection) -> Any:
-            row = cancel(conn)
-            if row is not None:
-                count_finished(conn, collections.Counter({(row[1], "cancelled"): 1}))
-            return row
-
-        row = await self._write(cancel_and_count)
-        if row is None:
-            return None
-        self._waker.send(_wake.WORKER, f"c:{task_id}".encode())
-        self._done([task_id])
-        return record(row)
-
     async def _claim(
         self, routes: list[str], worker: str, limit: int, lease: float, ts: float, min_priority: int | None
     ) -> list[Claim]:
@@ -414,32 +388,38 @@ class SQLiteQueue(Queue):
 
         return claim
 
-    async def _finish(self, outcomes: list[Outcome], ts: float) -> list[bool]:
-        finish, after = self._finish_job(outcomes, ts)
-        result = await self._quick_write(finish)
-        after()
-        return result
-
     def _finish_job(
         self, outcomes: list[Outcome], ts: float
     ) -> tuple[Callable[[sqlite3.Connection], list[bool]], Callable[[], None]]:
         """The finishing writes, and what to announce once they are committed."""
-        purge_at = ts + self.retention
-        applied_terminal: list[str] = []
-        requeued = False
+        return self._move_job([(o.id, lifecycle.finished(o)) for o in outcomes], ts)
 
-        def finish(conn: sqlite3.Connection) -> list[bool]:
-            nonlocal requeued
-            applied, ended, requeued = finish_rows(conn, outcomes, ts, purge_at)
-            applied_terminal.extend(ended)
-            return applied
+    def _move_job(
+        self, items: list[tuple[str, list[lifecycle.Move]]], ts: float
+    ) -> tuple[Callable[[sqlite3.Connection], list[bool]], Callable[[], None]]:
+        """Moves as one write, and the wake-ups to send once it is committed."""
+        purge_at = ts + self.retention
+        moved = Moved()
+
+        def write(conn: sqlite3.Connection) -> list[bool]:
+            nonlocal moved
+            moved = move_rows(conn, items, ts, purge_at)
+            return moved.applied
 
         def after() -> None:
-            self._done(applied_terminal)
-            if requeued:
+            for task_id in moved.stop:
+                self._waker.send(_wake.WORKER, f"c:{task_id}".encode())
+            self._done(moved.ended)
+            if moved.requeued:
                 self._waker.send(_wake.WORKER, b"w")
 
-        return finish, after
+        return write, after
+
+    async def _apply(self, items: list[tuple[str, list[lifecycle.Move]]], ts: float) -> list[bool]:
+        write, after = self._move_job(items, ts)
+        applied = await self._quick_write(write)
+        after()
+        return applied
 
     async def _extend(self, held: dict[str, str], lease: float, ts: float) -> set[str]:
         items = list(held.items())
@@ -467,33 +447,20 @@ class SQLiteQueue(Queue):
         )
         return {task_id for task_id, token in rows if held.get(task_id) == token}
 
-    async def _recover(self, ts: float) -> int:
-        retention = self.retention
+    async def _lapsed(self, ts: float, worker: str | None) -> list[str]:
+        if worker is not None:
 
-        def recover(conn: sqlite3.Connection) -> tuple[int, list[str]]:
-            return recover_rows(conn, ts, ts + retention, WORKER_LOST)
+            def abandon(conn: sqlite3.Connection) -> None:
+                conn.execute(
+                    "UPDATE tasks INDEXED BY tasks_worker SET lease_expires = ?"
+                    " WHERE status = 'in_progress' AND worker = ?",
+                    (ts - 1, worker),
+                )
+                conn.execute("DELETE FROM workers WHERE id = ?", (worker,))
 
-        # Probe with a read first: recovery runs every second in every process.
-        probe = "SELECT 1 FROM tasks INDEXED BY tasks_leases WHERE status = 'in_progress' AND lease_expires < ? LIMIT 1"
-        if await self._quick_read(lambda c: c.execute(probe, (ts,)).fetchone()) is None:
-            return 0
-        requeued, failed = await self._write(recover)
-        if requeued:
-            self._waker.send(_wake.WORKER, b"w")
-        self._done(failed)
-        return requeued + len(failed)
-
-    async def _abandon(self, worker: str, ts: float) -> int:
-        def abandon(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE tasks INDEXED BY tasks_worker SET lease_expires = ?"
-                " WHERE status = 'in_progress' AND worker = ?",
-                (ts - 1, worker),
-            )
-            conn.execute("DELETE FROM workers WHERE id = ?", (worker,))
-
-        await self._write(abandon)
-        return await self._recover(ts)
+            await self._write(abandon)
+        # A read: recovery runs every second in every process, and mostly finds nothing.
+        return await self._quick_read(lambda c: lapsed_ids(c, ts))
 
     async def _finished_counts(self) -> dict[tuple[str, str], int]:
         rows = await self._read(lambda c: c.execute("SELECT route, status, n FROM finished").fetchall())
