@@ -166,7 +166,9 @@ class TaskServe(System):
         proc = procs.start(f"taskserve-{broker}-{concurrency}-w{workers}", cmd, _env(tmp))
         base = f"http://127.0.0.1:{port}"
         try:
-            procs.wait_http(base + "/readyz", proc)
+            # /readyz answers 503 until a worker serves every route; an API alone (workers 0,
+            # its workers started later) is up once /healthz answers.
+            procs.wait_http(base + ("/readyz" if workers else "/healthz"), proc)
         except Unavailable:
             procs.stop(proc)
             raise

@@ -9,7 +9,6 @@ move's ``reason``, in the same transaction.
 from __future__ import annotations
 
 import collections
-import functools
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,27 +35,62 @@ class Moved:
     stop: list[str] = field(default_factory=list)  # tasks taken from a live holder: tell it
 
 
-def _shape(move: Move) -> tuple[Any, ...]:
-    return (
-        move.to,
-        move.held,
-        move.token is not None,
-        move.lapsed,
-        move.attempts_left,
-        move.delay is not None,
-        move.give_back_attempt,
-        move.error is not None,
-        move.result is not None or move.to is TaskStatus.SUCCESS,
-        move.started_at is not None,
-        move.batch_size is not None,
-    )
+PENDING, SUCCESS = TaskStatus.PENDING, TaskStatus.SUCCESS
+VALUE = {status: status.value for status in TaskStatus}  # an enum's .value costs a descriptor call
+_statements: dict[tuple[Any, ...], str] = {}
 
 
-@functools.lru_cache(maxsize=64)
-def _statement(shape: tuple[Any, ...]) -> str:
-    to, held, fenced, lapsed, attempts_left, delayed, give_back, error, result, started, batch = shape
+def _compile(move: Move, task_id: str, ts: float, purge_at: float) -> tuple[str, list[Any]]:
+    """The move's statement (one per shape, built once) and its parameters, in one pass."""
+    to = move.to
+    params: list[Any] = [VALUE[to]]
+    delayed = move.delay is not None
+    if to is PENDING:
+        params.append(move.reason)
+        if delayed:
+            params.append(ts + move.delay)  # type: ignore[operator]
+    else:
+        params += (ts, purge_at)
+    result = move.result is not None or to is SUCCESS
+    if result:
+        params += (move.result, move.content_type)
+    error = move.error
+    if error is not None:
+        params += (move.error_text, error[0], error[1], ts)
+    started, batch = move.started_at is not None, move.batch_size is not None
+    if started:
+        params.append(move.started_at)
+    if batch:
+        params.append(move.batch_size)
+    params.append(task_id)
+    fenced = move.token is not None
+    if fenced:
+        params.append(move.token)
+    if move.lapsed:
+        params.append(ts)
+    shape = (to, move.held, fenced, move.lapsed, move.attempts_left, delayed, move.give_back_attempt, error is not None,
+             result, started, batch)  # fmt: skip
+    sql = _statements.get(shape)
+    if sql is None:
+        sql = _statements[shape] = _statement(*shape)
+    return sql, params
+
+
+def _statement(
+    to: TaskStatus,
+    held: tuple[TaskStatus, ...],
+    fenced: bool,
+    lapsed: bool,
+    attempts_left: bool,
+    delayed: bool,
+    give_back: bool,
+    error: bool,
+    result: bool,
+    started: bool,
+    batch: bool,
+) -> str:
     sets = ["status = ?", "token = NULL", "lease_expires = NULL"]
-    if to is TaskStatus.PENDING:
+    if to is PENDING:
         sets += ["worker = NULL", "reason = ?"]
         if delayed:
             sets.append("run_at = ?")
@@ -82,53 +116,31 @@ def _statement(shape: tuple[Any, ...]) -> str:
     return f"UPDATE tasks SET {', '.join(sets)} WHERE {' AND '.join(where)} RETURNING route"
 
 
-def _params(move: Move, task_id: str, ts: float, purge_at: float) -> list[Any]:
-    params: list[Any] = [move.to.value]
-    if move.to is TaskStatus.PENDING:
-        params.append(move.reason)
-        if move.delay is not None:
-            params.append(ts + move.delay)
-    else:
-        params += [ts, purge_at]
-    if move.result is not None or move.to is TaskStatus.SUCCESS:
-        params += [move.result, move.content_type]
-    if move.error is not None:
-        params += [move.error_text, *move.error, ts]
-    if move.started_at is not None:
-        params.append(move.started_at)
-    if move.batch_size is not None:
-        params.append(move.batch_size)
-    params.append(task_id)
-    if move.token is not None:
-        params.append(move.token)
-    if move.lapsed:
-        params.append(ts)
-    return params
-
-
 def move_rows(
     conn: sqlite3.Connection, items: Sequence[tuple[str, Sequence[Move]]], ts: float, purge_at: float
 ) -> Moved:
     """Apply, per task, the first of its moves whose guards hold, in the caller's transaction."""
     out = Moved()
     ended: collections.Counter[tuple[str, str]] = collections.Counter()
+    execute = conn.execute
     for task_id, moves in items:
         applied = False
         for move in moves:
-            row = conn.execute(_statement(_shape(move)), _params(move, task_id, ts, purge_at)).fetchone()
+            row = execute(*_compile(move, task_id, ts, purge_at)).fetchone()
             if row is None:
                 continue
             applied = True
-            if move.terminal:
-                out.ended.append(task_id)
-                ended[(row[0], move.to.value)] += 1
-            else:
+            if move.to is PENDING:
                 out.requeued = True
-            if move.tells_holder:
+            else:
+                out.ended.append(task_id)
+                ended[(row[0], VALUE[move.to])] += 1
+            if move.token is None and move.tells_holder:
                 out.stop.append(task_id)
             break
         out.applied.append(applied)
-    count_finished(conn, ended)
+    if ended:
+        count_finished(conn, ended)
     return out
 
 

@@ -59,9 +59,10 @@ MIGRATIONS: list[tuple[int, str]] = [
         # log. The purge time was called expires_at; that name now means the TTL deadline, so the column is renamed
         # (its index follows) and expires_at comes back as a new, empty column. Old rows read
         # back with the new fields empty; their first event is number 1.
-        # A trigger appends a task's status events (a move back to pending says why, in
-        # reason; see lifecycle.py), so every write that changes a status logs it in its own
-        # transaction, in SQLite's C code rather than a statement more per write.
+        # Only what the task row cannot tell is stored as events: an attempt that went back to
+        # pending (its in_progress and the pending with its reason, see lifecycle.history),
+        # written by a trigger in the transaction of the move. Claims and ends write no event
+        # row: the row holds them (started_at, completed_at), so the hot path pays nothing.
         # Event 1, the submit, is the task row itself (read_events): a submit writes no page more.
         # The listing index holds finished tasks only (they alone have a completed_at), so it takes
         # one write per task, at its end; active tasks are listed through their state's partial index.
@@ -85,14 +86,20 @@ MIGRATIONS: list[tuple[int, str]] = [
             task_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL, at REAL NOT NULL,
             PRIMARY KEY (task_id, seq)
         ) WITHOUT ROWID;
-        CREATE TRIGGER IF NOT EXISTS tasks_changed AFTER UPDATE OF status ON tasks
-        WHEN new.status IS NOT old.status BEGIN
+        CREATE TRIGGER IF NOT EXISTS tasks_requeued AFTER UPDATE OF status ON tasks
+        WHEN new.status = 'pending' AND old.status = 'in_progress' BEGIN
             INSERT INTO events (task_id, seq, kind, data, at) VALUES (
                 new.id,
                 (SELECT coalesce(max(seq), 1) + 1 FROM events WHERE task_id = new.id),
                 'status',
-                CASE WHEN new.status != 'pending' THEN json_object('status', new.status)
-                     ELSE json_object('status', 'pending', 'reason', new.reason) END,
+                '{"status":"in_progress"}',
+                coalesce(old.started_at, (julianday('now') - 2440587.5) * 86400.0)
+            );
+            INSERT INTO events (task_id, seq, kind, data, at) VALUES (
+                new.id,
+                (SELECT coalesce(max(seq), 1) + 1 FROM events WHERE task_id = new.id),
+                'status',
+                json_object('status', 'pending', 'reason', new.reason),
                 (julianday('now') - 2440587.5) * 86400.0
             );
         END;
@@ -138,16 +145,10 @@ def record(row: Sequence[Any]) -> TaskRecord:
 # -- the event log ---------------------------------------------------------------------------
 
 
-def read_events(conn: sqlite3.Connection, task_id: str, after: int) -> list[Event]:
-    events = []
-    if after < 1:
-        row = conn.execute("SELECT created_at FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        if row is not None:
-            events.append(Event(event_id(1), "status", {"status": "pending"}, row[0]))
-    rows = conn.execute(
-        "SELECT seq, kind, data, at FROM events WHERE task_id = ? AND seq > ? ORDER BY seq", (task_id, after)
-    ).fetchall()
-    return events + [Event(event_id(seq), kind, json.loads(data), at) for seq, kind, data, at in rows]
+def read_events(conn: sqlite3.Connection, task_id: str) -> list[Event]:
+    """The task's stored events (see lifecycle.history for the whole log)."""
+    rows = conn.execute("SELECT seq, kind, data, at FROM events WHERE task_id = ? ORDER BY seq", (task_id,)).fetchall()
+    return [Event(event_id(seq), kind, json.loads(data), at) for seq, kind, data, at in rows]
 
 
 # -- listing ---------------------------------------------------------------------------------

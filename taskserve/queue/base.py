@@ -231,7 +231,11 @@ class Queue(abc.ABC):
             >>> [e.data["status"] for e in await queue.events(task_id)]
             ['pending', 'in_progress', 'success']
         """
-        return await self._events(task_id, event_seq(after))
+        after_seq = event_seq(after)
+        record = await self._get(task_id)
+        if record is None:
+            return []
+        return [e for e in lifecycle.history(record, await self._events(task_id)) if event_seq(e.id) > after_seq]
 
     # -- worker side -----------------------------------------------------------------------
 
@@ -364,8 +368,8 @@ class Queue(abc.ABC):
     async def _get(self, task_id: str) -> TaskRecord | None: ...
 
     @abc.abstractmethod
-    async def _events(self, task_id: str, after: int) -> list[Event]:
-        """The events of the task whose number is greater than ``after``, in order."""
+    async def _events(self, task_id: str) -> list[Event]:
+        """The task's stored events, in order (``lifecycle.history`` makes the whole log of them)."""
 
     @abc.abstractmethod
     async def _list(

@@ -30,14 +30,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .._types import WORKER_LOST, Outcome, TaskStatus, split_error
+from .._types import WORKER_LOST, Event, Outcome, TaskRecord, TaskStatus, event_id, event_seq, split_error
 
 PENDING, IN_PROGRESS = TaskStatus.PENDING, TaskStatus.IN_PROGRESS
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Move:
-    """One candidate transition of one task, applied only if all its guards hold."""
+    """One candidate transition of one task, applied only if all its guards hold.
+
+    Treated as immutable (``dataclasses.replace`` makes variants); not frozen only because a
+    frozen dataclass is slower to build, and one is built per task on the finishing path.
+    """
 
     to: TaskStatus
     # -- guards ---------------------------------------------------------------------------
@@ -112,3 +116,30 @@ def lost(error: str = WORKER_LOST) -> list[Move]:
 def cancelled(request: str) -> list[Move]:
     """A user's cancel: a pending task never runs, a running one is told to stop."""
     return [Move(TaskStatus.CANCELLED, held=(PENDING, IN_PROGRESS), stamp=request)]
+
+
+def history(record: TaskRecord, stored: list[Event]) -> list[Event]:
+    """A task's whole event log: what its row tells, merged with the events stored for it.
+
+    Only what the row cannot tell is stored: an attempt that went back to pending (its
+    ``in_progress`` event and the ``pending`` one with the reason), so that claims and ends,
+    the hot path, write no event. The rest follows from the row: event 1 is the submit; the
+    current attempt, if it was claimed, is an ``in_progress`` event; an ended task adds its
+    terminal event. Ids stay stable: an attempt that goes back to pending later is stored under
+    the very ids it had as derived events.
+    """
+    stored = [e for e in stored if event_seq(e.id) > 1]  # the submit, stored by older versions
+    events = [Event(event_id(1), "status", {"status": "pending"}, record.created_at), *stored]
+    seq = max(event_seq(e.id) for e in events)
+    stored_claims = sum(1 for e in stored if e.data.get("status") == "in_progress")
+    # A released attempt gave its number back, so claims made = attempts + releases.
+    claims = record.attempts + sum(1 for e in stored if e.data.get("reason") == "released")
+    if record.status is not PENDING and claims > stored_claims:
+        seq += 1
+        at = record.started_at if record.started_at is not None else record.created_at
+        events.append(Event(event_id(seq), "status", {"status": IN_PROGRESS.value}, at))
+    if record.status.is_terminal:
+        seq += 1
+        at = record.completed_at if record.completed_at is not None else record.created_at
+        events.append(Event(event_id(seq), "status", {"status": record.status.value}, at))
+    return events

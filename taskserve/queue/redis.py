@@ -415,9 +415,9 @@ class RedisQueue(Queue):
             values: list[Any] = await self._client.hmget(self._key("t", task_id), RECORD_FIELDS)
         return _record(task_id, values)
 
-    async def _events(self, task_id: str, after: int) -> list[Event]:
+    async def _events(self, task_id: str) -> list[Event]:
         with self._translate():
-            entries: Any = await self._client.xrange(self._key("e", task_id), f"0-{after + 1}", "+")
+            entries: Any = await self._client.xrange(self._key("e", task_id), "-", "+")
         return [
             Event(
                 event_id(int(entry_id.split(b"-")[1])),

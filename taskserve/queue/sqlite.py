@@ -311,8 +311,8 @@ class SQLiteQueue(Queue):
         )
         return None if row is None else record(row)
 
-    async def _events(self, task_id: str, after: int) -> list[Event]:
-        return await self._quick_read(lambda c: read_events(c, task_id, after))
+    async def _events(self, task_id: str) -> list[Event]:
+        return await self._quick_read(lambda c: read_events(c, task_id))
 
     async def _list(
         self, route: str | None, status: str | None, limit: int, before: str | None

@@ -37,7 +37,6 @@ for k = 1, math.min(limit, #found) do
   if redis.call('HGET', tkey(id), 'status') == 'pending' then
     local attempts = redis.call('HINCRBY', tkey(id), 'attempts', 1)
     hset(id, 'status', 'in_progress', 'token', token, 'lease', lease_until, 'started_at', NOW, 'worker', worker)
-    status_event(id, 'in_progress')
     redis.call('ZADD', rkey('leases', route), lease_until, id)
     redis.call('SADD', P .. ':w:' .. worker, id)
     table.insert(ids, id)

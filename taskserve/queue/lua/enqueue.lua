@@ -27,7 +27,6 @@ for i = 3, #ARGV, 13 do
   redis.call('ZADD', P .. ':all', 0, id)
   redis.call('ZADD', rkey('ix', route), 0, id)
   redis.call('SADD', P .. ':ixroutes', route)
-  redis.call('XADD', P .. ':e:' .. id, '0-1', 'k', 'status', 'd', '{"status":"pending"}', 'at', NOW)
   queue(id, route)
 end
 publish_wakes()

@@ -40,9 +40,10 @@ local function apply(id, m, h, result)
       hdel(id, 'started_at')
     end
     if m.delay then hset(id, 'run_at', stamp(now + tonumber(m.delay))) end
+    if h[1] == 'in_progress' then status_event(id, 'in_progress', nil, h[10] or NOW) end
+    status_event(id, 'pending', m.reason)
     hset(id, 'status', 'pending')
     hdel(id, 'token', 'lease', 'worker')
-    status_event(id, 'pending', m.reason)
     queue(id, route)
   else
     terminal(id, route, m.to, retention)
@@ -51,7 +52,7 @@ end
 for i = 3, #ARGV, 3 do
   local id, result, moves = ARGV[i], ARGV[i + 1], cjson.decode(ARGV[i + 2])
   local h = redis.call('HMGET', tkey(id),
-    'status', 'token', 'route', 'worker', 'attempts', 'max_attempts', 'lease', 'moved_by', 'run_at')
+    'status', 'token', 'route', 'worker', 'attempts', 'max_attempts', 'lease', 'moved_by', 'run_at', 'started_at')
   local applied = 0
   if h[1] then
     for _, m in ipairs(moves) do

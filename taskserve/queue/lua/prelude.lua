@@ -30,14 +30,15 @@ local function drop_lease(id, route, worker)
   redis.call('ZREM', rkey('leases', route), id)
   if worker then redis.call('SREM', P .. ':w:' .. worker, id) end
 end
--- Append to the task's event log (stream P:e:ID). Ids are 0-N, N counted in the task's hash
--- ('last_event'), so each task's events are numbered 1, 2, 3... in the script that changes its state.
-local function status_event(id, status, reason)
+-- Append to the task's event log (stream P:e:ID): only what the hash cannot tell, an attempt
+-- that went back to pending (lifecycle.history derives the rest). Ids are 0-N, N counted in the
+-- hash ('last_event', 1 for the submit), so they match the ids the derived events had.
+local function status_event(id, status, reason, at)
   local seq = redis.call('HINCRBY', tkey(id), 'last_event', 1)
   -- Event 1 is always the submit; a task stored before the event log had none, so skip its number.
   if seq == 1 then seq = redis.call('HINCRBY', tkey(id), 'last_event', 1) end
   local data = reason and cjson.encode({status = status, reason = reason}) or ('{"status":"' .. status .. '"}')
-  redis.call('XADD', P .. ':e:' .. id, '0-' .. seq, 'k', 'status', 'd', data, 'at', NOW)
+  redis.call('XADD', P .. ':e:' .. id, '0-' .. seq, 'k', 'status', 'd', data, 'at', at or NOW)
 end
 -- One failed attempt, appended to the JSON list in the hash's 'errors' field.
 local function add_error(id, attempt, kind, message)
@@ -49,7 +50,6 @@ end
 local function terminal(id, route, status, retention)
   hset(id, 'status', status, 'completed_at', NOW, 'purge_at', stamp(now + tonumber(retention) / 1000))
   hdel(id, 'token', 'lease')
-  status_event(id, status)
   redis.call('PEXPIRE', tkey(id), retention)
   redis.call('PEXPIRE', P .. ':e:' .. id, retention)
   redis.call('HINCRBY', P .. ':finished', status .. ':' .. route, 1)
