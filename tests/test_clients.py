@@ -329,3 +329,29 @@ def test_one_sync_client_shared_by_64_threads(served: Server) -> None:
 
         with ThreadPoolExecutor(64) as pool:
             assert list(pool.map(one, range(256))) == [i + 3 for i in range(256)]
+
+
+def test_a_cancel_or_retry_refused_by_the_tasks_state_is_an_invalid_transition(
+    client: taskserve.SyncHTTPClient,
+) -> None:
+    """A second cancel of a cancelled task (as after a lost reply) is refused as such, not as its outcome."""
+    task = client.slow_async.submit(seconds=30)
+    with pytest.raises(taskserve.InvalidTransition, match="still"):
+        task.retry()
+    assert task.cancel() is taskserve.TaskStatus.CANCELLED
+    with pytest.raises(taskserve.InvalidTransition, match="already ended") as refused:
+        task.cancel()
+    assert refused.value.status == "cancelled"
+    with pytest.raises(taskserve.TaskCancelled):
+        task.get()
+
+
+@pytest.mark.anyio
+async def test_the_async_client_refuses_a_second_cancel_as_an_invalid_transition(served: Server) -> None:
+    async with taskserve.AsyncHTTPClient(served.url) as client:
+        task = await client.slow_async.submit(seconds=30)
+        assert await task.cancel() is taskserve.TaskStatus.CANCELLED
+        with pytest.raises(taskserve.InvalidTransition, match="already ended"):
+            await task.cancel()
+        with pytest.raises(taskserve.TaskCancelled):
+            await task.get()

@@ -175,14 +175,14 @@ def raise_for_response(response: httpx.Response, task: Any = None) -> None:
         raise PayloadTooLarge(message)
     if code == 503:
         raise QueueUnavailable(message)
+    if code == 409 and "task_error" not in body:  # a cancel or retry in the wrong state, not a result answer
+        raise InvalidTransition(message, status)
     if status in ("pending", "in_progress"):
         raise TaskNotReady(message, task, TaskStatus(status))
     if status == "failure":
         raise TaskFailed(body.get("task_error") or message, task, TaskStatus.FAILURE)
     if status == "cancelled":
         raise TaskCancelled(message, task, TaskStatus.CANCELLED)
-    if code == 409:
-        raise InvalidTransition(message, status)
     raise ClientError(message, code)
 
 
