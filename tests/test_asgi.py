@@ -99,3 +99,25 @@ async def test_the_async_client_over_the_asgi_transport(api: httpx.AsyncClient) 
         task = await client.echo.submit(text="in process")
         assert await task.get(timeout=20) == "in process"
         assert await client.describe(text="ab") == {"text": "ab", "length": 2}
+
+
+async def test_the_app_mounted_under_a_prefix_and_query_strings_with_escapes(tmp_path: Path) -> None:
+    """Routes are found by their literal path below the mount point; an escaped task id still reads."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    queue = Queue.from_url(f"sqlite:///{tmp_path}/tasks.db")
+    await queue.connect()
+    outer = Starlette(routes=[Mount("/ml", app=create_app(load_service(SERVICE), queue, maintenance=False))])
+    transport = httpx.ASGITransport(app=outer)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        task_id = (await client.post("/ml/add/submit", json={"a": 1, "b": 2})).json()["task_id"]
+        status = await client.get("/ml/add/status", params={"task_id": task_id})
+        assert status.status_code == 200 and status.json()["status"] == "pending"
+        escaped = await client.get(f"/ml/add/status?task_id={task_id[:4]}%{ord(task_id[4]):02X}{task_id[5:]}")
+        assert escaped.json()["task_id"] == task_id
+        both = await client.get(f"/ml/add/status?task_id={task_id}&x=1")
+        assert both.json()["task_id"] == task_id
+        assert (await client.get("/ml/add/status", params={"task_id": "a+b"})).status_code == 404
+        assert (await client.get("/add/status", params={"task_id": task_id})).status_code == 404
+    await queue.close()

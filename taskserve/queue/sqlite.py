@@ -52,6 +52,11 @@ INLINE_ROWS = 64
 # Claim's reads are pinned to the partial index made for them (small, in claim order): an index
 # leading with status, as a listing index might, would otherwise win the planner and need a sort.
 DUE = "INDEXED BY tasks_due"
+# A claim that finds the write lock taken looks again this often, this many times, before it
+# waits for the lock in the writer thread.
+CLAIM_TRIES = 3
+CLAIM_RETRY = 0.0005
+BUSY = object()  # _try_quick_write: the write lock was taken
 
 
 class SQLiteQueue(Queue):
@@ -168,11 +173,18 @@ class SQLiteQueue(Queue):
         Used for the worker's own writes (claim, finish, lease renewal): they come one at a
         time, so group commit gains nothing, and two thread hops cost more than the write.
         """
+        result = await self._try_quick_write(fn)
+        if result is BUSY:
+            return await self._write(fn)  # someone holds the lock: wait for it off the loop
+        return result  # type: ignore[return-value]
+
+    async def _try_quick_write(self, fn: Callable[[sqlite3.Connection], T]) -> T | object:
+        """``fn`` in a transaction on the loop's thread, or ``BUSY`` if the write lock is taken."""
         conn = await self._inline_conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
-            return await self._write(fn)  # someone holds the lock: wait for it off the loop
+            return BUSY
         try:
             result = fn(conn)
             conn.execute("COMMIT")
@@ -215,7 +227,7 @@ class SQLiteQueue(Queue):
         self.listen_for_cancel()
         marks = ",".join("?" * len(routes))
         # Only delayed tasks can be pending here (the caller's claim found nothing due).
-        row = await self._read(
+        row = await self._quick_read(
             lambda c: c.execute(
                 f"SELECT min(run_at) FROM tasks {DUE} WHERE status = 'pending' AND route IN ({marks})", routes
             ).fetchone()
@@ -275,15 +287,19 @@ class SQLiteQueue(Queue):
             return
         outcomes: list[BaseException | None] = []
         try:
-            for rows, _, _ in batch:
-                conn.execute("SAVEPOINT submit")
-                try:
-                    insert_rows(conn, rows)
-                    outcomes.append(None)
-                except sqlite3.Error as exc:
-                    conn.execute("ROLLBACK TO submit")
-                    outcomes.append(translate(exc, self.path))
-                conn.execute("RELEASE submit")
+            if len(batch) == 1:  # alone, it needs no savepoint: its failure rolls back the whole
+                insert_rows(conn, batch[0][0])
+                outcomes.append(None)
+            else:
+                for rows, _, _ in batch:
+                    conn.execute("SAVEPOINT submit")
+                    try:
+                        insert_rows(conn, rows)
+                        outcomes.append(None)
+                    except sqlite3.Error as exc:
+                        conn.execute("ROLLBACK TO submit")
+                        outcomes.append(translate(exc, self.path))
+                    conn.execute("RELEASE submit")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -336,9 +352,18 @@ class SQLiteQueue(Queue):
     async def _claim(
         self, routes: list[str], worker: str, limit: int, lease: float, ts: float, min_priority: int | None
     ) -> list[Claim]:
-        if not await self._maybe_due(routes, ts, min_priority):
-            return []
-        return await self._quick_write(self._claim_job(routes, worker, limit, lease, ts, min_priority))
+        job = self._claim_job(routes, worker, limit, lease, ts, min_priority)
+        for _ in range(CLAIM_TRIES):
+            if not await self._maybe_due(routes, ts, min_priority):
+                return []
+            claims = await self._try_quick_write(job)
+            if claims is not BUSY:
+                return claims  # type: ignore[return-value]
+            # Every worker is woken by a submit, and the lock holder is most often a sibling
+            # claiming that very task: look again once it is done rather than queue behind it
+            # in the writer thread (two thread hops, to find nothing).
+            await asyncio.sleep(CLAIM_RETRY)
+        return await self._write(job)
 
     async def _finish_and_claim(
         self, outcomes: list[Outcome], routes: list[str], worker: str, limit: int, lease: float, ts: float
