@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import threading
@@ -204,12 +205,14 @@ def main() -> None:
     parser.add_argument("--map-tasks", type=int, default=10_000)
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: async, sync, map")
     parser.add_argument("--with-path", default="", help="a directory holding aiohttp / httpx2 (appended to sys.path)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if args.with_path:
         sys.path.append(args.with_path)
     names = list(ASYNC_VARIANTS) if args.variants == "all" else args.variants.split(",")
     skip = set(args.skip.split(","))
 
+    figures: dict[str, Any] = {"levels": LEVELS, "async": {}, "sync": {}}
     system = TaskServe()
     system.prepare()
     running = system.start(broker="sqlite", workers=2)
@@ -227,6 +230,7 @@ def main() -> None:
                     print(f"| {name:<24} | skipped: {exc}")
                     continue
                 print(row(name, rates), flush=True)
+                figures["async"][name] = rates
         if "sync" not in skip:
             print("\nSyncHTTPClient shared by N threads, tasks/s (submit, get with wait):\n" + header + "\n" + rule)
             for name in [n for n in names if n in SYNC_VARIANTS]:
@@ -239,8 +243,10 @@ def main() -> None:
                         break
                 else:
                     print(row(name, rates), flush=True)
+                    figures["sync"][name] = rates
         if "map" not in skip:
             rate, requests = bench_map(url, args.map_tasks)
+            figures["map"] = {"tasks": args.map_tasks, "rate": rate, "requests": requests}
             verdict = "ok" if rate >= 5000 else "below 5,000"
             print(
                 f"\nmap() over {args.map_tasks} no-op tasks: {rate:,.0f} tasks/s end to end ({verdict}), "
@@ -248,6 +254,8 @@ def main() -> None:
             )
     finally:
         running.stop()
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

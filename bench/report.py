@@ -39,6 +39,14 @@ def rows(s: Settings) -> list[tuple[int, str, str, str]]:
         (6, "rss_after_s1.workers", "6 RSS after scenario 1, workers (MB)", "{:.0f}"),
         (6, "bytes_per_task_db", "6 store bytes per stored task, database file", "{:.0f}"),
         (6, "bytes_per_task", "6 store bytes per stored task, with -wal / Redis", "{:.0f}"),
+        (7, "s7_model_1", "7 MiniLM alone, batch 1 (sentences/s)", "{:.1f}"),
+        (7, "s7_model_64", "7 MiniLM alone, batch 64 (sentences/s)", "{:.1f}"),
+        (7, "s7_batched", "7 MiniLM through taskserve, batched (sentences/s)", "{:.1f}"),
+        (7, "s7_unbatched", "7 MiniLM through taskserve, unbatched (sentences/s)", "{:.1f}"),
+        *[(8, f"s8_async_{n}", f"8 AsyncHTTPClient shared by {n} (tasks/s)", "{:.0f}") for n in (1, 8, 64, 256)],
+        *[(8, f"s8_sync_{n}", f"8 SyncHTTPClient shared by {n} threads (tasks/s)", "{:.0f}") for n in (1, 8, 64, 256)],
+        (8, "s8_map", "8 map() over no-op tasks, end to end (tasks/s)", "{:.0f}"),
+        (8, "s8_map_requests", "8 map(): HTTP requests it took", "{:.0f}"),
     ]
 
 
@@ -99,6 +107,12 @@ def targets(res: Results) -> list[tuple[str, str, str, str]]:
     ratio("2 p50 wait: taskserve (ms)", median(ts, "s2_wait_p50"), 1.0, 3.5, "{:.2f} ms", at_most=True)
     ratio("3 SQLite drain: taskserve (tasks/s)", median(ts, "s3_sqlite"), 1.0, 5000, "{:.0f}")
     ratio("3 Redis drain: taskserve / best Celery", median(ts, "s3_redis"), max(celery_redis, default=None), 2)
+    ratio("7 batched / model alone at 64", median(ts, "s7_batched"), median(ts, "s7_model_64"), 0.7, "{:.0%}")
+    ratio("7 batched / unbatched", median(ts, "s7_batched"), median(ts, "s7_unbatched"), 3)
+    ratio("7 model alone: batch 64 / batch 1", median(ts, "s7_model_64"), median(ts, "s7_model_1"), None)
+    ratio("8 AsyncHTTPClient: 256 / 8 callers", median(ts, "s8_async_256"), median(ts, "s8_async_8"), 0.9)
+    ratio("8 SyncHTTPClient: 256 / 8 threads", median(ts, "s8_sync_256"), median(ts, "s8_sync_8"), None)
+    ratio("8 map() (tasks/s)", median(ts, "s8_map"), 1.0, 5000, "{:.0f}")
     return lines
 
 

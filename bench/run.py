@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import procs, report
+from bench import own, procs, report
 from bench.procs import LoadGen, Unavailable
 from bench.scenarios import Bench, Settings
 from bench.systems import CELERY_REDIS_DB, CELERY_REQUIREMENTS, OPT_IN, TS_REDIS_DB, all_systems
@@ -42,7 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="systems, comma-separated: ceiling,taskserve,bentoml,celery (or celery-solo, celery-prefork);"
         " bentoml-2w runs only when named",
     )
-    parser.add_argument("--scenarios", default="1,2,3,4,5,6", help="scenario numbers, comma-separated")
+    parser.add_argument(
+        "--scenarios",
+        default="1,2,3,4,5,6,7,8",
+        help="scenario numbers, comma-separated (7: batching a real model, 8: taskserve's clients; taskserve only)",
+    )
     parser.add_argument("--repeats", type=int, help="repeats of every measurement (default 3, 1 with --quick)")
     return parser.parse_args(argv)
 
@@ -141,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         for system in ready:
             for variant in benches[system.name].concurrency_variants(wanted):
                 guarded(f"scenario 4 ({variant})", system.name, skipped, benches[system.name].concurrency, variant)
+        if "taskserve" in benches:
+            out = benches["taskserve"].out
+            if 7 in wanted:
+                guarded("scenario 7 (batching a real model)", "taskserve", skipped, own.batching, out, args.quick)
+            if 8 in wanted:
+                guarded("scenario 8 (clients)", "taskserve", skipped, own.clients, out, args.quick)
     finally:
         for db in (TS_REDIS_DB, CELERY_REDIS_DB):
             try:
