@@ -226,8 +226,9 @@ class SQLiteQueue(Queue):
     async def _wait_for_work(self, routes: list[str], timeout: float) -> None:
         self.listen_for_cancel()
         marks = ",".join("?" * len(routes))
-        # Only delayed tasks can be pending here (the caller's claim found nothing due).
-        row = await self._quick_read(
+        # Only delayed tasks can be pending here (the caller's claim found nothing due). Off the
+        # loop: with many delayed tasks of several priorities this reads much of the index.
+        row = await self._read(
             lambda c: c.execute(
                 f"SELECT min(run_at) FROM tasks {DUE} WHERE status = 'pending' AND route IN ({marks})", routes
             ).fetchone()
