@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import io
 import mimetypes
 import os
@@ -184,6 +185,34 @@ def raise_for_response(response: httpx.Response, task: Any = None) -> None:
     if status == "cancelled":
         raise TaskCancelled(message, task, TaskStatus.CANCELLED)
     raise ClientError(message, code)
+
+
+def option_params(
+    params: list[tuple[str, str]],
+    *,
+    priority: int | None = None,
+    delay: float | datetime.timedelta | None = None,
+    run_at: datetime.datetime | str | None = None,
+    timeout: float | datetime.timedelta | None = None,
+    tags: dict[str, str] | None = None,
+) -> list[tuple[str, str]]:
+    """``params`` with these submit options added, as the query parameters the server reads.
+
+    A naive ``run_at`` datetime is taken as local time (Python's rule); a string goes as it is.
+    The server validates every value and answers 422 naming the one it cannot use.
+    """
+    given: dict[str, str] = {}
+    if priority is not None:
+        given["priority"] = str(int(priority))
+    if delay is not None:
+        given["delay"] = repr(delay.total_seconds() if isinstance(delay, datetime.timedelta) else float(delay))
+    if run_at is not None:
+        given["run_at"] = run_at.astimezone().isoformat() if isinstance(run_at, datetime.datetime) else str(run_at)
+    if timeout is not None:
+        seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else float(timeout)
+        given["timeout"] = repr(seconds)
+    kept = [(k, v) for k, v in params if k not in given and not (tags is not None and k == "tag")]
+    return kept + list(given.items()) + [("tag", f"{k}:{v}") for k, v in (tags or {}).items()]
 
 
 def request_timeout(kwargs: dict[str, Any]) -> None:

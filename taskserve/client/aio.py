@@ -19,6 +19,7 @@ from ._base import (
     decode_result,
     encode_arguments,
     encode_json_item,
+    option_params,
     parse_schema,
     raise_for_response,
     request_timeout,
@@ -84,9 +85,14 @@ class AsyncTask:
 
 
 class AsyncEndpoint:
-    def __init__(self, client: AsyncHTTPClient, name: str) -> None:
+    def __init__(self, client: AsyncHTTPClient, name: str, params: list[tuple[str, str]] | None = None) -> None:
         self.client = client
         self.name = name
+        self.params = params or []  # submit options, sent as query parameters
+
+    def options(self, **options: Any) -> AsyncEndpoint:
+        """This endpoint with options for the tasks it submits; as ``SyncEndpoint.options``."""
+        return AsyncEndpoint(self.client, self.name, option_params(self.params, **options))
 
     async def info(self) -> EndpointInfo:
         endpoints = await self.client.endpoints()
@@ -99,20 +105,26 @@ class AsyncEndpoint:
     async def __call__(self, **kwargs: Any) -> Any:
         """Run it and return the result (a task is submitted and awaited by the server)."""
         info = await self.info()
-        response = await self.client._request("POST", info.route, None, **encode_arguments(kwargs), timeout=None)
+        response = await self.client._request(
+            "POST", info.route, None, **encode_arguments(kwargs), params=self.params, timeout=None
+        )
         return decode_result(info, response)
 
     async def submit(self, **kwargs: Any) -> AsyncTask:
         """Queue the task; returns at once with a handle."""
         info = await self._task_info()
-        response = await self.client._request("POST", f"{info.route}/submit", None, **encode_arguments(kwargs))
+        response = await self.client._request(
+            "POST", f"{info.route}/submit", None, **encode_arguments(kwargs), params=self.params
+        )
         return AsyncTask(self, response.json()["task_id"])
 
     async def submit_many(self, items: list[dict[str, Any]]) -> list[AsyncTask]:
         """Queue many tasks at once, all or none, in order."""
         info = await self._task_info()
         payload = [encode_json_item(item) for item in items]
-        response = await self.client._request("POST", f"{info.route}/submit_many", None, json=payload)
+        response = await self.client._request(
+            "POST", f"{info.route}/submit_many", None, json=payload, params=self.params
+        )
         return [AsyncTask(self, t["task_id"]) for t in response.json()["tasks"]]
 
     def task(self, task_id: str) -> AsyncTask:
@@ -154,7 +166,9 @@ class AsyncEndpoint:
         try:
             for start, chunk in run.chunks(arguments):
                 payload = [encode_json_item(item) for item in chunk]
-                response = await self.client._request("POST", f"{info.route}/submit_many", None, json=payload)
+                response = await self.client._request(
+                    "POST", f"{info.route}/submit_many", None, json=payload, params=self.params
+                )
                 run.submitted(start, response.json())
             while not run.done:
                 run.check()

@@ -18,6 +18,7 @@ from ._base import (
     decode_result,
     encode_arguments,
     encode_json_item,
+    option_params,
     parse_schema,
     raise_for_response,
     request_timeout,
@@ -88,26 +89,48 @@ class Task:
 
 
 class SyncEndpoint:
-    def __init__(self, client: SyncHTTPClient, info: EndpointInfo) -> None:
+    def __init__(self, client: SyncHTTPClient, info: EndpointInfo, params: list[tuple[str, str]] | None = None) -> None:
         self.client = client
         self.info = info
+        self.params = params or []  # submit options, sent as query parameters
+
+    def options(self, **options: Any) -> SyncEndpoint:
+        """This endpoint with options for the tasks it submits (the decorator's stay the default).
+
+        Args:
+            priority: higher is claimed first.
+            delay: seconds (or a ``timedelta``) before the task may start; or ``run_at``, a
+                ``datetime`` or ISO 8601 string.
+            timeout: seconds an attempt may run before it is stopped (``TimeoutError``).
+            tags: labels, ``{"team": "search"}``, shown in the task's status.
+
+        Example:
+            >>> task = client.render.options(priority=5, delay=60, tags={"user": "42"}).submit(prompt="a cat")
+        """
+        return SyncEndpoint(self.client, self.info, option_params(self.params, **options))
 
     def __call__(self, **kwargs: Any) -> Any:
         """Run it and return the result (a task is submitted and awaited by the server)."""
-        response = self.client._request("POST", self.info.route, None, **encode_arguments(kwargs), timeout=None)
+        response = self.client._request(
+            "POST", self.info.route, None, **encode_arguments(kwargs), params=self.params, timeout=None
+        )
         return decode_result(self.info, response)
 
     def submit(self, **kwargs: Any) -> Task:
         """Queue the task; returns at once with a handle."""
         self._need_task()
-        data = self.client._request("POST", f"{self.info.route}/submit", None, **encode_arguments(kwargs)).json()
+        data = self.client._request(
+            "POST", f"{self.info.route}/submit", None, **encode_arguments(kwargs), params=self.params
+        ).json()
         return Task(self, data["task_id"])
 
     def submit_many(self, items: list[dict[str, Any]]) -> list[Task]:
         """Queue many tasks at once, all or none, in order."""
         self._need_task()
         payload = [encode_json_item(item) for item in items]
-        data = self.client._request("POST", f"{self.info.route}/submit_many", None, json=payload).json()
+        data = self.client._request(
+            "POST", f"{self.info.route}/submit_many", None, json=payload, params=self.params
+        ).json()
         return [Task(self, t["task_id"]) for t in data["tasks"]]
 
     def task(self, task_id: str) -> Task:
@@ -152,7 +175,11 @@ class SyncEndpoint:
                 run.submitted(
                     start,
                     self.client._request(
-                        "POST", f"{self.info.route}/submit_many", None, json=[encode_json_item(item) for item in chunk]
+                        "POST",
+                        f"{self.info.route}/submit_many",
+                        None,
+                        json=[encode_json_item(item) for item in chunk],
+                        params=self.params,
                     ).json(),
                 )
             while not run.done:

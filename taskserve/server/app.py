@@ -26,6 +26,7 @@ from . import bulk, openapi
 from ._errors import EXCEPTION_HANDLERS
 from .inputs import read_arguments, read_many
 from .metrics import Metrics
+from .options import NO_OPTIONS, SubmitOptions, read_options
 from .workers import WorkerView
 
 logger = logging.getLogger("taskserve.server")
@@ -95,22 +96,25 @@ class EndpointRoutes:
     async def arguments(self, request: Request) -> bytes:
         return await read_arguments(request, self.codec, request.app.state.limits, self.max_body)
 
-    def new_task(self, args: bytes) -> NewTask:
+    def new_task(self, args: bytes, options: SubmitOptions = NO_OPTIONS) -> NewTask:
         ep = self.endpoint
-        return NewTask(self.route, args, max_attempts=ep.max_attempts, timeout=ep.timeout, priority=ep.priority)
+        task = NewTask(self.route, args, max_attempts=ep.max_attempts, timeout=ep.timeout, priority=ep.priority)
+        return options.apply(task)
 
     # -- handlers --------------------------------------------------------------------------
 
     async def submit(self, request: Request) -> Response:
         started = time.perf_counter()
-        record = await self.queue.enqueue(self.new_task(await self.arguments(request)))
+        options = read_options(request)
+        record = await self.queue.enqueue(self.new_task(await self.arguments(request), options))
         self.metrics.submitted.labels(self.endpoint.name).inc()
         self.metrics.latency.labels(self.endpoint.name).observe(time.perf_counter() - started)
         return JSONResponse({"task_id": record.id, "status": record.status.value})
 
     async def submit_many(self, request: Request) -> Response:
+        options = read_options(request)
         args = await read_many(request, self.codec, request.app.state.limits, self.max_body)
-        tasks = [self.new_task(a) for a in args]
+        tasks = [self.new_task(a, options) for a in args]
         records = await self.queue.enqueue_many(tasks)
         self.metrics.submitted.labels(self.endpoint.name).inc(len(records))
         return JSONResponse({"tasks": [{"task_id": r.id, "status": r.status.value} for r in records]})
@@ -184,11 +188,13 @@ class EndpointRoutes:
         and by the absence of any worker for the route, answered 503 after a short grace so
         that a worker still starting up is waited for. Either way the task is cancelled.
         """
-        record = await self.queue.enqueue(self.new_task(await self.arguments(request)))
+        options = read_options(request)
+        task = self.new_task(await self.arguments(request), options)
+        record = await self.queue.enqueue(task)
         self.metrics.submitted.labels(self.endpoint.name).inc()
         task_id = record.id
-        # Long enough for the endpoint's own time limit, with room to wait in the queue.
-        timeout = self.endpoint.timeout
+        # Long enough for the task's own time limit, with room to wait in the queue.
+        timeout = task.timeout
         limit = self.call_timeout if timeout is None else max(self.call_timeout, timeout + 30)
         started = time.monotonic()
         unserved_since: float | None = None

@@ -31,6 +31,30 @@ WORKER = {
     },
 }
 TASK_ID_PARAM = {"name": "task_id", "in": "query", "required": True, "schema": {"type": "string"}}
+OPTION_PARAMS = [  # options of one submission (server/options.py)
+    {"name": "priority", "in": "query", "description": "Higher is claimed first.", "schema": {"type": "integer"}},
+    {"name": "delay", "in": "query", "description": "Seconds before it may start.", "schema": {"type": "number"}},
+    {
+        "name": "run_at",
+        "in": "query",
+        "description": "Not started before this time (no offset: UTC). Not with delay.",
+        "schema": {"type": "string", "format": "date-time"},
+    },
+    {
+        "name": "timeout",
+        "in": "query",
+        "description": "Seconds an attempt may run before it is stopped (TimeoutError).",
+        "schema": {"type": "number", "exclusiveMinimum": 0},
+    },
+    {
+        "name": "tag",
+        "in": "query",
+        "description": "KEY:VALUE labels, shown in the status.",
+        "schema": {"type": "array", "items": {"type": "string"}},
+        "style": "form",
+        "explode": True,
+    },
+]
 IMAGE_TYPES = ", ".join(f"image/{f.lower()}" for f in SAFE_IMAGE_FORMATS)
 DESCRIPTION = (
     "Arguments are a JSON object, or multipart/form-data when files travel (text fields are read as JSON "
@@ -192,6 +216,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "summary": f"Run {ep.name} and wait for its result",
                 "operationId": f"{ep.name}_call",
                 "tags": tag,
+                "parameters": OPTION_PARAMS,
                 "requestBody": body,
                 "responses": {
                     "200": _result_response(ep),
@@ -214,6 +239,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "summary": f"Queue {ep.name}",
                 "operationId": f"{ep.name}_submit",
                 "tags": tag,
+                "parameters": OPTION_PARAMS,
                 "requestBody": body,
                 "responses": {
                     "200": _json("Queued.", {"$ref": "#/components/schemas/Submitted"}),
@@ -228,6 +254,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "summary": f"Queue many {ep.name} tasks, all or none",
                 "operationId": f"{ep.name}_submit_many",
                 "tags": tag,
+                "parameters": OPTION_PARAMS,
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": {"type": "array", "items": ref}}},

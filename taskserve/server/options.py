@@ -1,0 +1,143 @@
+"""Options of one submission, from the query string: ``?priority=5&delay=10&tag=team:search``.
+
+They apply to ``POST /{route}/submit``, to every item of ``/{route}/submit_many`` and to the
+direct call ``POST /{route}``, and override the decorator's values for that task only. A value
+that cannot be used, or a parameter that is no option, is refused with 422 naming it (in
+``detail``, ``loc`` is ``["query", name]``) before anything is queued: a typo must not quietly
+queue a task without the option the caller meant.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+
+from starlette.requests import Request
+
+from .._types import NewTask
+from ..exceptions import ValidationFailed
+
+NAMES = ("priority", "delay", "run_at", "timeout", "tag")
+MAX_DELAY = 366 * 24 * 3600.0  # a year: further ahead is a typo, or work for a scheduler
+MAX_TIMEOUT = 7 * 24 * 3600.0
+PRIORITY_RANGE = (-1_000_000, 1_000_000)
+MAX_TAGS = 32
+TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+MAX_TAG_VALUE = 256
+
+Bad = Callable[..., None]  # read_options's ``bad(name, message, kind="value_error")``
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    priority: int | None = None
+    run_at: float | None = None  # seconds since the epoch; from delay or run_at
+    timeout: float | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def apply(self, task: NewTask) -> NewTask:
+        """``task`` (made with the decorator's values) with these options over them."""
+        if self == NO_OPTIONS:
+            return task
+        return replace(
+            task,
+            priority=task.priority if self.priority is None else self.priority,
+            run_at=self.run_at,
+            timeout=task.timeout if self.timeout is None else self.timeout,
+            tags=dict(self.tags),
+        )
+
+
+NO_OPTIONS = SubmitOptions()
+
+
+def read_options(request: Request) -> SubmitOptions:
+    """The submission's options; ``ValidationFailed`` (422) naming each bad one."""
+    if not request.scope.get("query_string"):
+        return NO_OPTIONS
+    params = request.query_params
+    problems: list[tuple[str, str, str]] = []  # (name, message, type)
+
+    def bad(name: str, message: str, kind: str = "value_error") -> None:
+        problems.append((name, message, kind))
+
+    for name in sorted(set(params.keys()) - set(NAMES)):
+        bad(name, f"{name!r} is not a submit option; the options are {', '.join(NAMES)}.", "extra_forbidden")
+    for name in NAMES[:-1]:
+        if len(params.getlist(name)) > 1:
+            bad(name, f"{name} is given more than once.")
+    priority = _number(params.get("priority"), "priority", bad, integer=True)
+    if priority is not None and not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]:
+        bad("priority", f"priority must be between {PRIORITY_RANGE[0]:,} and {PRIORITY_RANGE[1]:,}; got {priority}.")
+    delay = _number(params.get("delay"), "delay", bad)
+    if delay is not None and not 0 <= delay <= MAX_DELAY:
+        bad("delay", f"delay is seconds from now, 0 to {MAX_DELAY:.0f} (a year); got {delay:g}.")
+    run_at = _instant(params.get("run_at"), bad)
+    if delay is not None and run_at is not None:
+        bad("run_at", "Give delay or run_at, not both.")
+    timeout = _number(params.get("timeout"), "timeout", bad)
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
+        bad("timeout", f"timeout is seconds above 0, at most {MAX_TIMEOUT:.0f} (a week); got {timeout:g}.")
+    tags = _tags(params.getlist("tag"), bad)
+    if problems:
+        message = "Invalid submit options: " + " ".join(msg for _, msg, _ in problems)
+        raise ValidationFailed(message, [{"loc": ["query", n], "msg": m, "type": k} for n, m, k in problems])
+    when = time.time() + delay if delay is not None else run_at
+    return SubmitOptions(
+        priority=int(priority) if priority is not None else None, run_at=when, timeout=timeout, tags=tags
+    )
+
+
+def _number(raw: str | None, name: str, bad: Bad, *, integer: bool = False) -> float | None:
+    if raw is None:
+        return None
+    try:
+        value = float(int(raw)) if integer else float(raw)
+    except ValueError:
+        bad(name, f"{name} must be {'an integer' if integer else 'a number'}; got {raw[:40]!r}.", "type_error")
+        return None
+    if not math.isfinite(value):
+        bad(name, f"{name} must be a finite number; got {raw[:40]!r}.")
+        return None
+    return value
+
+
+def _instant(raw: str | None, bad: Bad) -> float | None:
+    if raw is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        bad("run_at", f"run_at must be an ISO 8601 time such as 2026-12-01T09:00:00Z; got {raw[:40]!r}.", "type_error")
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)  # documented: a time without offset is UTC
+    ts = moment.timestamp()
+    if ts > time.time() + MAX_DELAY:
+        bad("run_at", f"run_at is more than a year ahead: {raw[:40]!r}.")
+        return None
+    return ts  # a time in the past means "now"
+
+
+def _tags(raw: list[str], bad: Bad) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    if len(raw) > MAX_TAGS:
+        bad("tag", f"At most {MAX_TAGS} tags per task; got {len(raw)}.")
+        return tags
+    for item in raw:
+        key, sep, value = item.partition(":")
+        if not sep or not TAG_KEY.fullmatch(key) or len(value) > MAX_TAG_VALUE:
+            bad(
+                "tag",
+                f"A tag is KEY:VALUE, the key 1-64 letters, digits or _.- and the value at most "
+                f"{MAX_TAG_VALUE} characters; got {item[:80]!r}.",
+            )
+        elif key in tags:
+            bad("tag", f"Tag {key!r} is given twice.")
+        else:
+            tags[key] = value
+    return tags
