@@ -121,3 +121,14 @@ async def test_the_app_mounted_under_a_prefix_and_query_strings_with_escapes(tmp
         assert (await client.get("/ml/add/status", params={"task_id": "a+b"})).status_code == 404
         assert (await client.get("/add/status", params={"task_id": task_id})).status_code == 404
     await queue.close()
+
+
+async def test_the_status_of_any_task_by_id_alone(api: httpx.AsyncClient) -> None:
+    task_id = (await api.post("/add/submit", json={"a": 2, "b": 3})).json()["task_id"]
+    await wait(api, "add", task_id)
+    status = await api.get(f"/tasks/{task_id}")
+    assert status.status_code == 200 and status.json()["route"] == "/add" and status.json()["status"] == "success"
+    assert status.json() == (await api.get("/add/status", params={"task_id": task_id})).json()
+    missing = await api.get("/tasks/nope")
+    assert missing.status_code == 404 and missing.json()["error"]
+    assert (await api.post(f"/tasks/{task_id}")).status_code == 405

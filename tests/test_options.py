@@ -111,3 +111,12 @@ async def test_bad_options_are_refused_by_name_and_queue_nothing(tmp_path: Path)
 def test_the_client_refuses_an_option_it_does_not_know(served: Server) -> None:
     with taskserve.SyncHTTPClient(served.url) as client, pytest.raises(TypeError):
         client.add.options(prio=1)
+
+
+def test_any_task_by_id_alone_on_each_broker(served: Server) -> None:
+    with taskserve.SyncHTTPClient(served.url) as client:
+        task = client.echo.options(tags={"where": "tasks"}).submit(text="x")
+        assert task.get(timeout=30) == "x"
+    status = httpx.get(f"{served.url}/tasks/{task.id}").json()
+    assert status["task_id"] == task.id and status["route"] == "/echo" and status["tags"] == {"where": "tasks"}
+    assert httpx.get(f"{served.url}/tasks/0123").status_code == 404

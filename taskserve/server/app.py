@@ -282,8 +282,12 @@ def create_app(
     metrics = Metrics({ep.route: ep.name for ep in service.endpoints})
     workers = WorkerView(queue)
     routes: list[Route] = []
+    by_route: dict[str, EndpointRoutes] = {}
     for endpoint in service.endpoints:
-        routes.extend(EndpointRoutes(endpoint, queue, metrics, max_body_size, workers, call_timeout).routes())
+        by_route[endpoint.route] = handlers = EndpointRoutes(
+            endpoint, queue, metrics, max_body_size, workers, call_timeout
+        )
+        routes.extend(handlers.routes())
     schema = openapi.service_schema(service)
     docs = openapi.openapi_document(service)
 
@@ -313,6 +317,12 @@ def create_app(
         )
         return JSONResponse(body, status_code=503)
 
+    async def task_status(request: Request) -> Response:
+        """The status of any task by id, for callers that do not know (or care about) its route."""
+        record = await queue.get(request.path_params["task_id"])
+        handlers = by_route.get(record.route)  # None: a task of another service on the same broker
+        return JSONResponse(record.to_json() if handlers is None else await handlers.status_json(record))
+
     async def workers_json(request: Request) -> Response:
         return JSONResponse({"workers": [w.to_json() for w in await queue.workers()]})
 
@@ -326,6 +336,7 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/workers", workers_json, methods=["GET"]),
+        Route("/tasks/{task_id}", task_status, methods=["GET"]),
         Route("/metrics", metrics_text, methods=["GET"]),
     ]
 

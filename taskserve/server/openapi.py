@@ -345,6 +345,18 @@ def openapi_document(service: Service) -> dict[str, Any]:
             },
         }
     }
+    paths["/tasks/{task_id}"] = {
+        "get": {
+            "operationId": "task_status",
+            "summary": "The status of any task, whatever its route",
+            "parameters": [{"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {
+                "200": _json("The task's status.", STATUS),
+                "404": _error("No such task (or it was purged after its retention)."),
+                "503": _error("Queue unavailable."),
+            },
+        }
+    }
     paths["/workers"] = {
         "get": {
             "operationId": "workers",
