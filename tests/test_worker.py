@@ -211,3 +211,20 @@ async def test_a_drain_that_gives_up_on_a_stuck_sequence_keeps_what_already_ran(
     assert (records[0].status, records[0].attempts) == (TaskStatus.SUCCESS, 1)
     assert [r.status for r in records[1:]] == [TaskStatus.PENDING, TaskStatus.PENDING]
     assert [x for x, _ in CALLS] == [0, 1]
+
+
+async def test_a_worker_makes_its_scratch_directory_when_it_runs_and_removes_it(
+    queue: Queue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Constructing a Worker (tests, embedders) creates nothing; a run leaves nothing behind."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    Worker(SERVICE, queue, name="never-run")
+    assert list(scratch.iterdir()) == []
+    record = await queue.enqueue(NewTask("/score", args(x=1)))
+    await Worker(SERVICE, queue, name="w").run(burst=True)
+    assert (await queue.get(record.id)).status is TaskStatus.SUCCESS
+    assert list(scratch.iterdir()) == []

@@ -78,7 +78,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._own_workdir = workdir is None
-        self._workdir = workdir or tempfile.mkdtemp(prefix="taskserve-worker-")
+        self._workdir = workdir or ""  # else made by run(): a Worker that never runs leaves nothing behind
         self.executor = Executor(self.concurrency, self._workdir)
         self.recycle = False
         self.completed = 0
@@ -107,6 +107,15 @@ class Worker:
 
     async def run(self, *, burst: bool = False) -> None:
         """Serve until ``stop()``; with ``burst``, return once no task is due and none runs."""
+        if self._own_workdir:
+            self._workdir = self.executor.workdir = tempfile.mkdtemp(prefix="taskserve-worker-")
+        try:
+            await self._serve(burst)
+        finally:
+            if self._own_workdir:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+
+    async def _serve(self, burst: bool) -> None:
         await self._connect()
         self.queue.cancel_listeners.append(self._on_cancel)
         self.queue.listen_for_cancel()
@@ -138,8 +147,6 @@ class Worker:
             await self.keeper.stop()
             self.queue.cancel_listeners.remove(self._on_cancel)
             self.executor.close()
-            if self._own_workdir:
-                shutil.rmtree(self._workdir, ignore_errors=True)
 
     async def _connect(self) -> None:
         delay = 0.1
