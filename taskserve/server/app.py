@@ -232,14 +232,14 @@ class EndpointRoutes:
 class LiteralRouter(Router):
     """Finds a request's route by its path in a dict rather than by trying each route in turn.
 
-    Every taskserve path is literal, and a service of a few endpoints has dozens of routes:
-    Starlette's scan (one regular expression per route) cost more per status poll than the
-    store's read. Anything not found here (a 404, a redirect) goes the usual way.
+    Nearly every taskserve path is literal, and a service of a few endpoints has dozens of
+    routes: Starlette's scan (one regular expression per route) cost more per status poll than
+    the store's read. Anything not found here (``/tasks/{task_id}``, a 404) goes the usual way.
     """
 
     def __init__(self, routes: list[Route], **kwargs: Any) -> None:
         super().__init__(routes=routes, **kwargs)
-        self.by_path = {route.path: route for route in routes}
+        self.by_path = {route.path: route for route in routes if "{" not in route.path}
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.by_path.get(_route_path(scope)) if scope["type"] == "http" else None
