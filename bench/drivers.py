@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -51,10 +52,14 @@ class HttpDriver:
     """A minimal HTTP/1.1 keep-alive client: `http.client` costs several times more CPU per
     request, and on a 2-core machine the load generator's CPU is taken from the system measured."""
 
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, timeout: float = 60.0, options: str = "", keyed: bool = False) -> None:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.timeout = timeout
+        # taskserve's submit options, as a query string for every submit, and whether each
+        # submit carries an Idempotency-Key of its own (the "options in use" variant).
+        self.options = f"?{options}" if options else ""
+        self.keyed = keyed
         self._sock: socket.socket | None = None
         self._buf = b""
         self._used = 0.0
@@ -69,9 +74,9 @@ class HttpDriver:
             self._sock.close()
             self._sock = None
 
-    def request(self, method: str, path: str, body: Any = None) -> tuple[int, str, bytes]:
+    def request(self, method: str, path: str, body: Any = None, extra: str = "") -> tuple[int, str, bytes]:
         payload = b"" if body is None else json.dumps(body).encode()
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{extra}"
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
         # A GET may be sent again on a fresh connection (the server may have closed an idle
@@ -128,17 +133,21 @@ class HttpDriver:
             self.close()
         return status, headers.get("content-type", ""), data
 
-    def _json(self, method: str, path: str, body: Any = None) -> Any:
-        status, _, data = self.request(method, path, body)
+    def _json(self, method: str, path: str, body: Any = None, extra: str = "") -> Any:
+        status, _, data = self.request(method, path, body, extra)
         if status != 200:
             raise DriverError(f"{method} {path} answered {status}: {data[:200]!r}")
         return json.loads(data)
 
+    def _key(self) -> str:
+        return f"Idempotency-Key: {uuid.uuid4().hex}\r\n" if self.keyed else ""
+
     def submit(self, task: str, args: dict) -> str:
-        return self._json("POST", f"/{task}/submit", args)["task_id"]
+        return self._json("POST", f"/{task}/submit{self.options}", args, self._key())["task_id"]
 
     def submit_many(self, task: str, items: list[dict]) -> list[str]:
-        return [t["task_id"] for t in self._json("POST", f"/{task}/submit_many", items)["tasks"]]
+        answer = self._json("POST", f"/{task}/submit_many{self.options}", items, self._key())
+        return [t["task_id"] for t in answer["tasks"]]
 
     def status(self, task: str, task_id: str) -> tuple[str, dict]:
         return _normalise(self._json("GET", f"/{task}/status?task_id={quote(task_id)}"))
@@ -220,4 +229,4 @@ class CeleryDriver:
 def make_driver(spec: dict) -> HttpDriver | CeleryDriver:
     if spec["kind"] == "celery":
         return CeleryDriver(spec["redis"])
-    return HttpDriver(spec["url"])
+    return HttpDriver(spec["url"], options=spec.get("options", ""), keyed=spec.get("keyed", False))

@@ -18,6 +18,7 @@ def rows(s: Settings) -> list[tuple[int, str, str, str]]:
     k = f"{s.stored_n // 1000}k"
     return [
         (1, "s1_fresh", f"1 throughput {s.throughput_n} noop, fresh (tasks/s)", "{:.0f}"),
+        (1, "s1_fresh_options", "1 the same, submit options in use (tasks/s)", "{:.0f}"),
         (1, "s1_stored", f"1 throughput {s.throughput_n} noop, {k} stored (tasks/s)", "{:.0f}"),
         (1, "prefill_s", f"1 pre-fill of {k} stored tasks (s)", "{:.1f}"),
         (2, "s2_poll_p50", f"2 latency p50, poll every {s.latency_poll_ms:g} ms (ms)", "{:.2f}"),
@@ -27,7 +28,9 @@ def rows(s: Settings) -> list[tuple[int, str, str, str]]:
         (2, "s2_wait_p90", "2 latency p90, wait (ms)", "{:.2f}"),
         (2, "s2_wait_p99", "2 latency p99, wait (ms)", "{:.2f}"),
         (3, "s3_sqlite", f"3 drain {s.drain_n} on SQLite, 2 workers (tasks/s)", "{:.0f}"),
+        (3, "s3_sqlite_options", "3 the same, submit options in use (tasks/s)", "{:.0f}"),
         (3, "s3_redis", f"3 drain {s.drain_n} on Redis, 2 workers (tasks/s)", "{:.0f}"),
+        (3, "s3_redis_options", "3 the same, submit options in use (tasks/s)", "{:.0f}"),
         (4, "s4_default_makespan", f"4 makespan {s.burst_n} x sleep({s.sleep_ms}), default (s)", "{:.2f}"),
         (4, "s4_default_peak", "4 peak running, default", "{:.0f}"),
         (4, "s4_c8_makespan", f"4 makespan {s.burst_n} x sleep({s.sleep_ms}), 8 per worker (s)", "{:.2f}"),
@@ -107,6 +110,17 @@ def targets(res: Results) -> list[tuple[str, str, str, str]]:
     ratio("2 p50 wait: taskserve (ms)", median(ts, "s2_wait_p50"), 1.0, 3.5, "{:.2f} ms", at_most=True)
     ratio("3 SQLite drain: taskserve (tasks/s)", median(ts, "s3_sqlite"), 1.0, 5000, "{:.0f}")
     ratio("3 Redis drain: taskserve / best Celery", median(ts, "s3_redis"), max(celery_redis, default=None), 2)
+    ratio("1 fresh: with options / without", median(ts, "s1_fresh_options"), median(ts, "s1_fresh"), 0.9, "{:.0%}")
+    ratio(
+        "3 SQLite drain: with options / without",
+        median(ts, "s3_sqlite_options"),
+        median(ts, "s3_sqlite"),
+        0.9,
+        "{:.0%}",
+    )
+    ratio(
+        "3 Redis drain: with options / without", median(ts, "s3_redis_options"), median(ts, "s3_redis"), 0.9, "{:.0%}"
+    )
     ratio("7 batched / model alone at 64", median(ts, "s7_batched"), median(ts, "s7_model_64"), 0.7, "{:.0%}")
     ratio("7 batched / unbatched", median(ts, "s7_batched"), median(ts, "s7_unbatched"), 3)
     ratio("7 model alone: batch 64 / batch 1", median(ts, "s7_model_64"), median(ts, "s7_model_1"), None)

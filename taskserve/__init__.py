@@ -16,8 +16,10 @@ from ._types import TERMINAL_STATUSES, TaskStatus
 from .client import AsyncHTTPClient, AsyncTask, SyncHTTPClient, Task
 from .exceptions import (
     ClientError,
+    IdempotencyConflict,
     InvalidTransition,
     PayloadTooLarge,
+    QueueFull,
     QueueUnavailable,
     Retry,
     ServiceDefinitionError,
@@ -35,8 +37,10 @@ __all__ = [
     "AsyncTask",
     "ClientError",
     "Endpoint",
+    "IdempotencyConflict",
     "InvalidTransition",
     "PayloadTooLarge",
+    "QueueFull",
     "QueueUnavailable",
     "Retry",
     "Service",

@@ -88,8 +88,9 @@ class NewTask:
     """What a submit hands to the queue: the validated, JSON-encoded arguments and options.
 
     ``priority`` and ``run_at`` are honoured in claim order. ``ttl`` (seconds from ``run_at``)
-    or ``expires_at``, and ``deadline``, are stored but not enforced by the queue
-    yet; ``retry_of`` names the task a manual retry came from.
+    or ``expires_at`` bounds the wait to start, ``deadline`` the whole life; ``retry_of``
+    names the task a manual retry came from. ``max_queue`` is no field of the task: the
+    submit is refused (``QueueFull``) if the route already holds that many pending tasks.
     """
 
     route: str
@@ -106,6 +107,8 @@ class NewTask:
     expires_at: float | None = None
     deadline: float | None = None
     retry_of: str | None = None
+    webhook: str | None = None
+    max_queue: int | None = None
 
 
 @dataclass
@@ -141,6 +144,11 @@ class TaskRecord:
     expires_at: float | None = None
     deadline: float | None = None
     purge_at: float | None = None
+    webhook: str | None = None
+    # Not stored: set on what a submit returns when an idempotency key found an earlier task.
+    replayed: bool = False
+    # Not stored: for a pending task, how many tasks of its route would be claimed before it.
+    position: int | None = None
 
     @property
     def queue_time(self) -> float | None:
@@ -178,6 +186,9 @@ class TaskRecord:
             "queue_time": self.queue_time,
             "run_time": self.run_time,
             "expires_at": iso(self.expires_at),
+            "deadline": iso(self.deadline),
+            "position": self.position,
+            "webhook": None if self.webhook is None else {"url": self.webhook, "state": "pending", "attempts": 0},
         }
 
 
@@ -230,6 +241,7 @@ class Claim:
     max_attempts: int
     timeout: float | None
     priority: int = 0
+    deadline: float | None = None  # the task's deadline, on the store's clock
 
 
 @dataclass

@@ -150,6 +150,13 @@ def cli() -> None:
     help="Seconds a direct call (POST /{route}) waits for its result before answering 504.",
 )
 @click.option(
+    "--max-queue",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Most pending tasks per route; more submits get 429 with Retry-After [default: no bound; "
+    "a task's own max_queue wins].",
+)
+@click.option(
     "--max-image-pixels",
     default=64_000_000,
     show_default=True,
@@ -288,6 +295,7 @@ async def _serve(
     max_body_size: int,
     *,
     call_timeout: float,
+    max_queue: int | None,
     max_image_pixels: int,
     max_array_bytes: int,
     max_array_elements: int,
@@ -328,6 +336,7 @@ async def _serve(
         worker_pids=supervisor.pids if supervisor else None,
         call_timeout=call_timeout,
         limits=InputLimits(max_image_pixels, max_array_bytes, max_array_elements),
+        max_queue=max_queue,
     )
 
     class Server(uvicorn.Server):

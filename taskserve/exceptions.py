@@ -48,6 +48,32 @@ class InvalidTransition(TaskserveError):
         self.status = status
 
 
+class IdempotencyConflict(TaskserveError):
+    """An idempotency key already names a task of this route with other arguments (HTTP 409)."""
+
+    def __init__(self, key: str, task_id: str) -> None:
+        super().__init__(
+            f"Idempotency key {key!r} was already used for task {task_id!r} with other arguments; "
+            "use a new key for a new request, or send the same arguments to get that task back."
+        )
+        self.key = key
+        self.task_id = task_id
+
+
+class QueueFull(TaskserveError):
+    """The route already holds its ``max_queue`` pending tasks; nothing was queued (HTTP 429).
+
+    ``retry_after`` is the server's estimate, in seconds, of when there will be room, from
+    how fast the route's queue has drained lately.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None, *, route: str = "", excess: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.route = route
+        self.excess = excess  # how many pending tasks must go before this submit fits
+
+
 class ValidationFailed(TaskserveError, ValueError):
     """Arguments that do not fit the endpoint's signature; ``detail`` lists each field."""
 

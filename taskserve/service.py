@@ -43,8 +43,18 @@ class Endpoint:
         max_attempts: how many times the task may be started; a worker that dies, or an
             exception listed in ``retry_on``, uses one up.
         retry_on: exception types after which the task runs again (opt-in).
+        retry_delay: seconds before the first automatic retry; each further one waits
+            ``retry_backoff`` times longer, give or take 10 % (jitter), so that tasks failing
+            together on a shared outage do not come back in lockstep.
+        retry_backoff: the factor between two retry delays.
         priority: claimed before lower-priority work; ``@api`` calls default above tasks,
             since a client is waiting on them.
+        ttl: seconds a task may wait in the queue after it falls due; not started by then,
+            it ends ``failure`` with error type ``Expired`` and never runs.
+        concurrency: the most tasks of this route running at once, over all workers and hosts
+            (a GPU-bound or rate-limited backend); ``None`` for no cap beyond the workers.
+        max_queue: the most pending tasks of this route; a submit beyond it is refused
+            (HTTP 429) rather than queued behind work that cannot finish in time.
         batchable: queued tasks of this route are run together in one call. The function
             takes one parameter, a ``list`` (or ``numpy.ndarray``, batch axis 0), and returns
             a list (or array) of the same length, item *i* answering input *i*.
@@ -64,6 +74,11 @@ class Endpoint:
     batchable: bool = False
     max_batch_size: int = 64
     max_latency_ms: float = 10.0
+    retry_delay: float = 1.0
+    retry_backoff: float = 2.0
+    ttl: float | None = None
+    concurrency: int | None = None
+    max_queue: int | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name or self.fn.__name__
@@ -75,6 +90,17 @@ class Endpoint:
             raise ServiceDefinitionError(f"max_attempts of {self.name!r} must be at least 1, got {self.max_attempts}.")
         if self.timeout is not None and self.timeout <= 0:
             raise ServiceDefinitionError(f"timeout of {self.name!r} must be positive, got {self.timeout}.")
+        if self.ttl is not None and self.ttl <= 0:
+            raise ServiceDefinitionError(f"ttl of {self.name!r} must be positive, got {self.ttl}.")
+        if self.retry_delay < 0 or self.retry_backoff < 1:
+            raise ServiceDefinitionError(
+                f"{self.name!r} needs retry_delay >= 0 and retry_backoff >= 1, "
+                f"got {self.retry_delay} and {self.retry_backoff}."
+            )
+        for option in ("concurrency", "max_queue"):
+            value = getattr(self, option)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ServiceDefinitionError(f"{option} of {self.name!r} must be a whole number >= 1, got {value!r}.")
         if self.max_batch_size < 1 or self.max_latency_ms < 0:
             raise ServiceDefinitionError(
                 f"{self.name!r} needs max_batch_size >= 1 and max_latency_ms >= 0, "
@@ -142,6 +168,11 @@ def task(
     batchable: bool = False,
     max_batch_size: int = 64,
     max_latency_ms: float = 10.0,
+    retry_delay: float = 1.0,
+    retry_backoff: float = 2.0,
+    ttl: float | None = None,
+    concurrency: int | None = None,
+    max_queue: int | None = None,
 ) -> Callable[[F], F]: ...
 def task(fn: Any = None, **options: Any) -> Any:
     """Mark a method as a task: clients submit it, get an id at once and fetch the result later.
@@ -150,8 +181,12 @@ def task(fn: Any = None, **options: Any) -> Any:
         route: URL path, default ``/`` + the method name.
         timeout: seconds one attempt may run.
         max_attempts: starts allowed in all; a lost worker uses one up (default 3).
-        retry_on: exception types that make the task run again while attempts remain.
+        retry_on: exception types that make the task run again while attempts remain, after
+            ``retry_delay`` seconds, then ``retry_backoff`` times longer each time (±10 %).
         priority: higher runs first.
+        ttl: seconds a task may wait to start; later, it fails ``Expired`` without running.
+        concurrency: the most tasks of this route running at once, across all workers.
+        max_queue: the most pending tasks of this route; more are refused with HTTP 429.
         batchable: run queued tasks of this route together, in one call of up to
             ``max_batch_size`` items, waiting at most ``max_latency_ms`` for more.
 

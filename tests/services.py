@@ -132,7 +132,7 @@ class TestService:
         """What the worker received: a test compares it with what the client sent."""
         return {"dtype": str(arr.dtype), "shape": list(arr.shape), "writeable": bool(arr.flags.writeable)}
 
-    @taskserve.task(max_attempts=3, retry_on=(ConnectionError,))
+    @taskserve.task(max_attempts=3, retry_on=(ConnectionError,), retry_delay=0.2, retry_backoff=2.0)
     def flaky_connection(self, log: str, failures: int) -> int:
         """Raises ConnectionError, listed in its ``retry_on``, on its first ``failures`` runs (counted in ``log``)."""
         _touch(log, "run")
@@ -140,3 +140,15 @@ class TestService:
         if runs <= failures:
             raise ConnectionError(f"run {runs} failed")
         return runs
+
+    @taskserve.task(concurrency=2)
+    async def capped(self, seconds: float) -> str:
+        """At most two run at once, over every worker: a test reads their start and end times."""
+        await asyncio.sleep(seconds)
+        return "done"
+
+    @taskserve.task(max_queue=3)
+    async def bounded(self, seconds: float = 0.0) -> str:
+        """A route whose queue holds at most three pending tasks."""
+        await asyncio.sleep(seconds)
+        return "done"

@@ -207,3 +207,42 @@ def test_slow_tasks_after_many_quick_ones_are_shared_by_idle_workers(broker: str
         assert task.get(timeout=30) == "slept"
     # Nobody claimed the slow ones ahead: both workers ran some.
     assert len({task.status()["worker"] for task in slow}) == 2
+
+
+def test_time_limits_keys_and_delays_survive_kill_9_of_every_process(broker: str, make_server: ServerFactory) -> None:
+    """SPEC §7 under a crash: a TTL and a deadline fire once any process is back, a delayed task
+    is neither lost nor run early, and an idempotency key still finds its task."""
+    server = make_server(broker, workers=0)
+    url = server.url
+    expiring = httpx.post(f"{url}/add/submit", params={"ttl": "1"}, json={"a": 1}).json()["task_id"]
+    bounded = httpx.post(f"{url}/add/submit", headers={"Cancel-After": "1"}, json={"a": 2}).json()["task_id"]
+    delayed = httpx.post(f"{url}/add/submit", params={"delay": "3"}, json={"a": 3}).json()["task_id"]
+    keyed = httpx.post(f"{url}/add/submit", headers={"Idempotency-Key": "k-1"}, json={"a": 4}).json()["task_id"]
+    delayed_due = status(url, "add", delayed)["run_at"]
+    server.kill()  # SIGKILL; it has no workers
+    time.sleep(1.2)  # the TTL and the deadline pass while nothing runs
+    again = make_server(broker, workers=1, port=server.port)
+    replay = httpx.post(f"{url}/add/submit", headers={"Idempotency-Key": "k-1"}, json={"a": 4})
+    assert replay.json()["task_id"] == keyed and replay.headers["idempotent-replayed"] == "true"
+    client = again.client()
+    for task_id, kind in ((expiring, "Expired"), (bounded, "DeadlineExceeded")):
+        assert client.add.task(task_id).wait(timeout=20).value == "failure"
+        info = status(url, "add", task_id)
+        assert info["errors"][-1]["type"] == kind and info["started_at"] is None
+    assert client.add.task(delayed).get(timeout=30) == 4
+    assert status(url, "add", delayed)["started_at"] >= delayed_due  # ISO 8601 in UTC sorts as time
+    assert client.add.task(keyed).get(timeout=30) == 5
+
+
+def test_a_concurrency_cap_holds_while_workers_die(broker: str, make_server: ServerFactory) -> None:
+    """Three workers of two slots; the route's cap is two. Killing a worker mid-run frees its slot
+    when its lease goes, and the cap held over every attempt that finished."""
+    server = make_server(broker, "--concurrency", "2", workers=3)
+    client = server.client()
+    tasks = [client.capped.submit(seconds=0.6) for _ in range(8)]
+    wait_until(lambda: any(t.get_status().value == "in_progress" for t in tasks))
+    running = next(t for t in tasks if t.get_status().value == "in_progress")
+    os.kill(worker_pid(server.url, running.status()["worker"]), signal.SIGKILL)
+    assert [t.get(timeout=60) for t in tasks] == ["done"] * 8
+    spans = [(s["started_at"], s["completed_at"]) for s in (t.status() for t in tasks)]
+    assert max(sum(1 for s, e in spans if s <= moment < e) for moment, _ in spans) <= 2, spans

@@ -20,8 +20,10 @@ from .._types import TaskStatus
 from .._wire import array_from_wire, array_to_npy, array_to_wire, is_ndarray, load_image
 from ..exceptions import (
     ClientError,
+    IdempotencyConflict,
     InvalidTransition,
     PayloadTooLarge,
+    QueueFull,
     QueueUnavailable,
     TaskCancelled,
     TaskFailed,
@@ -176,6 +178,15 @@ def raise_for_response(response: httpx.Response, task: Any = None) -> None:
         raise PayloadTooLarge(message)
     if code == 503:
         raise QueueUnavailable(message)
+    if code == 429:
+        retry_after = body.get("retry_after", response.headers.get("retry-after"))
+        try:
+            seconds = float(retry_after) if retry_after is not None else None
+        except ValueError:
+            seconds = None
+        raise QueueFull(message, seconds)
+    if code == 409 and "idempotency_key" in body:
+        raise IdempotencyConflict(str(body["idempotency_key"]), str(body.get("task_id")))
     if code == 409 and "task_error" not in body:  # a cancel or retry in the wrong state, not a result answer
         raise InvalidTransition(message, status)
     if status in ("pending", "in_progress"):
@@ -193,26 +204,58 @@ def option_params(
     priority: int | None = None,
     delay: float | datetime.timedelta | None = None,
     run_at: datetime.datetime | str | None = None,
+    ttl: float | datetime.timedelta | None = None,
     timeout: float | datetime.timedelta | None = None,
+    deadline: datetime.datetime | str | float | datetime.timedelta | None = None,
+    idempotency_key: str | None = None,
+    webhook: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> list[tuple[str, str]]:
     """``params`` with these submit options added, as the query parameters the server reads.
 
-    A naive ``run_at`` datetime is taken as local time (Python's rule); a string goes as it is.
-    The server validates every value and answers 422 naming the one it cannot use.
+    A naive ``run_at`` or ``deadline`` datetime is taken as local time (Python's rule); a string
+    goes as it is; a ``deadline`` in seconds (or a ``timedelta``) counts from now. The server
+    validates every value and answers 422 naming the one it cannot use.
     """
     given: dict[str, str] = {}
     if priority is not None:
         given["priority"] = str(int(priority))
     if delay is not None:
-        given["delay"] = repr(delay.total_seconds() if isinstance(delay, datetime.timedelta) else float(delay))
+        given["delay"] = repr(_seconds(delay))
     if run_at is not None:
-        given["run_at"] = run_at.astimezone().isoformat() if isinstance(run_at, datetime.datetime) else str(run_at)
+        given["run_at"] = _instant(run_at)
+    if ttl is not None:
+        given["ttl"] = repr(_seconds(ttl))
     if timeout is not None:
-        seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else float(timeout)
-        given["timeout"] = repr(seconds)
+        given["timeout"] = repr(_seconds(timeout))
+    if deadline is not None:
+        if isinstance(deadline, (int, float, datetime.timedelta)):
+            deadline = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=_seconds(deadline))
+        given["deadline"] = _instant(deadline)
+    if idempotency_key is not None:
+        given["idempotency_key"] = str(idempotency_key)
+    if webhook is not None:
+        given["webhook"] = str(webhook)
     kept = [(k, v) for k, v in params if k not in given and not (tags is not None and k == "tag")]
     return kept + list(given.items()) + [("tag", f"{k}:{v}") for k, v in (tags or {}).items()]
+
+
+def _seconds(value: float | datetime.timedelta) -> float:
+    return value.total_seconds() if isinstance(value, datetime.timedelta) else float(value)
+
+
+def _instant(value: datetime.datetime | str) -> str:
+    return value.astimezone().isoformat() if isinstance(value, datetime.datetime) else str(value)
+
+
+def retry_body(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The request arguments of a retry: the argument overrides as a JSON object (files as base64)."""
+    if not overrides:
+        return {}
+    return {
+        "content": pydantic_core.to_json(encode_json_item(overrides)),
+        "headers": {"content-type": "application/json"},
+    }
 
 
 def request_timeout(kwargs: dict[str, Any]) -> None:

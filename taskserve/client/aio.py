@@ -23,6 +23,7 @@ from ._base import (
     parse_schema,
     raise_for_response,
     request_timeout,
+    retry_body,
     transport_error,
 )
 from ._map import POLL, MapRun, as_arguments, progress_bar
@@ -75,9 +76,17 @@ class AsyncTask:
             if status.is_terminal or remaining <= 0:
                 return status
 
-    async def retry(self) -> AsyncTask:
-        """Submit a new task with this one's arguments (it must have ended)."""
-        return AsyncTask(self.endpoint, (await self._request("POST", "retry")).json()["task_id"])
+    async def retry(self, **overrides: Any) -> AsyncTask:
+        """Submit a new task with this one's arguments, ``overrides`` in place of some (it must have ended).
+
+        The new task names this one in its status's ``retry_of``; the merged arguments are
+        validated as a submit's are (``ValidationFailed``).
+        """
+        route = (await self.endpoint.info()).route
+        response = await self.endpoint.client._request(
+            "POST", f"{route}/retry", self, params={"task_id": self.id}, **retry_body(overrides)
+        )
+        return AsyncTask(self.endpoint, response.json()["task_id"])
 
     async def cancel(self) -> TaskStatus:
         """Cancel the task: a pending one never runs, a running one is stopped."""

@@ -22,6 +22,7 @@ from ._base import (
     parse_schema,
     raise_for_response,
     request_timeout,
+    retry_body,
     transport_error,
 )
 from ._map import POLL, MapRun, as_arguments, progress_bar
@@ -79,9 +80,19 @@ class Task:
             if status.is_terminal or remaining <= 0:
                 return status
 
-    def retry(self) -> Task:
-        """Submit a new task with this one's arguments (it must have ended)."""
-        return Task(self.endpoint, self._request("POST", "retry").json()["task_id"])
+    def retry(self, **overrides: Any) -> Task:
+        """Submit a new task with this one's arguments, ``overrides`` in place of some (it must have ended).
+
+        The new task names this one in its status's ``retry_of``; the merged arguments are
+        validated as a submit's are (``ValidationFailed``).
+
+        Example:
+            >>> again = task.retry(prompt="a calmer sea")
+        """
+        response = self.endpoint.client._request(
+            "POST", f"{self.endpoint.info.route}/retry", self, params={"task_id": self.id}, **retry_body(overrides)
+        )
+        return Task(self.endpoint, response.json()["task_id"])
 
     def cancel(self) -> TaskStatus:
         """Cancel the task: a pending one never runs, a running one is stopped."""
@@ -101,7 +112,14 @@ class SyncEndpoint:
             priority: higher is claimed first.
             delay: seconds (or a ``timedelta``) before the task may start; or ``run_at``, a
                 ``datetime`` or ISO 8601 string.
+            ttl: seconds the task may wait to start; later it fails ``Expired`` without running.
             timeout: seconds an attempt may run before it is stopped (``TimeoutError``).
+            deadline: a ``datetime`` (or ISO 8601 string), or seconds from now, by which the
+                task must have finished, queued or running (``DeadlineExceeded``).
+            idempotency_key: the same key with the same arguments returns the same task
+                (a retried request queues nothing twice); with other arguments,
+                ``IdempotencyConflict``.
+            webhook: a URL called when the task ends.
             tags: labels, ``{"team": "search"}``, shown in the task's status.
 
         Example:

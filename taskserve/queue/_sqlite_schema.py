@@ -7,11 +7,13 @@ import collections
 import json
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
 from .._types import Event, NewTask, TaskRecord, TaskStatus, event_id
-from .base import Watch
+from ..exceptions import IdempotencyConflict, QueueFull
+from .base import Watch, queue_full_message
 
 # Numbered migrations; PRAGMA user_version records the last one applied. Only append.
 MIGRATIONS: list[tuple[int, str]] = [
@@ -105,11 +107,30 @@ MIGRATIONS: list[tuple[int, str]] = [
         END;
         """,
     ),
+    (
+        # Task options (SPEC §7). The TTL and deadline sweeps read partial indexes that hold
+        # only the tasks they can still act on (an index of every expires_at kept finished
+        # tasks in it until their purge). Idempotency keys become unique per route, so two
+        # racing submits with one key can never both insert. The webhook URL waits for §8.
+        4,
+        """
+        DROP INDEX IF EXISTS tasks_expiry;
+        CREATE INDEX IF NOT EXISTS tasks_ttl ON tasks (expires_at)
+            WHERE status = 'pending' AND expires_at IS NOT NULL;
+        CREATE INDEX IF NOT EXISTS tasks_deadline ON tasks (deadline)
+            WHERE deadline IS NOT NULL AND status IN ('pending', 'in_progress');
+        DROP INDEX IF EXISTS tasks_idempotency;
+        CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (route, idempotency_key)
+            WHERE idempotency_key IS NOT NULL;
+        ALTER TABLE tasks ADD COLUMN webhook TEXT;
+        """,
+    ),
 ]
 
 RECORD_COLUMNS = (
     "id, route, status, created_at, started_at, completed_at, attempts, max_attempts, error, worker, priority, timeout,"
-    " run_at, errors, retry_of, tags, progress, idempotency_key, args_hash, batch_size, expires_at, deadline, purge_at"
+    " run_at, errors, retry_of, tags, progress, idempotency_key, args_hash, batch_size, expires_at, deadline, purge_at,"
+    " webhook"
 )
 STATUSES = tuple(s.value for s in TaskStatus)
 
@@ -139,6 +160,7 @@ def record(row: Sequence[Any]) -> TaskRecord:
         expires_at=row[20],
         deadline=row[21],
         purge_at=row[22],
+        webhook=row[23],
     )
 
 
@@ -229,16 +251,65 @@ def count_finished(conn: sqlite3.Connection, ended: collections.Counter[tuple[st
 def task_row(t: NewTask, ts: float) -> tuple[Any, ...]:
     tags = json.dumps(t.tags) if t.tags else None
     return (t.id, t.route, t.priority, t.run_at, ts, t.max_attempts, t.timeout, t.args, tags, t.retry_of,
-            t.idempotency_key, t.args_hash, t.expires_at, t.deadline)  # fmt: skip
+            t.idempotency_key, t.args_hash, t.expires_at, t.deadline, t.webhook)  # fmt: skip
 
 
-def insert_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+@dataclass
+class Guards:
+    """The checks a submit with an idempotency key or a ``max_queue`` makes in its insert's transaction.
+
+    Inside the write transaction nobody else can insert, so "look, then insert" is race-free:
+    two submits with one key find each other, and a queue is never filled past its bound.
+    Submits without either option carry no Guards and pay nothing.
+    """
+
+    routes: list[str]  # the route of each row
+    keyed: list[tuple[int, str, str, str]]  # (row index, route, key, args hash)
+    limits: dict[str, int]  # route -> max_queue
+
+    @classmethod
+    def of(cls, tasks: Sequence[NewTask]) -> Guards | None:
+        keyed = [(i, t.route, t.idempotency_key, t.args_hash or "") for i, t in enumerate(tasks) if t.idempotency_key]
+        limits = {t.route: t.max_queue for t in tasks if t.max_queue is not None}
+        if not keyed and not limits:
+            return None
+        return cls([t.route for t in tasks], keyed, limits)
+
+    def check(self, conn: sqlite3.Connection) -> dict[int, str]:
+        """``{row index: id of the earlier task}`` for keys seen before; raises on a conflict or a full queue."""
+        replays: dict[int, str] = {}
+        for i, route, key, digest in self.keyed:
+            row = conn.execute(
+                "SELECT id, args_hash FROM tasks WHERE route = ? AND idempotency_key = ?", (route, key)
+            ).fetchone()
+            if row is not None:
+                if row[1] != digest:
+                    raise IdempotencyConflict(key, row[0])
+                replays[i] = row[0]
+        for route, cap in self.limits.items():
+            new = sum(1 for i, r in enumerate(self.routes) if r == route and i not in replays)
+            if not new:
+                continue
+            pending = conn.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_due"
+                " WHERE status = 'pending' AND route = ? LIMIT ?)",
+                (route, cap),
+            ).fetchone()[0]
+            if pending + new > cap:
+                raise QueueFull(queue_full_message(route, pending, cap, new), route=route, excess=pending + new - cap)
+        return replays
+
+
+def insert_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], guards: Guards | None = None) -> dict[int, str]:
+    """Insert the tasks, but those whose idempotency key names an earlier task; returns those."""
+    replays = guards.check(conn) if guards is not None else {}
     conn.executemany(
         "INSERT INTO tasks (id, route, status, priority, run_at, created_at, max_attempts, timeout, args, tags,"
-        " retry_of, idempotency_key, args_hash, expires_at, deadline)"
-        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        rows,
+        " retry_of, idempotency_key, args_hash, expires_at, deadline, webhook)"
+        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [row for i, row in enumerate(rows) if i not in replays] if replays else rows,
     )
+    return replays
 
 
 def statements(sql: str) -> list[str]:
@@ -286,7 +357,7 @@ class SQLiteWatch(Watch):
                 del self._waiters[self._task_id]
 
 
-def pass_on(fut: asyncio.Future[None], done: asyncio.Future[None]) -> None:
+def pass_on(fut: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
     """Settle ``fut`` as ``done`` ended (a submit waiting on the writer's insert)."""
     if fut.done():
         return
@@ -295,4 +366,4 @@ def pass_on(fut: asyncio.Future[None], done: asyncio.Future[None]) -> None:
     elif (error := done.exception()) is not None:
         fut.set_exception(error)
     else:
-        fut.set_result(None)
+        fut.set_result(done.result())

@@ -51,6 +51,14 @@ def now() -> float:
     return time.time()
 
 
+def queue_full_message(route: str, pending: int, cap: int, new: int) -> str:
+    more = "" if new == 1 else f" and this submit holds {new}"
+    return (
+        f"The queue of {route} is full: {pending} pending task(s){more}, at most {cap} (max_queue). "
+        "Nothing was queued; try again after Retry-After seconds."
+    )
+
+
 class Watch:
     """Sleeps for the given time; a backend's subclass returns early on a change."""
 
@@ -78,6 +86,9 @@ class Queue(abc.ABC):
         # Called with a task id when the backend learns that a task was cancelled, so a
         # worker can stop it at once instead of at its next lease renewal.
         self.cancel_listeners: list[Callable[[str], None]] = []
+        # ``{route: N}``: claims never let more than N tasks of the route run at once, counted
+        # over every worker sharing the store (a worker sets the caps of the routes it serves).
+        self.caps: dict[str, int] = {}
 
     @staticmethod
     def from_url(url: str, **options: Any) -> Queue:
@@ -125,7 +136,13 @@ class Queue(abc.ABC):
         return (await self.enqueue_many([task]))[0]
 
     async def enqueue_many(self, tasks: Sequence[NewTask]) -> list[TaskRecord]:
-        """Store all the tasks or none of them."""
+        """Store all the tasks or none of them.
+
+        A task whose ``idempotency_key`` already names a task of its route is not stored: the
+        earlier task's record comes back in its place, marked ``replayed`` (with other arguments,
+        ``IdempotencyConflict``). A route holding its ``max_queue`` pending tasks refuses the
+        lot with ``QueueFull``. Both are decided in the store's write, so racing submits agree.
+        """
         ts = now()
         for task in tasks:
             if task.run_at is None:
@@ -135,8 +152,8 @@ class Queue(abc.ABC):
             if task.ttl is not None and task.expires_at is None:
                 # Counted from when the task falls due: a delayed task is not "late" before then.
                 task.expires_at = max(task.run_at, ts) + task.ttl
-        await self._enqueue(tasks, ts)
-        return [
+        replays = await self._enqueue(tasks, ts)
+        records = [
             TaskRecord(
                 id=t.id,
                 route=t.route,
@@ -152,9 +169,17 @@ class Queue(abc.ABC):
                 args_hash=t.args_hash,
                 expires_at=t.expires_at,
                 deadline=t.deadline,
+                webhook=t.webhook,
             )
             for t in tasks
         ]
+        for i, task_id in (replays or {}).items():
+            earlier = await self._get(task_id)
+            if earlier is None:  # purged between the insert and this read: its key is free again
+                return await self.enqueue_many(tasks)
+            earlier.replayed = True
+            records[i] = earlier
+        return records
 
     async def get(self, task_id: str, route: str | None = None) -> TaskRecord:
         """The task's record; ``TaskNotFound`` if unknown, expired or of another route."""
@@ -181,15 +206,20 @@ class Queue(abc.ABC):
             )
         return await self.get(task_id, route)
 
-    async def retry(self, task_id: str, route: str | None = None) -> TaskRecord:
-        """Submit a new task with the arguments of a finished one; the old one is unchanged."""
+    async def retry(self, task_id: str, route: str | None = None, args: bytes | None = None) -> TaskRecord:
+        """Submit a new task with the arguments of a finished one (or ``args``); the old one is unchanged.
+
+        The new task keeps the old one's priority, time limit, tags and webhook, and names it
+        in ``retry_of``; its TTL and deadline are not carried over (they were moments in time).
+        """
         record = await self.get(task_id, route)
         if not record.status.is_terminal:
             raise InvalidTransition(
                 f"Task {task_id!r} is still {record.status.value}; only a finished task can be retried.",
                 record.status,
             )
-        args = await self._get_args(task_id)
+        if args is None:
+            args = await self._get_args(task_id)
         if args is None:
             raise TaskNotFound(task_id)
         new = NewTask(
@@ -200,8 +230,22 @@ class Queue(abc.ABC):
             priority=record.priority,
             tags=dict(record.tags),
             retry_of=record.id,
+            webhook=record.webhook,
         )
         return await self.enqueue(new)
+
+    async def original_args(self, task_id: str) -> bytes:
+        """The stored arguments of a task (a retry with overrides merges over them)."""
+        args = await self._get_args(task_id)
+        if args is None:
+            raise TaskNotFound(task_id)
+        return args
+
+    async def position(self, record: TaskRecord) -> int | None:
+        """For a pending task, how many tasks of its route would be claimed before it."""
+        if record.status is not TaskStatus.PENDING:
+            return None
+        return await self._position(record, now())
 
     async def wait(self, task_id: str, timeout: float, route: str | None = None) -> TaskRecord:
         """Return the record once the task is terminal or ``timeout`` seconds have passed."""
@@ -329,8 +373,28 @@ class Queue(abc.ABC):
     # -- maintenance -----------------------------------------------------------------------
 
     async def recover(self) -> int:
-        """Re-queue tasks whose lease lapsed (their worker died); fail those out of attempts."""
-        return await self._recover(None)
+        """Re-queue tasks whose lease lapsed (their worker died); fail those out of attempts.
+
+        Also ends the tasks whose TTL or deadline has passed (``expire``): whichever process
+        runs maintenance does it, so a deadline holds with any API server or worker down.
+        """
+        return await self._recover(None) + await self.expire()
+
+    async def expire(self) -> int:
+        """End pending tasks past their TTL (``Expired``) and tasks past their deadline (``DeadlineExceeded``).
+
+        A running task past its deadline is taken from its worker as a cancel is: the worker
+        is told to stop it and anything it reports later is refused.
+        """
+        ts = now()
+        overdue = await self._overdue(ts)
+        if not overdue:
+            return 0
+        items = [
+            (task_id, lifecycle.deadline_exceeded(at) if kind == "deadline" else lifecycle.expired(at))
+            for task_id, kind, at in overdue
+        ]
+        return sum(await self._apply(items, ts))
 
     async def _recover(self, worker: str | None) -> int:
         ts = now()
@@ -362,7 +426,12 @@ class Queue(abc.ABC):
     async def _ping(self) -> None: ...
 
     @abc.abstractmethod
-    async def _enqueue(self, tasks: Sequence[NewTask], ts: float) -> None: ...
+    async def _enqueue(self, tasks: Sequence[NewTask], ts: float) -> dict[int, str] | None:
+        """Store the tasks in one atomic write; returns ``{index: earlier task id}`` for idempotent replays.
+
+        Checks each task's ``idempotency_key`` and ``max_queue`` in that same write (raising
+        ``IdempotencyConflict`` or ``QueueFull``, storing nothing).
+        """
 
     @abc.abstractmethod
     async def _get(self, task_id: str) -> TaskRecord | None: ...
@@ -394,6 +463,13 @@ class Queue(abc.ABC):
         Atomic per task (guards checked and effects made in one transaction or script), and
         safe to re-send after a lost reply. Returns, per task, whether a move was applied.
         """
+
+    @abc.abstractmethod
+    async def _overdue(self, ts: float) -> list[tuple[str, str, float]]:
+        """``(id, "ttl" | "deadline", when)`` of tasks to end: pending past their TTL, active past their deadline."""
+
+    @abc.abstractmethod
+    async def _position(self, record: TaskRecord, ts: float) -> int: ...
 
     @abc.abstractmethod
     async def _lapsed(self, ts: float, worker: str | None) -> list[str]:

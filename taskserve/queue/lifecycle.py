@@ -10,6 +10,7 @@ under what conditions, is decided here and nowhere else::
        └──── released ────┤  (handed back unstarted at shutdown: the attempt is given back)
        └──── retry ───────┤  (failure with retry asked and attempts left, after its delay)
        └──── lost ────────┘  (lease lapsed with attempts left; none left: failure, WorkerLost)
+    pending ──ttl ran out──▶ failure (Expired)      pending or in_progress ──deadline──▶ failure
 
 A decision is a list of ``Move``\\ s, tried in order: the first whose guards hold is applied,
 atomically, by the backend (``SQLiteQueue._move`` in SQL, ``move.lua`` on Redis); if none
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .._types import WORKER_LOST, Event, Outcome, TaskRecord, TaskStatus, event_id, event_seq, split_error
+from .._types import WORKER_LOST, Event, Outcome, TaskRecord, TaskStatus, event_id, event_seq, iso, split_error
 
 PENDING, IN_PROGRESS = TaskStatus.PENDING, TaskStatus.IN_PROGRESS
 
@@ -111,6 +112,18 @@ def lost(error: str = WORKER_LOST) -> list[Move]:
         Move(PENDING, lapsed=True, attempts_left=True, reason="lost", error=parts, error_text=error),
         Move(TaskStatus.FAILURE, lapsed=True, error=parts, error_text=error),
     ]
+
+
+def expired(expires_at: float | None) -> list[Move]:
+    """A queue TTL ran out before any worker started the task: it never runs."""
+    error = ("Expired", f"not started before its time to live ran out at {iso(expires_at)}")
+    return [Move(TaskStatus.FAILURE, held=(PENDING,), error=error, error_text=f"{error[0]}: {error[1]}")]
+
+
+def deadline_exceeded(deadline: float | None) -> list[Move]:
+    """A deadline passed: a pending task never runs, a running one is told to stop."""
+    error = ("DeadlineExceeded", f"not finished by its deadline {iso(deadline)}")
+    return [Move(TaskStatus.FAILURE, held=(PENDING, IN_PROGRESS), error=error, error_text=f"{error[0]}: {error[1]}")]
 
 
 def cancelled(request: str) -> list[Move]:

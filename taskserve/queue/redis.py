@@ -19,6 +19,8 @@ share one Redis):
     P:leases:ROUTE      zset of running tasks, scored by lease expiry (recover, counts)
     P:w:WORKER          set of the tasks a worker holds (abandon)
     P:c:TOKEN           the ids one claim call took, for a re-send of it; expires with the lease
+    P:timers            zset of active tasks with a TTL or deadline, by the earlier of the two
+    P:idem:ROUTE:KEY    the task an idempotency key names; expires with that task
     P:routes            set of routes with tasks (recover and counts visit these only)
     P:finished          hash "STATUS:ROUTE" -> tasks that ended so, counted where they end
     P:workers           hash worker id -> "LAST_SEEN WorkerInfo-JSON" (the worker registry)
@@ -59,15 +61,15 @@ from .._types import (
     WorkerInfo,
     event_id,
 )
-from ..exceptions import QueueError, QueueUnavailable
+from ..exceptions import IdempotencyConflict, QueueError, QueueFull, QueueUnavailable
 from . import lifecycle
-from .base import DEFAULT_RETENTION, Queue, Watch, now
+from .base import DEFAULT_RETENTION, Queue, Watch, now, queue_full_message
 
 logger = logging.getLogger("taskserve.queue")
 
 RECORD_FIELDS = tuple(
     "route status created_at started_at completed_at attempts max_attempts error worker priority timeout run_at"
-    " errors retry_of tags progress idempotency_key args_hash batch_size expires_at deadline purge_at".split()
+    " errors retry_of tags progress idempotency_key args_hash batch_size expires_at deadline purge_at webhook".split()
 )
 # A page of a listing filtered by status looks at no more ids than this (the index is by age only).
 LIST_WINDOW = 5000
@@ -75,7 +77,10 @@ MAX_CONNECTIONS = 100  # per process; more callers wait for a free connection (`
 POOL_WAIT = 20.0  # seconds a caller waits for a free connection before QueueUnavailable
 
 # The Lua lives in lua/*.lua, read once at import; each script is the prelude plus its body.
-SCRIPT_NAMES = (*("enqueue", "claim", "move", "extend", "lapsed", "counts", "heartbeat", "workers", "list", "sweep"),)
+SCRIPT_NAMES = (
+    *("enqueue", "claim", "move", "extend", "lapsed", "counts", "heartbeat", "workers", "list", "sweep"),
+    *("overdue", "position"),
+)
 
 
 def _load_scripts() -> dict[str, str]:
@@ -123,7 +128,7 @@ def _float(value: str | None) -> float | None:
 def _record(task_id: str, values: Sequence[Any]) -> TaskRecord | None:
     """A hash written before a field existed reads back with that field's default."""
     (route, status, created, started, completed, attempts, max_attempts, error, worker, priority, timeout, run_at,
-     errors, retry_of, tags, progress, key, args_hash, batch_size, expires_at, deadline, purge_at) = (
+     errors, retry_of, tags, progress, key, args_hash, batch_size, expires_at, deadline, purge_at, webhook) = (
         None if v is None else v.decode() for v in values
     )  # fmt: skip
     if route is None or status is None or created is None:
@@ -152,6 +157,7 @@ def _record(task_id: str, values: Sequence[Any]) -> TaskRecord | None:
         expires_at=_float(expires_at),
         deadline=_float(deadline),
         purge_at=_float(purge_at),
+        webhook=webhook,
     )
 
 
@@ -244,6 +250,13 @@ class RedisQueue(Queue):
         except ResponseError as exc:
             if str(exc).startswith("DUPLICATE"):
                 raise QueueError(f"Task id {str(exc)[10:]!r} is already taken; give each task a new id.") from exc
+            if str(exc).startswith("CONFLICT "):
+                _, task_id, key = str(exc).split(" ", 2)
+                raise IdempotencyConflict(key, task_id) from None
+            if str(exc).startswith("FULL "):
+                _, pending, cap, new, route = str(exc).split(" ", 4)
+                message = queue_full_message(route, int(pending), int(cap), int(new))
+                raise QueueFull(message, route=route, excess=int(pending) + int(new) - int(cap)) from None
             raise QueueUnavailable(f"Redis at {self.describe()} refused the operation: {exc}.") from exc
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(
@@ -397,7 +410,7 @@ class RedisQueue(Queue):
         with self._translate():
             await self._client.ping()
 
-    async def _enqueue(self, tasks: Sequence[NewTask], ts: float) -> None:
+    async def _enqueue(self, tasks: Sequence[NewTask], ts: float) -> dict[int, str]:
         # run_at travels as a delay from this host's now, which the script adds to Redis's.
         args: list[Any] = [os.urandom(8).hex()]
         for t in tasks:
@@ -408,7 +421,9 @@ class RedisQueue(Queue):
             tags = json.dumps(t.tags) if t.tags else ""
             args += [t.id, t.route, t.priority, repr(delay), t.max_attempts, timeout, t.args, tags]
             args += [t.retry_of or "", t.idempotency_key or "", t.args_hash or "", expires, deadline]
-        await self._run("enqueue", *args)
+            args += [t.webhook or "", "" if t.max_queue is None else t.max_queue]
+        reply = await self._run("enqueue", *args)
+        return {i: earlier.decode() for i, earlier in enumerate(reply[1:]) if earlier}
 
     async def _get(self, task_id: str) -> TaskRecord | None:
         with self._translate():
@@ -458,10 +473,23 @@ class RedisQueue(Queue):
     ) -> list[Claim]:
         token = os.urandom(8).hex()
         ceiling = "+inf" if min_priority is None else str(-int(min_priority))  # ready scores are -priority
-        rows = await self._run("claim", worker, token, limit, repr(float(lease)), ceiling, *routes)
+        caps = {r: self.caps[r] for r in routes if r in self.caps}
+        rows = await self._run(
+            "claim", worker, token, limit, repr(float(lease)), ceiling, json.dumps(caps) if caps else "", *routes
+        )
         return [
-            Claim(task_id.decode(), route.decode(), args, token, int(n), int(max_n), float(t) if t else None, int(pr))
-            for task_id, route, args, n, max_n, t, pr in rows
+            Claim(
+                task_id.decode(),
+                route.decode(),
+                args,
+                token,
+                int(n),
+                int(max_n),
+                float(t) if t else None,
+                int(pr),
+                float(dl) if dl else None,
+            )
+            for task_id, route, args, n, max_n, t, pr, dl in rows
         ]
 
     async def _apply(self, items: list[tuple[str, list[lifecycle.Move]]], ts: float) -> list[bool]:
@@ -486,6 +514,13 @@ class RedisQueue(Queue):
             for (task_id, token), (status, stored) in zip(held.items(), replies, strict=True)
             if status == b"in_progress" and stored == token.encode()
         }
+
+    async def _overdue(self, ts: float) -> list[tuple[str, str, float]]:
+        flat = await self._run("overdue")
+        return [(flat[i].decode(), flat[i + 1].decode(), float(flat[i + 2])) for i in range(0, len(flat), 3)]
+
+    async def _position(self, record: TaskRecord, ts: float) -> int:
+        return max(0, int(await self._run("position", record.id)))
 
     async def _lapsed(self, ts: float, worker: str | None) -> list[str]:
         return [i.decode() for i in await self._run("lapsed", worker or "")]

@@ -24,12 +24,13 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlparse
 
 from .._types import Claim, Event, NewTask, Outcome, Result, TaskRecord, WorkerInfo
-from ..exceptions import QueueUnavailable
+from ..exceptions import QueueUnavailable, TaskserveError
 from . import _wake, lifecycle
 from ._sqlite_moves import Moved, lapsed_ids, move_rows
 from ._sqlite_schema import (
     MIGRATIONS as MIGRATIONS,
     RECORD_COLUMNS,
+    Guards,
     SQLiteWatch,
     db_path,
     insert_rows,
@@ -57,6 +58,11 @@ DUE = "INDEXED BY tasks_due"
 CLAIM_TRIES = 3
 CLAIM_RETRY = 0.0005
 BUSY = object()  # _try_quick_write: the write lock was taken
+# Running tasks of a route that still hold a live lease (a concurrency cap counts these).
+RUNNING = (
+    "SELECT count(*) FROM tasks INDEXED BY tasks_leases"
+    " WHERE status = 'in_progress' AND lease_expires >= ? AND route = ?"
+)
 
 
 class SQLiteQueue(Queue):
@@ -74,7 +80,7 @@ class SQLiteQueue(Queue):
         self._writer: ThreadedConnection | None = None
         self._reader: ThreadedConnection | None = None
         self._inline: sqlite3.Connection | None = None
-        self._inserts: list[tuple[list[tuple[Any, ...]], bool, asyncio.Future[None]]] = []
+        self._inserts: list[tuple[list[tuple[Any, ...]], Guards | None, bool, asyncio.Future[dict[int, str]]]] = []
         self._checkpointer: asyncio.Task[None] | None = None
         self._waker = _wake.Waker(self.path)
         self._waiters: dict[str, set[asyncio.Event]] = {}
@@ -226,11 +232,14 @@ class SQLiteQueue(Queue):
     async def _wait_for_work(self, routes: list[str], timeout: float) -> None:
         self.listen_for_cancel()
         marks = ",".join("?" * len(routes))
-        # Only delayed tasks can be pending here (the caller's claim found nothing due). Off the
-        # loop: with many delayed tasks of several priorities this reads much of the index.
+        # The caller's claim found nothing it may take: plan the wake-up from the next delayed
+        # task (due ones left pending are past their TTL, or held back by a concurrency cap).
+        # Off the loop: with many delayed tasks of several priorities this reads much of the index.
+        ts = time.time()
         row = await self._read(
             lambda c: c.execute(
-                f"SELECT min(run_at) FROM tasks {DUE} WHERE status = 'pending' AND route IN ({marks})", routes
+                f"SELECT min(run_at) FROM tasks {DUE} WHERE status = 'pending' AND route IN ({marks}) AND run_at > ?",
+                (*routes, ts),
             ).fetchone()
         )
         if row is not None and row[0] is not None:
@@ -250,21 +259,21 @@ class SQLiteQueue(Queue):
     async def _ping(self) -> None:
         await self._read(lambda c: c.execute("SELECT 1").fetchone())
 
-    async def _enqueue(self, tasks: Sequence[NewTask], ts: float) -> None:
+    async def _enqueue(self, tasks: Sequence[NewTask], ts: float) -> dict[int, str]:
         rows = [task_row(t, ts) for t in tasks]
+        guards = Guards.of(tasks)
         # Delayed tasks wake nobody: an idle worker sleeps at most a second, then plans its
         # next wake-up from the earliest run_at.
         due = any(t.run_at is None or t.run_at <= ts for t in tasks)
         if self.synchronous in ("FULL", "EXTRA") or len(rows) > INLINE_ROWS:
             # An fsync per commit, or a bulk insert: too long to hold the event loop for.
-            await self._insert_via_writer(rows, due)
-            return
+            return await self._insert_via_writer(rows, guards, due)
         await self._inline_conn()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._inserts.append((rows, due, fut))
+        fut: asyncio.Future[dict[int, str]] = asyncio.get_running_loop().create_future()
+        self._inserts.append((rows, guards, due, fut))
         if len(self._inserts) == 1:
             asyncio.get_running_loop().call_soon(self._commit_inserts)
-        await fut
+        return await fut
 
     def _commit_inserts(self) -> None:
         """Commit every submit of this event-loop turn in one transaction, on the loop's thread.
@@ -273,6 +282,8 @@ class SQLiteQueue(Queue):
         commit, and neither the request nor the worker's wake-up waits for another thread to
         be scheduled (on a busy two-core machine that wait is most of a submit's latency).
         With the write lock taken (a worker's claim), the batch goes to the writer thread.
+        A submit refused by its own checks (idempotency conflict, full queue) is rolled back
+        alone; the others of the batch commit.
         """
         batch, self._inserts = self._inserts, []
         conn = self._inline
@@ -281,46 +292,45 @@ class SQLiteQueue(Queue):
                 raise sqlite3.OperationalError("closed")
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error:
-            for rows, due, fut in batch:
-                asyncio.ensure_future(self._insert_via_writer(rows, due)).add_done_callback(
+            for rows, guards, due, fut in batch:
+                asyncio.ensure_future(self._insert_via_writer(rows, guards, due)).add_done_callback(
                     functools.partial(pass_on, fut)
                 )
             return
-        outcomes: list[BaseException | None] = []
+        outcomes: list[dict[int, str] | BaseException] = []
         try:
-            if len(batch) == 1:  # alone, it needs no savepoint: its failure rolls back the whole
-                insert_rows(conn, batch[0][0])
-                outcomes.append(None)
+            if len(batch) == 1 and batch[0][1] is None:  # alone and unchecked: its failure rolls back the whole
+                outcomes.append(insert_rows(conn, batch[0][0]))
             else:
-                for rows, _, _ in batch:
+                for rows, guards, _, _ in batch:
                     conn.execute("SAVEPOINT submit")
                     try:
-                        insert_rows(conn, rows)
-                        outcomes.append(None)
-                    except sqlite3.Error as exc:
+                        outcomes.append(insert_rows(conn, rows, guards))
+                    except (sqlite3.Error, TaskserveError) as exc:
                         conn.execute("ROLLBACK TO submit")
-                        outcomes.append(translate(exc, self.path))
+                        outcomes.append(translate(exc, self.path) if isinstance(exc, sqlite3.Error) else exc)
                     conn.execute("RELEASE submit")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             outcomes = [translate(exc, self.path)] * len(batch)
-        if any(due for (_, due, _), error in zip(batch, outcomes, strict=True) if error is None):
+        if any(due for (_, _, due, _), out in zip(batch, outcomes, strict=True) if isinstance(out, dict)):
             self._waker.send(_wake.WORKER, b"w")
             self._waker.flush()  # now, not after the responses are written
-        for (_, _, fut), error in zip(batch, outcomes, strict=True):
+        for (_, _, _, fut), out in zip(batch, outcomes, strict=True):
             if fut.done():
                 continue
-            if error is None:
-                fut.set_result(None)
+            if isinstance(out, dict):
+                fut.set_result(out)
             else:
-                fut.set_exception(error)
+                fut.set_exception(out)
 
-    async def _insert_via_writer(self, rows: list[tuple[Any, ...]], due: bool) -> None:
-        await self._write(lambda conn: insert_rows(conn, rows))
+    async def _insert_via_writer(self, rows: list[tuple[Any, ...]], guards: Guards | None, due: bool) -> dict[int, str]:
+        replays = await self._write(lambda conn: insert_rows(conn, rows, guards))
         if due:
             self._waker.send(_wake.WORKER, b"w")
+        return replays
 
     async def _get(self, task_id: str) -> TaskRecord | None:
         row = await self._quick_read(
@@ -396,21 +406,33 @@ class SQLiteQueue(Queue):
         self, routes: list[str], worker: str, limit: int, lease: float, ts: float, min_priority: int | None = None
     ) -> Callable[[sqlite3.Connection], list[Claim]]:
         token = os.urandom(8).hex()
-        marks = ",".join("?" * len(routes))
         floor = "" if min_priority is None else f" AND priority >= {int(min_priority)}"
+        capped = [r for r in routes if r in self.caps]
 
         def claim(conn: sqlite3.Connection) -> list[Claim]:
+            serve, most = routes, limit
+            if capped:
+                # Counted in this write transaction, so two workers cannot both take the last slot.
+                # A lapsed lease frees its slot: its holder is dead or hung, and fenced off.
+                room = {r: self.caps[r] - conn.execute(RUNNING, (ts, r)).fetchone()[0] for r in capped}
+                serve = [r for r in routes if room.get(r, 1) > 0]
+                most = min([limit, *(room[r] for r in capped if r in serve)])
+                if not serve:
+                    return []
+            marks = ",".join("?" * len(serve))
             rows = conn.execute(
                 "UPDATE tasks SET status = 'in_progress', attempts = attempts + 1, token = ?, lease_expires = ?,"
                 " started_at = ?, worker = ? WHERE rowid IN (SELECT rowid FROM tasks"
                 f" {DUE} WHERE status = 'pending' AND run_at <= ? AND route IN ({marks}){floor}"
+                # Past its TTL or deadline a task is not started: the expiry sweep ends it.
+                " AND (expires_at IS NULL OR expires_at > ?) AND (deadline IS NULL OR deadline > ?)"
                 " ORDER BY priority DESC, run_at LIMIT ?)"
-                " RETURNING id, route, args, attempts, max_attempts, timeout, priority, run_at",
-                (token, ts + lease, ts, worker, ts, *routes, limit),
+                " RETURNING id, route, args, attempts, max_attempts, timeout, priority, run_at, deadline",
+                (token, ts + lease, ts, worker, ts, *serve, ts, ts, most),
             ).fetchall()
             # RETURNING comes in table order, not the sub-select's: put the most urgent first.
             rows.sort(key=lambda r: (-r[6], r[7], r[0]))
-            return [Claim(r[0], r[1], bytes(r[2]), token, r[3], r[4], r[5], r[6]) for r in rows]
+            return [Claim(r[0], r[1], bytes(r[2]), token, r[3], r[4], r[5], r[6], r[8]) for r in rows]
 
         return claim
 
@@ -487,6 +509,36 @@ class SQLiteQueue(Queue):
             await self._write(abandon)
         # A read: recovery runs every second in every process, and mostly finds nothing.
         return await self._quick_read(lambda c: lapsed_ids(c, ts))
+
+    async def _overdue(self, ts: float) -> list[tuple[str, str, float]]:
+        def overdue(conn: sqlite3.Connection) -> list[tuple[str, str, float]]:
+            late = conn.execute(
+                "SELECT id, 'deadline', deadline FROM tasks INDEXED BY tasks_deadline"
+                " WHERE deadline IS NOT NULL AND status IN ('pending', 'in_progress') AND deadline <= ? LIMIT 1000",
+                (ts,),
+            ).fetchall()
+            stale = conn.execute(
+                "SELECT id, 'ttl', expires_at FROM tasks INDEXED BY tasks_ttl"
+                " WHERE status = 'pending' AND expires_at IS NOT NULL AND expires_at <= ? LIMIT 1000",
+                (ts,),
+            ).fetchall()
+            seen = {r[0] for r in late}
+            return late + [r for r in stale if r[0] not in seen]
+
+        return await self._quick_read(overdue)
+
+    async def _position(self, record: TaskRecord, ts: float) -> int:
+        # Ahead of it: a higher priority, or the same and an earlier run_at (then id), and due by
+        # the time it is. Reads the route's slice of the pending index up to this task.
+        due, p, run_at = max(ts, record.run_at or ts), record.priority, record.run_at
+        row = await self._quick_read(
+            lambda c: c.execute(
+                f"SELECT count(*) FROM tasks {DUE} WHERE status = 'pending' AND route = ? AND run_at <= ?"
+                " AND (priority > ? OR (priority = ? AND (run_at < ? OR (run_at = ? AND id < ?))))",
+                (record.route, due, p, p, run_at, run_at, record.id),
+            ).fetchone()
+        )
+        return int(row[0])
 
     async def _finished_counts(self) -> dict[tuple[str, str], int]:
         rows = await self._read(lambda c: c.execute("SELECT route, status, n FROM finished").fetchall())

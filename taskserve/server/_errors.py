@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -10,8 +11,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from ..exceptions import (
+    IdempotencyConflict,
     InvalidTransition,
     PayloadTooLarge,
+    QueueFull,
     QueueUnavailable,
     TaskNotFound,
     ValidationFailed,
@@ -37,6 +40,21 @@ async def invalid_transition(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, InvalidTransition)
     status = getattr(exc.status, "value", exc.status)
     return JSONResponse(_body(exc, status=status), status_code=409)
+
+
+async def conflict(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, IdempotencyConflict)
+    return JSONResponse(_body(exc, task_id=exc.task_id, idempotency_key=exc.key), status_code=409)
+
+
+async def queue_full(request: Request, exc: Exception) -> JSONResponse:
+    """429 with an estimate of when there will be room; nothing was queued."""
+    assert isinstance(exc, QueueFull)
+    seconds = exc.retry_after
+    if seconds is None:
+        seconds = await request.app.state.drain.retry_after(exc.route, exc.excess)
+    seconds = max(1, math.ceil(seconds))
+    return JSONResponse(_body(exc, retry_after=seconds), status_code=429, headers={"Retry-After": str(seconds)})
 
 
 async def unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -73,6 +91,8 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     ValidationFailed: validation_failed,
     TaskNotFound: not_found,
     InvalidTransition: invalid_transition,
+    IdempotencyConflict: conflict,
+    QueueFull: queue_full,
     QueueUnavailable: unavailable,
     PayloadTooLarge: too_large,
     HTTPException: http_error,

@@ -10,6 +10,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import anyio.to_thread
+import pydantic_core
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -24,7 +26,8 @@ from ..queue.base import Queue
 from ..service import Endpoint, Service
 from . import bulk, openapi
 from ._errors import EXCEPTION_HANDLERS
-from .inputs import read_arguments, read_many
+from .backpressure import DrainRate
+from .inputs import parse_json, read_arguments, read_body, read_many
 from .metrics import Metrics
 from .options import NO_OPTIONS, SubmitOptions, read_options
 from .workers import WorkerView
@@ -64,8 +67,11 @@ class EndpointRoutes:
         max_body: int,
         workers: WorkerView,
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        max_queue: int | None = None,
     ) -> None:
         self.endpoint = endpoint
+        # The endpoint's own bound, else the server's --max-queue.
+        self.max_queue = endpoint.max_queue if endpoint.max_queue is not None else max_queue
         self.workers = workers
         self.call_timeout = call_timeout
         self.route = endpoint.route
@@ -96,10 +102,18 @@ class EndpointRoutes:
     async def arguments(self, request: Request) -> bytes:
         return await read_arguments(request, self.codec, request.app.state.limits, self.max_body)
 
-    def new_task(self, args: bytes, options: SubmitOptions = NO_OPTIONS) -> NewTask:
+    def new_task(self, args: bytes, options: SubmitOptions = NO_OPTIONS, item: int | None = None) -> NewTask:
         ep = self.endpoint
-        task = NewTask(self.route, args, max_attempts=ep.max_attempts, timeout=ep.timeout, priority=ep.priority)
-        return options.apply(task)
+        task = NewTask(
+            self.route,
+            args,
+            max_attempts=ep.max_attempts,
+            timeout=ep.timeout,
+            priority=ep.priority,
+            ttl=ep.ttl,
+            max_queue=self.max_queue,
+        )
+        return options.apply(task, item)
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -107,6 +121,8 @@ class EndpointRoutes:
         started = time.perf_counter()
         options = read_options(request)
         record = await self.queue.enqueue(self.new_task(await self.arguments(request), options))
+        if record.replayed:
+            return _replayed(record)
         self.metrics.submitted.labels(self.endpoint.name).inc()
         self.metrics.latency.labels(self.endpoint.name).observe(time.perf_counter() - started)
         return JSONResponse({"task_id": record.id, "status": record.status.value})
@@ -114,17 +130,24 @@ class EndpointRoutes:
     async def submit_many(self, request: Request) -> Response:
         options = read_options(request)
         args = await read_many(request, self.codec, request.app.state.limits, self.max_body)
-        tasks = [self.new_task(a, options) for a in args]
+        keyed = options.idempotency_key is not None
+        tasks = [self.new_task(a, options, i if keyed else None) for i, a in enumerate(args)]
         records = await self.queue.enqueue_many(tasks)
-        self.metrics.submitted.labels(self.endpoint.name).inc(len(records))
-        return JSONResponse({"tasks": [{"task_id": r.id, "status": r.status.value} for r in records]})
+        self.metrics.submitted.labels(self.endpoint.name).inc(sum(1 for r in records if not r.replayed))
+        body = {"tasks": [{"task_id": r.id, "status": r.status.value} for r in records]}
+        replayed = {"Idempotent-Replayed": "true"} if records and all(r.replayed for r in records) else None
+        return JSONResponse(body, headers=replayed)
 
     async def status(self, request: Request) -> Response:
         record = await self.queue.get(task_id_param(request), self.route)
         return JSONResponse(await self.status_json(record))
 
     async def status_json(self, record: TaskRecord) -> dict[str, Any]:
-        """The status; a pending task also says how many live workers serve its route, and warns at none."""
+        """The status; a pending task also says its place in the queue and how many live workers
+        serve its route, and warns at none."""
+        if record.status is TaskStatus.PENDING:
+            with contextlib.suppress(QueueUnavailable):
+                record.position = await self.queue.position(record)
         body = record.to_json()
         if record.status is TaskStatus.PENDING:
             with contextlib.suppress(QueueUnavailable):
@@ -173,9 +196,23 @@ class EndpointRoutes:
         return JSONResponse(await self.status_json(record))
 
     async def retry(self, request: Request) -> Response:
-        record = await self.queue.retry(task_id_param(request), self.route)
+        """A new task with the arguments of a finished one, and any given in a JSON body over them.
+
+        The merged arguments are validated as a submit's are (422 naming the bad one).
+        """
+        task_id = task_id_param(request)
+        body = await read_body(request, self.max_body)
+        args = None
+        if body.strip():
+            overrides = parse_json(body, dict, request.app.state.limits)
+            if overrides:
+                record = await self.queue.get(task_id, self.route)
+                stored = pydantic_core.from_json(await self.queue.original_args(record.id))
+                merged = {**stored, **overrides}
+                args = await anyio.to_thread.run_sync(self.codec.validate, merged, request.app.state.limits)
+        record = await self.queue.retry(task_id, self.route, args)
         self.metrics.submitted.labels(self.endpoint.name).inc()
-        return JSONResponse({"task_id": record.id, "status": record.status.value})
+        return JSONResponse({"task_id": record.id, "status": record.status.value, "retry_of": record.retry_of})
 
     async def cancel(self, request: Request) -> Response:
         record = await self.queue.cancel(task_id_param(request), self.route)
@@ -191,7 +228,8 @@ class EndpointRoutes:
         options = read_options(request)
         task = self.new_task(await self.arguments(request), options)
         record = await self.queue.enqueue(task)
-        self.metrics.submitted.labels(self.endpoint.name).inc()
+        if not record.replayed:
+            self.metrics.submitted.labels(self.endpoint.name).inc()
         task_id = record.id
         # Long enough for the task's own time limit, with room to wait in the queue.
         timeout = task.timeout
@@ -227,6 +265,12 @@ class EndpointRoutes:
         self.metrics.finished.labels(self.endpoint.name, "cancelled").inc()
         headers = {"Retry-After": "5"} if code == 503 else None
         return JSONResponse({"error": message, "task_id": task_id}, status_code=code, headers=headers)
+
+
+def _replayed(record: TaskRecord) -> Response:
+    """The answer to a submit whose idempotency key named an earlier task: that task, marked so."""
+    body = {"task_id": record.id, "status": record.status.value}
+    return JSONResponse(body, headers={"Idempotent-Replayed": "true"})
 
 
 class LiteralRouter(Router):
@@ -269,6 +313,7 @@ def create_app(
     worker_pids: Callable[[], list[int]] | None = None,
     call_timeout: float = DEFAULT_CALL_TIMEOUT,
     limits: InputLimits | None = None,
+    max_queue: int | None = None,
 ) -> Starlette:
     """The ASGI app serving ``service`` over ``queue``.
 
@@ -278,6 +323,8 @@ def create_app(
         worker_pids: the live local worker processes, shown by ``/readyz`` (``taskserve serve`` passes it).
         call_timeout: seconds a direct call waits for its result (at least the endpoint's timeout + 30).
         limits: what one request's arguments may hold (image pixels, array sizes, JSON depth).
+        max_queue: the most pending tasks a route may hold (429 beyond), for routes without
+            their own ``max_queue``.
     """
     metrics = Metrics({ep.route: ep.name for ep in service.endpoints})
     workers = WorkerView(queue)
@@ -285,7 +332,7 @@ def create_app(
     by_route: dict[str, EndpointRoutes] = {}
     for endpoint in service.endpoints:
         by_route[endpoint.route] = handlers = EndpointRoutes(
-            endpoint, queue, metrics, max_body_size, workers, call_timeout
+            endpoint, queue, metrics, max_body_size, workers, call_timeout, max_queue
         )
         routes.extend(handlers.routes())
     schema = openapi.service_schema(service)
@@ -367,6 +414,7 @@ def create_app(
     app.state.limits = limits or InputLimits()
     app.state.service = service
     app.state.metrics = metrics
+    app.state.drain = DrainRate(queue)
     return app
 
 

@@ -13,6 +13,7 @@ from .bulk import DEFAULT_WAIT, INLINE_BUDGET, INLINE_RESULT, MAX_IDS, MAX_WAIT
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 STATUS = {"$ref": "#/components/schemas/TaskStatus"}
+SUBMITTED = {"$ref": "#/components/schemas/Submitted"}
 WORKER = {
     "type": "object",
     "properties": {
@@ -47,6 +48,45 @@ OPTION_PARAMS = [  # options of one submission (server/options.py)
         "schema": {"type": "number", "exclusiveMinimum": 0},
     },
     {
+        "name": "ttl",
+        "in": "query",
+        "description": "Seconds it may wait to start once due; not started by then, it fails (Expired) unrun.",
+        "schema": {"type": "number", "exclusiveMinimum": 0},
+    },
+    {
+        "name": "deadline",
+        "in": "query",
+        "description": "Not finished by this time, queued or running: stopped, failure (DeadlineExceeded). "
+        "Or the header Cancel-After.",
+        "schema": {"type": "string", "format": "date-time"},
+    },
+    {
+        "name": "Cancel-After",
+        "in": "header",
+        "description": "Seconds from now: a deadline (not with the deadline option).",
+        "schema": {"type": "number", "exclusiveMinimum": 0},
+    },
+    {
+        "name": "idempotency_key",
+        "in": "query",
+        "description": "The same key on this route with the same arguments answers the same task "
+        "(header Idempotent-Replayed: true); with other arguments 409. Kept as long as the task. "
+        "Or the header Idempotency-Key. On submit_many, item i is keyed KEY#i.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    },
+    {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "description": "As the idempotency_key option.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    },
+    {
+        "name": "webhook",
+        "in": "query",
+        "description": "An http(s) URL to call when the task ends (stored with the task).",
+        "schema": {"type": "string", "format": "uri"},
+    },
+    {
         "name": "tag",
         "in": "query",
         "description": "KEY:VALUE labels, shown in the status.",
@@ -55,6 +95,27 @@ OPTION_PARAMS = [  # options of one submission (server/options.py)
         "explode": True,
     },
 ]
+REPLAYED = {
+    "Idempotent-Replayed": {
+        "description": "true when an idempotency key named an earlier task, which is the one answered.",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
+FULL = {
+    "description": "The route holds its max_queue pending tasks; nothing was queued. retry_after (and the "
+    "Retry-After header) estimate the wait from how fast the queue drains.",
+    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["error", "retry_after"],
+                "properties": {"error": {"type": "string"}, "retry_after": {"type": "integer"}},
+            }
+        }
+    },
+}
+CONFLICT = "The idempotency key names a task of this route with other arguments (task_id says which)."
 IMAGE_TYPES = ", ".join(f"image/{f.lower()}" for f in SAFE_IMAGE_FORMATS)
 DESCRIPTION = (
     "Arguments are a JSON object, or multipart/form-data when files travel (text fields are read as JSON "
@@ -184,7 +245,38 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "started_at": {"type": ["string", "null"], "format": "date-time"},
                 "completed_at": {"type": ["string", "null"], "format": "date-time"},
                 "attempts": {"type": "integer"},
+                "max_attempts": {"type": "integer"},
                 "error": {"type": ["string", "null"]},
+                "worker": {"type": ["string", "null"]},
+                "route": {"type": "string"},
+                "priority": {"type": "integer"},
+                "run_at": {"type": ["string", "null"], "format": "date-time"},
+                "position": {
+                    "type": ["integer", "null"],
+                    "description": "Pending: how many tasks of the route would be claimed before it.",
+                },
+                "queue_time": {"type": ["number", "null"], "description": "Seconds from due to start."},
+                "run_time": {"type": ["number", "null"], "description": "Seconds the last attempt ran."},
+                "batch_size": {"type": ["integer", "null"]},
+                "errors": {
+                    "type": "array",
+                    "description": "One entry per failed attempt.",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "attempt": {"type": "integer"},
+                            "type": {"type": "string"},
+                            "message": {"type": "string"},
+                            "at": {"type": "string", "format": "date-time"},
+                        },
+                    },
+                },
+                "retry_of": {"type": ["string", "null"]},
+                "tags": {"type": "object", "additionalProperties": {"type": "string"}},
+                "progress": {"type": ["object", "null"]},
+                "expires_at": {"type": ["string", "null"], "format": "date-time"},
+                "deadline": {"type": ["string", "null"], "format": "date-time"},
+                "webhook": {"type": ["object", "null"]},
             },
         },
         "Submitted": {
@@ -221,6 +313,8 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "responses": {
                     "200": _result_response(ep),
                     "422": invalid,
+                    "409": _error(CONFLICT),
+                    "429": FULL,
                     "413": _error("The body is larger than --max-body-size."),
                     "500": _error("The call failed."),
                     "503": _error("Queue unavailable, or no worker is serving this route (the message says which)."),
@@ -242,8 +336,13 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "parameters": OPTION_PARAMS,
                 "requestBody": body,
                 "responses": {
-                    "200": _json("Queued.", {"$ref": "#/components/schemas/Submitted"}),
+                    "200": {
+                        **_json("Queued (or, with a known idempotency key, the earlier task).", SUBMITTED),
+                        "headers": REPLAYED,
+                    },
                     "422": invalid,
+                    "409": _error(CONFLICT),
+                    "429": FULL,
                     "413": _error("The body is larger than --max-body-size."),
                     "503": _error("Queue unavailable."),
                 },
@@ -270,6 +369,8 @@ def openapi_document(service: Service) -> dict[str, Any]:
                         },
                     ),
                     "422": invalid,
+                    "409": _error(CONFLICT),
+                    "429": FULL,
                     "503": _error("Queue unavailable."),
                 },
             }
@@ -312,16 +413,27 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "responses": {"200": _json("The status, once terminal or at the timeout.", STATUS), "404": not_found},
             }
         }
-        for action, summary in (("retry", "Queue a new task with the same arguments"), ("cancel", "Cancel the task")):
-            op = {
+        overrides = {
+            "required": False,
+            "description": "Arguments to change, merged over the original ones and validated as a submit's.",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+        for action, summary in (
+            ("retry", "Queue a new task with the same arguments (or some changed); it names this one in retry_of"),
+            ("cancel", "Cancel the task"),
+        ):
+            op: dict[str, Any] = {
                 **by_id,
                 "summary": summary,
                 "responses": {
-                    "200": _json("Done.", {"$ref": "#/components/schemas/Submitted"}),
+                    "200": _json("Done.", SUBMITTED),
                     "404": not_found,
                     "409": _error("Not allowed in the task's state."),
                 },
             }
+            if action == "retry":
+                op["requestBody"] = overrides
+                op["responses"] = {**op["responses"], "422": invalid, "429": FULL}
             paths[f"{ep.route}/{action}"] = {
                 "post": {**op, "operationId": f"{ep.name}_{action}"},
                 "put": {**op, "operationId": f"{ep.name}_{action}_put"},

@@ -1,10 +1,12 @@
 """Options of one submission, from the query string: ``?priority=5&delay=10&tag=team:search``.
 
 They apply to ``POST /{route}/submit``, to every item of ``/{route}/submit_many`` and to the
-direct call ``POST /{route}``, and override the decorator's values for that task only. A value
-that cannot be used, or a parameter that is no option, is refused with 422 naming it (in
-``detail``, ``loc`` is ``["query", name]``) before anything is queued: a typo must not quietly
-queue a task without the option the caller meant.
+direct call ``POST /{route}``, and override the decorator's values for that task only. Two
+also come as headers, as other APIs taught clients to send them: ``Cancel-After: SECONDS``
+(a deadline) and ``Idempotency-Key: KEY``. A value that cannot be used, or a parameter that
+is no option, is refused with 422 naming it (in ``detail``, ``loc`` is ``["query", name]`` or
+``["header", name]``) before anything is queued: a typo must not quietly queue a task
+without the option the caller meant.
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 
 from .._types import NewTask
 from ..exceptions import ValidationFailed
 
-NAMES = ("priority", "delay", "run_at", "timeout", "tag")
+NAMES = ("priority", "delay", "run_at", "ttl", "timeout", "deadline", "idempotency_key", "webhook", "tag")
+HEADERS = {b"cancel-after": "Cancel-After", b"idempotency-key": "Idempotency-Key"}
+MAX_KEY = 255
+MAX_URL = 2048
 MAX_DELAY = 366 * 24 * 3600.0  # a year: further ahead is a typo, or work for a scheduler
 MAX_TIMEOUT = 7 * 24 * 3600.0
 PRIORITY_RANGE = (-1_000_000, 1_000_000)
@@ -36,18 +42,33 @@ Bad = Callable[..., None]  # read_options's ``bad(name, message, kind="value_err
 class SubmitOptions:
     priority: int | None = None
     run_at: float | None = None  # seconds since the epoch; from delay or run_at
+    ttl: float | None = None
     timeout: float | None = None
+    deadline: float | None = None  # seconds since the epoch; from deadline or Cancel-After
+    idempotency_key: str | None = None
+    webhook: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
-    def apply(self, task: NewTask) -> NewTask:
-        """``task`` (made with the decorator's values) with these options over them."""
-        if self == NO_OPTIONS:
+    def apply(self, task: NewTask, item: int | None = None) -> NewTask:
+        """``task`` (made with the decorator's values) with these options over them.
+
+        ``item`` is the task's index in a ``submit_many``: one idempotency key covers the whole
+        request, so each item is keyed ``KEY#i`` and a repeated request finds every one again.
+        """
+        if self is NO_OPTIONS:
             return task
+        key = self.idempotency_key
+        if key is not None and item is not None:
+            key = f"{key}#{item}"
         return replace(
             task,
             priority=task.priority if self.priority is None else self.priority,
             run_at=self.run_at,
+            ttl=task.ttl if self.ttl is None else self.ttl,
             timeout=task.timeout if self.timeout is None else self.timeout,
+            deadline=self.deadline,
+            idempotency_key=key,
+            webhook=self.webhook,
             tags=dict(self.tags),
         )
 
@@ -57,10 +78,12 @@ NO_OPTIONS = SubmitOptions()
 
 def read_options(request: Request) -> SubmitOptions:
     """The submission's options; ``ValidationFailed`` (422) naming each bad one."""
-    if not request.scope.get("query_string"):
+    headers = {HEADERS[k]: v.decode("latin-1") for k, v in request.scope["headers"] if k in HEADERS}
+    if not request.scope.get("query_string") and not headers:
         return NO_OPTIONS
     params = request.query_params
     problems: list[tuple[str, str, str]] = []  # (name, message, type)
+    where: dict[str, str] = {}  # the loc's first part where it is not "query"
 
     def bad(name: str, message: str, kind: str = "value_error") -> None:
         problems.append((name, message, kind))
@@ -76,20 +99,79 @@ def read_options(request: Request) -> SubmitOptions:
     delay = _number(params.get("delay"), "delay", bad)
     if delay is not None and not 0 <= delay <= MAX_DELAY:
         bad("delay", f"delay is seconds from now, 0 to {MAX_DELAY:.0f} (a year); got {delay:g}.")
-    run_at = _instant(params.get("run_at"), bad)
+    run_at = _instant(params.get("run_at"), "run_at", bad)
     if delay is not None and run_at is not None:
         bad("run_at", "Give delay or run_at, not both.")
+    ttl = _number(params.get("ttl"), "ttl", bad)
+    if ttl is not None and not 0 < ttl <= MAX_DELAY:
+        bad("ttl", f"ttl is seconds above 0, at most {MAX_DELAY:.0f} (a year); got {ttl:g}.")
     timeout = _number(params.get("timeout"), "timeout", bad)
     if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
         bad("timeout", f"timeout is seconds above 0, at most {MAX_TIMEOUT:.0f} (a week); got {timeout:g}.")
+    deadline = _deadline(params.get("deadline"), headers.get("Cancel-After"), bad, where)
+    key = _key(params.get("idempotency_key"), headers.get("Idempotency-Key"), bad, where)
+    webhook = _webhook(params.get("webhook"), bad)
     tags = _tags(params.getlist("tag"), bad)
     if problems:
         message = "Invalid submit options: " + " ".join(msg for _, msg, _ in problems)
-        raise ValidationFailed(message, [{"loc": ["query", n], "msg": m, "type": k} for n, m, k in problems])
+        detail = [{"loc": [where.get(n, "query"), n], "msg": m, "type": k} for n, m, k in problems]
+        raise ValidationFailed(message, detail)
     when = time.time() + delay if delay is not None else run_at
     return SubmitOptions(
-        priority=int(priority) if priority is not None else None, run_at=when, timeout=timeout, tags=tags
+        priority=int(priority) if priority is not None else None,
+        run_at=when,
+        ttl=ttl,
+        timeout=timeout,
+        deadline=deadline,
+        idempotency_key=key,
+        webhook=webhook,
+        tags=tags,
     )
+
+
+def _deadline(raw: str | None, header: str | None, bad: Bad, where: dict[str, str]) -> float | None:
+    if header is not None:
+        where["Cancel-After"] = "header"
+        if raw is not None:
+            bad("Cancel-After", "Give the deadline option or the Cancel-After header, not both.")
+            return None
+        seconds = _number(header.strip(), "Cancel-After", bad)
+        if seconds is not None and not 0 < seconds <= MAX_TIMEOUT:
+            bad("Cancel-After", f"Cancel-After is seconds above 0, at most {MAX_TIMEOUT:.0f} (a week); got {header!r}.")
+            return None
+        return None if seconds is None else time.time() + seconds
+    ts = _instant(raw, "deadline", bad)
+    if ts is not None and ts <= time.time():
+        bad("deadline", f"deadline {raw!r} has already passed; give a time ahead, such as now plus a few minutes.")
+        return None
+    return ts
+
+
+def _key(raw: str | None, header: str | None, bad: Bad, where: dict[str, str]) -> str | None:
+    name = "idempotency_key"
+    if header is not None:
+        if raw is not None and raw != header:
+            bad(name, "The idempotency_key option and the Idempotency-Key header differ; give one.")
+            return None
+        if raw is None:
+            raw, name = header, "Idempotency-Key"
+            where[name] = "header"
+    if raw is None:
+        return None
+    if not 0 < len(raw) <= MAX_KEY or not raw.isprintable() or not raw.isascii():
+        bad(name, f"{name} must be 1 to {MAX_KEY} printable ASCII characters (a UUID does); got {raw[:40]!r}.")
+        return None
+    return raw
+
+
+def _webhook(raw: str | None, bad: Bad) -> str | None:
+    if raw is None:
+        return None
+    parsed = urlsplit(raw)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or len(raw) > MAX_URL:
+        bad("webhook", f"webhook must be an http:// or https:// URL of at most {MAX_URL} characters; got {raw[:80]!r}.")
+        return None
+    return raw
 
 
 def _number(raw: str | None, name: str, bad: Bad, *, integer: bool = False) -> float | None:
@@ -106,21 +188,21 @@ def _number(raw: str | None, name: str, bad: Bad, *, integer: bool = False) -> f
     return value
 
 
-def _instant(raw: str | None, bad: Bad) -> float | None:
+def _instant(raw: str | None, name: str, bad: Bad) -> float | None:
     if raw is None:
         return None
     try:
         moment = datetime.fromisoformat(raw)
     except ValueError:
-        bad("run_at", f"run_at must be an ISO 8601 time such as 2026-12-01T09:00:00Z; got {raw[:40]!r}.", "type_error")
+        bad(name, f"{name} must be an ISO 8601 time such as 2026-12-01T09:00:00Z; got {raw[:40]!r}.", "type_error")
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)  # documented: a time without offset is UTC
     ts = moment.timestamp()
     if ts > time.time() + MAX_DELAY:
-        bad("run_at", f"run_at is more than a year ahead: {raw[:40]!r}.")
+        bad(name, f"{name} is more than a year ahead: {raw[:40]!r}.")
         return None
-    return ts  # a time in the past means "now"
+    return ts  # a run_at in the past means "now"
 
 
 def _tags(raw: list[str], bad: Bad) -> dict[str, str]:

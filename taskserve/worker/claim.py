@@ -58,7 +58,7 @@ class ClaimBuffer:
         """
         while self._heap:
             claim = self._heap[0][2]
-            if like is not None and (claim.route, claim.priority, claim.timeout) != (like.route, like.priority, None):
+            if like is not None and not _alike(claim, like):
                 return None
             heapq.heappop(self._heap)
             if time.monotonic() < self.held_until.get(claim.id, 0.0):
@@ -105,3 +105,8 @@ class ClaimBuffer:
     def done(self, task_id: str) -> None:
         """The claim's outcome was recorded: no lease of it to keep any more."""
         self.held_until.pop(task_id, None)
+
+
+def _alike(claim: Claim, like: Claim) -> bool:
+    """Whether ``claim`` may run in ``like``'s sequence: same route and priority, no time limit."""
+    return claim.route == like.route and claim.priority == like.priority and claim.timeout is claim.deadline is None

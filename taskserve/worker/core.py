@@ -72,6 +72,8 @@ class Worker:
         self.grace = grace
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.routes = [ep.route for ep in service.endpoints]
+        # Concurrency caps are enforced by the store's claim, across every worker of every host.
+        queue.caps.update({ep.route: ep.concurrency for ep in service.endpoints if ep.concurrency is not None})
         self._endpoints = service.by_route
         self._running: dict[str, Running] = {}
         self._slots = 0  # calls under way: a single task, or a sequence of quick ones
@@ -166,7 +168,9 @@ class Worker:
     def _quick_routes(self) -> list[str]:
         # Claims held before a slot is free only pay off for quick tasks; slow ones (and
         # routes not seen yet) are left in the queue, where an idle worker can take them.
-        return [r for r in self.routes if self._route_avg.get(r, 1.0) < QUICK_ROUTE]
+        # So are capped routes: a claim held unstarted would take a slot another worker could use.
+        caps = self.queue.caps
+        return [r for r in self.routes if self._route_avg.get(r, 1.0) < QUICK_ROUTE and r not in caps]
 
     async def _claim(self, free: int) -> None:
         """Claim for the free slots, and ahead of them while the work is quick."""
@@ -246,7 +250,8 @@ class Worker:
                 self._start(await self._fill_batch(claim))
                 continue
             quick = self._route_avg.get(claim.route, 1.0) < QUICK_ROUTE
-            if endpoint.is_async or not quick or claim.timeout is not None or endpoint.timeout is not None:
+            limited = claim.timeout is not None or endpoint.timeout is not None or claim.deadline is not None
+            if endpoint.is_async or not quick or limited:
                 self._start([claim])
                 continue
             sequence = [claim]

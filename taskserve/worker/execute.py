@@ -20,6 +20,7 @@ import contextvars
 import ctypes
 import logging
 import os
+import random
 import shutil
 import threading
 import time
@@ -29,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._types import Claim, Outcome, TaskStatus
+from .._types import Claim, Outcome, TaskStatus, iso
 from ..codec import BINARY_KINDS
 from ..exceptions import Retry
 from ..service import Endpoint
@@ -103,6 +104,20 @@ class Running:
     def timeout(self) -> float | None:
         return self.claim.timeout if self.claim.timeout is not None else self.endpoint.timeout
 
+    def limit(self) -> tuple[float | None, str]:
+        """Seconds this attempt may run from now, and the stop reason when they run out.
+
+        The task's deadline (``deadline=`` or ``Cancel-After``) bounds the attempt too: the
+        store's sweep would stop it anyway, but only at its next pass.
+        """
+        timeout, deadline = self.timeout, self.claim.deadline
+        if deadline is None:
+            return timeout, "timeout"
+        left = max(0.0, deadline - time.time())
+        if timeout is None or left < timeout:
+            return left, "deadline"
+        return timeout, "timeout"
+
 
 class Executor:
     """Runs claims: one ``Running`` each, to an ``Outcome`` (or None when the store decides)."""
@@ -154,7 +169,12 @@ class Executor:
         )
         retry = bool(endpoint.retry_on) and isinstance(exc, endpoint.retry_on)
         return self._outcome(
-            running, TaskStatus.FAILURE, error_type=type(exc).__name__, error_message=str(exc), retry=retry
+            running,
+            TaskStatus.FAILURE,
+            error_type=type(exc).__name__,
+            error_message=str(exc),
+            retry=retry,
+            retry_delay=retry_delay(endpoint, claim.attempts) if retry else 0.0,
         )
 
     def _outcome(self, running: Running, status: TaskStatus, **fields: Any) -> Outcome:
@@ -171,6 +191,9 @@ class Executor:
         if running.stop_reason == "timeout":
             message = f"{running.endpoint.name} ran longer than its timeout of {running.timeout}s"
             return self._outcome(running, TaskStatus.FAILURE, error_type="TimeoutError", error_message=message)
+        if running.stop_reason == "deadline":
+            message = f"{running.endpoint.name} did not finish by its deadline {iso(running.claim.deadline)}"
+            return self._outcome(running, TaskStatus.FAILURE, error_type="DeadlineExceeded", error_message=message)
         if running.stop_reason == "shutdown":
             return Outcome(running.claim.id, running.claim.token, TaskStatus.PENDING)
         return None  # cancelled or lost: the store already says what happened
@@ -267,13 +290,13 @@ class Executor:
         future = asyncio.get_running_loop().run_in_executor(
             self.pool, context.run, call.run, self._whole(running, workdir)
         )
-        timeout = running.timeout
+        timeout, why = running.limit()
         try:
             if timeout is None:
                 return await asyncio.shield(future)
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except asyncio.TimeoutError:
-            running.stop_reason = "timeout"
+            running.stop_reason = why
             await self.interrupt(running, future)
             raise TaskInterrupted from None
         except asyncio.CancelledError:
@@ -308,18 +331,24 @@ class Executor:
             kwargs = await loop.run_in_executor(self.pool, codec.load, claim.args, workdir)
         running.started_at = time.time()
         coro = endpoint.fn(self.instance, **kwargs)
-        timeout = running.timeout
+        timeout, why = running.limit()
         if timeout is None:
             value = await coro
         else:
             try:
                 value = await asyncio.wait_for(coro, timeout)
             except asyncio.TimeoutError:
-                running.stop_reason = "timeout"
+                running.stop_reason = why
                 raise asyncio.CancelledError from None
         if codec.output_kind == "json":
             return codec.dump_result(value)
         return await loop.run_in_executor(self.pool, codec.dump_result, value)
+
+
+def retry_delay(endpoint: Endpoint, attempt: int) -> float:
+    """The wait before the automatic retry that follows failed attempt ``attempt`` (1-based)."""
+    base = endpoint.retry_delay * endpoint.retry_backoff ** max(0, attempt - 1)
+    return base * random.uniform(0.9, 1.1)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -13,15 +13,25 @@ local function hset(id, ...) redis.call('HSET', tkey(id), ...) end
 local function hdel(id, ...) redis.call('HDEL', tkey(id), ...) end
 local function member(id, run_at) return string.format('%017.6f|', tonumber(run_at)) .. id end
 local wake = {}
--- Put a pending task where claim looks for it: ready if due, else delayed.
+-- Put a pending task where claim looks for it: ready if due, else delayed. A task with a TTL
+-- or a deadline is (also) in P:timers, scored by the earlier of the two, for overdue.lua.
 local function queue(id, route)
-  local h = redis.call('HMGET', tkey(id), 'run_at', 'priority')
+  local h = redis.call('HMGET', tkey(id), 'run_at', 'priority', 'expires_at', 'deadline')
   if tonumber(h[1]) > now then
     redis.call('ZADD', rkey('delayed', route), h[1], id)
   else
     redis.call('ZADD', rkey('ready', route), 0 - tonumber(h[2]), member(id, h[1]))
   end
+  if h[3] or h[4] then
+    redis.call('ZADD', P .. ':timers', math.min(tonumber(h[3] or h[4]), tonumber(h[4] or h[3])), id)
+  end
   wake[route] = true
+end
+-- A task past its TTL (pending) or its deadline is not started; overdue.lua ends it.
+local function overdue(status, expires_at, deadline)
+  if deadline and tonumber(deadline) <= now then return 'deadline' end
+  if status == 'pending' and expires_at and tonumber(expires_at) <= now then return 'ttl' end
+  return nil
 end
 local function publish_wakes()
   for route in pairs(wake) do redis.call('PUBLISH', rkey('work', route), '') end
@@ -52,6 +62,9 @@ local function terminal(id, route, status, retention)
   hdel(id, 'token', 'lease')
   redis.call('PEXPIRE', tkey(id), retention)
   redis.call('PEXPIRE', P .. ':e:' .. id, retention)
+  -- An idempotency key lives as long as its task.
+  local key = redis.call('HGET', tkey(id), 'idempotency_key')
+  if key then redis.call('PEXPIRE', P .. ':idem:' .. route .. ':' .. key, retention) end
   redis.call('HINCRBY', P .. ':finished', status .. ':' .. route, 1)
   redis.call('PUBLISH', P .. ':done', id)
 end
