@@ -19,10 +19,13 @@ or Redis at random, restarting each one that does not restart itself. Then it ch
   inherit it), none may remain once everything was stopped, and no worker may outlive its
   killed supervisor by more than 5 s.
 
-A submit whose reply was lost (a connection error or 503) may or may not have been stored.
-The soak never reuses an input: each submit request carries a fresh ``key``, so a lost
-reply that did create a task shows up as a run of an input nobody was told about, which is
-counted as a duplicate, not as a violation. Exits 1 on any violation, keeping its
+Every job is submitted with task options (a priority, a tag), and half of them with an
+idempotency key, as a careful user would: those resend the very same input after a lost
+reply, and every submit of one must answer the same task (else a violation), so no input
+of theirs may ever run twice to success. For the others a submit whose reply was lost (a
+connection error or 503) may or may not have been stored: each of their submit requests
+carries a fresh ``key``, so a lost reply that did create a task shows up as a run of an
+input nobody was told about, which is counted as a duplicate, not as a violation. Exits 1 on any violation, keeping its
 directory (logs, database) for inspection.
 """
 
@@ -87,6 +90,12 @@ class Job:
     route: str  # the task it calls
     args: dict[str, Any]
     submits: list[Submit] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)  # submit options (``.options(...)``)
+
+    @property
+    def keyed(self) -> bool:
+        """Submitted with an idempotency key: every resend carries the same input."""
+        return "idempotency_key" in self.options
 
     @property
     def accepted(self) -> Submit | None:
@@ -113,7 +122,10 @@ def make_jobs(n: int, rng: random.Random, uploads: Path, marks: Path) -> list[Jo
         elif kind == "cancel":
             route = rng.choice(["slow_sync", "slow_async"])
             args = {"seconds": round(rng.uniform(2.0, 8.0), 2)}
-        jobs.append(Job(i, kind, route, args))
+        options: dict[str, Any] = {"priority": rng.choice([0, 0, 1, 5]), "tags": {"soak": kind}}
+        if rng.random() < 0.5:
+            options["idempotency_key"] = f"soak-{i}"
+        jobs.append(Job(i, kind, route, args, options=options))
     return jobs
 
 
@@ -161,12 +173,12 @@ class Driver:
                 await asyncio.sleep(0.2)
 
     async def _run(self, job: Job) -> None:
-        endpoint = getattr(self.client, job.route)
+        endpoint = getattr(self.client, job.route).options(**job.options)
         task = None
         while task is None:
             if time.monotonic() > self.deadline:
                 return
-            submit = Submit(key=f"j{job.index}.{len(job.submits)}")
+            submit = Submit(key=f"j{job.index}" if job.keyed else f"j{job.index}.{len(job.submits)}")
             job.submits.append(submit)
             try:
                 task = await endpoint.submit(key=submit.key, **job.args)
@@ -275,7 +287,14 @@ async def check(
     v = figures.violations
     for job in jobs:
         submit = job.accepted
+        answered = {other.task_id for other in job.submits if other.task_id is not None}
+        if job.keyed and len(answered) > 1:
+            v.append(f"idempotency key of job {job.index} answered {len(answered)} tasks: {sorted(answered)}")
+        if job.keyed:
+            tally["resent with its idempotency key"] += len(job.submits) - 1
         for other in job.submits:
+            if job.keyed:
+                break  # one input for every resend: a second task of it would run it twice (checked below)
             if other.task_id is None and any(r.event == "start" for r in runs.get(other.key, [])):
                 tally["stored though the reply was lost (duplicates)"] += 1
         if submit is None:
@@ -375,7 +394,7 @@ async def soak(args: argparse.Namespace, procs: Processes, run_log: Path, figure
         "jobs by kind": dict(Counter(job.kind for job in jobs)),
         "submit requests": len(submits),
         "accepted": sum(s.task_id is not None for s in submits),
-        "submits without an answer (retried with a new input)": sum(s.task_id is None for s in submits),
+        "submits without an answer (resent; a new input unless keyed)": sum(s.task_id is None for s in submits),
         "cancel answers": dict(Counter(s.cancel_answer for j in jobs if j.kind == "cancel" for s in j.submits[-1:])),
         "client errors seen": dict(driver.errors),
         "kills": dict(figures.kills),

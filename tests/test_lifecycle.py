@@ -329,3 +329,16 @@ async def test_the_openapi_document_names_every_option_header_and_answer(app: Ap
     assert {"409", "429"} <= set(submit["responses"]) and "Idempotent-Replayed" in submit["responses"]["200"]["headers"]
     assert "requestBody" in docs["paths"]["/add/retry"]["post"]
     assert "position" in docs["components"]["schemas"]["TaskStatus"]["properties"]
+
+
+@pytest.mark.anyio
+async def test_map_flows_through_a_bounded_queue_without_a_429_reaching_the_caller(served: Server) -> None:
+    """/bounded holds at most 3 pending tasks; map() of many items backs off and resends."""
+    items = [{"seconds": 0.01}] * 40
+    with taskserve.SyncHTTPClient(served.url) as client:
+        assert list(client.bounded.map(items)) == ["done"] * 40
+    async with taskserve.AsyncHTTPClient(served.url) as aclient:
+        assert [r async for r in aclient.bounded.map(items)] == ["done"] * 40
+        with pytest.raises(taskserve.QueueFull) as full:
+            await asyncio.gather(*(aclient.bounded.submit(seconds=2) for _ in range(12)))
+        assert full.value.retry_after is not None and full.value.retry_after >= 1

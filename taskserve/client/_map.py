@@ -4,16 +4,22 @@ A run submits its items in chunks of ``CHUNK`` (``POST /{r}/submit_many``) and t
 ``POST /{r}/wait_many`` on the oldest ``CHUNK`` open tasks, asking for ``MIN_DONE`` of them to
 end before the answer: so N tasks cost about N / CHUNK submits plus N / MIN_DONE waits, and
 JSON results come inline. Only results that are not JSON (images, files) are fetched one by one.
+
+Into a route with a ``max_queue``, a chunk may be refused (429, nothing queued): the run then
+halves it, and once it is down to one item waits for its own tasks to end (handing their
+results out meanwhile) or for the server's ``Retry-After``, so a million items flow through a
+queue bounded at a thousand without the caller writing a retry loop.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .._types import TaskStatus
 from .._wire import array_from_wire
-from ..exceptions import ClientError, TaskCancelled, TaskFailed, TaskNotFound
+from ..exceptions import ClientError, QueueFull, TaskCancelled, TaskFailed, TaskNotFound
 from ._base import EndpointInfo
 
 CHUNK = 1000  # items per submit_many, ids per wait_many
@@ -60,6 +66,24 @@ class MapRun:
         self.ready: dict[int, Any] = {}
         self.next_index = 0
         self.handed_out = 0
+        self.unsent: collections.deque[tuple[int, list[dict[str, Any]]]] = collections.deque()
+
+    def queue_chunks(self, items: list[dict[str, Any]]) -> None:
+        self.unsent.extend((start, items[start : start + CHUNK]) for start in range(0, len(items), CHUNK))
+
+    def refused(self, full: QueueFull) -> float:
+        """The next chunk met a full queue: split it, or say how long to pause before sending it again.
+
+        Returns 0 when the chunk was split (send the smaller one at once); else seconds to wait,
+        which the caller spends waiting on its own open tasks when it has some.
+        """
+        start, chunk = self.unsent[0]
+        if len(chunk) > 1:
+            half = len(chunk) // 2
+            self.unsent[0] = (start + half, chunk[half:])
+            self.unsent.appendleft((start, chunk[:half]))
+            return 0.0
+        return min(POLL, max(0.05, full.retry_after or 1.0))
 
     def submitted(self, start: int, answer: Any) -> None:
         for offset, entry in enumerate(answer["tasks"]):
@@ -106,7 +130,7 @@ class MapRun:
         self.ready[self.open.pop(task_id)] = value
 
     def check(self) -> None:
-        if not self.open and len(self.ready) + self.handed_out < self.total:
+        if not self.open and not self.unsent and len(self.ready) + self.handed_out < self.total:
             raise ClientError(f"The server accepted fewer tasks than the {self.total} submitted to {self.info.name!r}.")
 
     @property
@@ -125,9 +149,6 @@ class MapRun:
             self.ready.clear()
         self.handed_out += len(out)
         return out
-
-    def chunks(self, items: list[dict[str, Any]]) -> list[tuple[int, list[dict[str, Any]]]]:
-        return [(start, items[start : start + CHUNK]) for start in range(0, len(items), CHUNK)]
 
 
 class ProgressBar:

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from .._types import TaskStatus
-from ..exceptions import ClientError, TaskCancelled, TaskFailed, TaskNotFound, TaskNotReady
+from ..exceptions import ClientError, QueueFull, TaskCancelled, TaskFailed, TaskNotFound, TaskNotReady
 from ._base import (
     DEFAULT_TIMEOUT,
     WAIT_CHUNK,
@@ -171,15 +171,27 @@ class AsyncEndpoint:
         info = await self._task_info()
         arguments = as_arguments(info, items)
         run = MapRun(info, len(arguments), not as_completed, self.task)
+        run.queue_chunks(arguments)
         bar = progress_bar(progress, info.name, run.total)
         try:
-            for start, chunk in run.chunks(arguments):
-                payload = [encode_json_item(item) for item in chunk]
-                response = await self.client._request(
-                    "POST", f"{info.route}/submit_many", None, json=payload, params=self.params
-                )
-                run.submitted(start, response.json())
             while not run.done:
+                if run.unsent:
+                    start, chunk = run.unsent[0]
+                    payload = [encode_json_item(item) for item in chunk]
+                    try:
+                        response = await self.client._request(
+                            "POST", f"{info.route}/submit_many", None, json=payload, params=self.params
+                        )
+                    except QueueFull as full:  # see MapRun.refused
+                        pause = run.refused(full)
+                        if pause and not run.open:
+                            await asyncio.sleep(pause)
+                        if not pause or not run.open:
+                            continue
+                    else:
+                        run.unsent.popleft()
+                        run.submitted(start, response.json())
+                        continue
                 run.check()
                 if run.open:
                     before = len(run.open)

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from .._types import TaskStatus
-from ..exceptions import ClientError, TaskCancelled, TaskFailed, TaskNotFound, TaskNotReady
+from ..exceptions import ClientError, QueueFull, TaskCancelled, TaskFailed, TaskNotFound, TaskNotReady
 from ._base import (
     DEFAULT_TIMEOUT,
     WAIT_CHUNK,
@@ -187,20 +187,30 @@ class SyncEndpoint:
 
     def _map(self, arguments: list[dict[str, Any]], as_completed: bool, progress: bool) -> Iterator[Any]:
         run = MapRun(self.info, len(arguments), not as_completed, self.task)
+        run.queue_chunks(arguments)
         bar = progress_bar(progress, self.info.name, run.total)
         try:
-            for start, chunk in run.chunks(arguments):
-                run.submitted(
-                    start,
-                    self.client._request(
-                        "POST",
-                        f"{self.info.route}/submit_many",
-                        None,
-                        json=[encode_json_item(item) for item in chunk],
-                        params=self.params,
-                    ).json(),
-                )
             while not run.done:
+                if run.unsent:
+                    start, chunk = run.unsent[0]
+                    try:
+                        answer = self.client._request(
+                            "POST",
+                            f"{self.info.route}/submit_many",
+                            None,
+                            json=[encode_json_item(item) for item in chunk],
+                            params=self.params,
+                        ).json()
+                    except QueueFull as full:
+                        pause = run.refused(full)
+                        if pause and not run.open:
+                            time.sleep(pause)
+                        if not pause or not run.open:
+                            continue
+                    else:
+                        run.unsent.popleft()
+                        run.submitted(start, answer)
+                        continue
                 run.check()
                 if run.open:
                     before = len(run.open)
