@@ -152,7 +152,7 @@ def cli() -> None:
 @click.option(
     "--max-queue",
     default=None,
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=2**31 - 1),
     help="Most pending tasks per route; more submits get 429 with Retry-After [default: no bound; "
     "a task's own max_queue wins].",
 )

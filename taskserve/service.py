@@ -27,6 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C", bound=type)
 
 ENDPOINT_ATTR = "__taskserve_endpoint__"
+MAX_BOUND = 2**31 - 1  # the largest concurrency or max_queue (a store's integer, with room)
 SERVICE_ATTR = "__taskserve_service__"
 
 
@@ -99,8 +100,10 @@ class Endpoint:
             )
         for option in ("concurrency", "max_queue"):
             value = getattr(self, option)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ServiceDefinitionError(f"{option} of {self.name!r} must be a whole number >= 1, got {value!r}.")
+            if value is not None and (not isinstance(value, int) or not 1 <= value <= MAX_BOUND):
+                raise ServiceDefinitionError(
+                    f"{option} of {self.name!r} must be a whole number from 1 to {MAX_BOUND:,}, got {value!r}."
+                )
         if self.max_batch_size < 1 or self.max_latency_ms < 0:
             raise ServiceDefinitionError(
                 f"{self.name!r} needs max_batch_size >= 1 and max_latency_ms >= 0, "
@@ -131,7 +134,8 @@ class Endpoint:
 
     @property
     def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.fn)
+        """Runs on the worker's event loop: a coroutine function or an async generator."""
+        return inspect.iscoroutinefunction(self.fn) or inspect.isasyncgenfunction(self.fn)
 
     @cached_property
     def codec(self) -> Codec:

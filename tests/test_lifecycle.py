@@ -342,3 +342,88 @@ async def test_map_flows_through_a_bounded_queue_without_a_429_reaching_the_call
         with pytest.raises(taskserve.QueueFull) as full:
             await asyncio.gather(*(aclient.bounded.submit(seconds=2) for _ in range(12)))
         assert full.value.retry_after is not None and full.value.retry_after >= 1
+
+
+# -- what review found ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_retried_task_is_past_its_ttl_only_while_it_never_started(app: App) -> None:
+    from taskserve._types import Outcome, TaskStatus
+
+    task_id = (await app.submit("/add", {"a": 1}, ttl="0.3")).json()["task_id"]
+    [claim] = await app.queue.claim(["/add"], "w1")
+    failed = Outcome(claim.id, claim.token, TaskStatus.FAILURE, error="ConnectionError: down", retry=True)
+    assert await app.queue.finish([failed]) == [True]
+    await asyncio.sleep(0.4)
+    assert await app.queue.expire() == 0
+    [again] = await app.queue.claim(["/add"], "w1")
+    assert again.id == task_id and again.attempts == 2
+
+
+@pytest.mark.anyio
+async def test_a_capped_route_does_not_hold_back_the_others_in_one_claim(app: App) -> None:
+    await app.http.post("/add/submit_many", json=[{"a": i} for i in range(8)])
+    await app.submit("/capped", {"seconds": 1})
+    app.queue.caps["/capped"] = 1
+    claims = await app.queue.claim(["/add", "/capped"], "w1", limit=8)
+    assert len(claims) == 8
+    claims = await app.queue.claim(["/add", "/capped"], "w1", limit=8)
+    assert [c.route for c in claims] == ["/capped"]
+    assert await app.queue.claim(["/capped"], "w2", limit=8) == []  # its one slot is taken
+
+
+@pytest.mark.anyio
+async def test_a_manual_retry_obeys_the_routes_max_queue(app: App) -> None:
+    first = (await app.submit("/bounded", {})).json()["task_id"]
+    await app.http.put("/bounded/cancel", params={"task_id": first})
+    for _ in range(3):
+        assert (await app.submit("/bounded", {})).status_code == 200
+    refused = await app.http.post("/bounded/retry", params={"task_id": first})
+    assert refused.status_code == 429 and refused.json()["retry_after"] >= 1
+
+
+@pytest.mark.anyio
+async def test_a_deadline_before_the_start_is_refused(app: App) -> None:
+    answer = await app.http.post("/add/submit", params={"delay": "60"}, headers={"Cancel-After": "5"}, json={"a": 1})
+    assert answer.status_code == 422 and ["header", "Cancel-After"] in [d["loc"] for d in answer.json()["detail"]]
+
+
+@pytest.mark.anyio
+async def test_a_direct_call_replaying_a_key_never_cancels_the_task_it_found(broker: str) -> None:
+    queue = Queue.from_url(broker)
+    await queue.connect()
+    asgi = create_app(load_service(SERVICE), queue, maintenance=False, call_timeout=0.3)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://test") as http:
+        made = await http.post("/add/submit", headers={"Idempotency-Key": "call-1"}, json={"a": 1})
+        gave_up = await http.post("/add", headers={"Idempotency-Key": "call-1"}, json={"a": 1}, timeout=30)
+        assert gave_up.status_code == 504 and gave_up.json()["task_id"] == made.json()["task_id"]
+        status = (await http.get("/add/status", params={"task_id": made.json()["task_id"]})).json()
+        assert status["status"] == "pending"  # still there for whoever made it
+    await queue.close()
+
+
+def test_the_purge_reads_an_index(tmp_path: Path) -> None:
+    import sqlite3
+
+    from taskserve.queue._sqlite_schema import migrate
+
+    conn = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    migrate(conn)
+    plan = conn.execute(
+        "EXPLAIN QUERY PLAN SELECT rowid FROM tasks INDEXED BY tasks_purge WHERE purge_at < 1 LIMIT 2000"
+    ).fetchall()
+    assert any("tasks_purge" in str(row) for row in plan)
+
+
+def test_map_with_an_idempotency_key_keys_every_item_of_every_chunk(
+    served: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from taskserve.client import _map
+
+    monkeypatch.setattr(_map, "CHUNK", 10)
+    items = [{"a": i, "b": 0} for i in range(25)]
+    with taskserve.SyncHTTPClient(served.url) as client:
+        keyed = client.add.options(idempotency_key=f"map-{time.time()}")
+        assert list(keyed.map(items)) == list(range(25))
+        assert list(keyed.map(items)) == list(range(25))  # the same run again: every task found again

@@ -47,6 +47,15 @@ def as_arguments(info: EndpointInfo, items: Iterable[Any]) -> list[dict[str, Any
     return out
 
 
+def chunk_params(params: list[tuple[str, str]], start: int) -> list[tuple[str, str]]:
+    """The submit options of the chunk that starts at item ``start``.
+
+    An idempotency key names the whole run; the server keys the items of one request
+    ``KEY#i``, so each chunk carries ``KEY@start`` and no two items of a run share a key.
+    """
+    return [(k, f"{v}@{start}" if k == "idempotency_key" else v) for k, v in params]
+
+
 class MapRun:
     """The state of one ``map()``: which tasks are open, what is ready to hand out, and in what order.
 

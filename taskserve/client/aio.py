@@ -26,7 +26,7 @@ from ._base import (
     retry_body,
     transport_error,
 )
-from ._map import POLL, MapRun, as_arguments, progress_bar
+from ._map import POLL, MapRun, as_arguments, chunk_params, progress_bar
 from ._transport import default_async_transport
 
 
@@ -180,7 +180,11 @@ class AsyncEndpoint:
                     payload = [encode_json_item(item) for item in chunk]
                     try:
                         response = await self.client._request(
-                            "POST", f"{info.route}/submit_many", None, json=payload, params=self.params
+                            "POST",
+                            f"{info.route}/submit_many",
+                            None,
+                            json=payload,
+                            params=chunk_params(self.params, start),
                         )
                     except QueueFull as full:  # see MapRun.refused
                         pause = run.refused(full)

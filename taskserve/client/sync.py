@@ -25,7 +25,7 @@ from ._base import (
     retry_body,
     transport_error,
 )
-from ._map import POLL, MapRun, as_arguments, progress_bar
+from ._map import POLL, MapRun, as_arguments, chunk_params, progress_bar
 from ._transport import default_transport
 
 
@@ -199,7 +199,7 @@ class SyncEndpoint:
                             f"{self.info.route}/submit_many",
                             None,
                             json=[encode_json_item(item) for item in chunk],
-                            params=self.params,
+                            params=chunk_params(self.params, start),
                         ).json()
                     except QueueFull as full:
                         pause = run.refused(full)

@@ -109,14 +109,20 @@ MIGRATIONS: list[tuple[int, str]] = [
     ),
     (
         # Task options (SPEC §7). The TTL and deadline sweeps read partial indexes that hold
-        # only the tasks they can still act on (an index of every expires_at kept finished
-        # tasks in it until their purge). Idempotency keys become unique per route, so two
-        # racing submits with one key can never both insert. The webhook URL waits for §8.
+        # only the tasks they can still act on; the purge keeps its index on purge_at, under the
+        # name it should have had since migration 3 moved tasks_expiry onto that column.
+        # tasks_queue is the pending index by route: what a route's queue holds, in claim order,
+        # so that a position, a max_queue count and a per-route capped claim read only that
+        # route's slice (tasks_due, across routes, serves the plain claim). Idempotency keys
+        # become unique per route, so two racing submits with one key can never both insert.
+        # The webhook URL waits for §8.
         4,
         """
         DROP INDEX IF EXISTS tasks_expiry;
+        CREATE INDEX IF NOT EXISTS tasks_purge ON tasks (purge_at) WHERE purge_at IS NOT NULL;
+        CREATE INDEX IF NOT EXISTS tasks_queue ON tasks (route, priority DESC, run_at) WHERE status = 'pending';
         CREATE INDEX IF NOT EXISTS tasks_ttl ON tasks (expires_at)
-            WHERE status = 'pending' AND expires_at IS NOT NULL;
+            WHERE status = 'pending' AND attempts = 0 AND expires_at IS NOT NULL;
         CREATE INDEX IF NOT EXISTS tasks_deadline ON tasks (deadline)
             WHERE deadline IS NOT NULL AND status IN ('pending', 'in_progress');
         DROP INDEX IF EXISTS tasks_idempotency;
@@ -291,7 +297,7 @@ class Guards:
             if not new:
                 continue
             pending = conn.execute(
-                "SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_due"
+                "SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queue"
                 " WHERE status = 'pending' AND route = ? LIMIT ?)",
                 (route, cap),
             ).fetchone()[0]

@@ -144,6 +144,9 @@ class Queue(abc.ABC):
         lot with ``QueueFull``. Both are decided in the store's write, so racing submits agree.
         """
         ts = now()
+        keys = [(t.route, t.idempotency_key) for t in tasks if t.idempotency_key is not None]
+        if len(keys) != len(set(keys)):
+            raise ValueError("Two tasks of one enqueue_many carry the same idempotency key; give each its own.")
         for task in tasks:
             if task.run_at is None:
                 task.run_at = ts
@@ -176,7 +179,8 @@ class Queue(abc.ABC):
         for i, task_id in (replays or {}).items():
             earlier = await self._get(task_id)
             if earlier is None:  # purged between the insert and this read: its key is free again
-                return await self.enqueue_many(tasks)
+                records[i] = await self.enqueue(tasks[i])
+                continue
             earlier.replayed = True
             records[i] = earlier
         return records
@@ -206,11 +210,20 @@ class Queue(abc.ABC):
             )
         return await self.get(task_id, route)
 
-    async def retry(self, task_id: str, route: str | None = None, args: bytes | None = None) -> TaskRecord:
+    async def retry(
+        self,
+        task_id: str,
+        route: str | None = None,
+        args: bytes | None = None,
+        *,
+        max_queue: int | None = None,
+        ttl: float | None = None,
+    ) -> TaskRecord:
         """Submit a new task with the arguments of a finished one (or ``args``); the old one is unchanged.
 
         The new task keeps the old one's priority, time limit, tags and webhook, and names it
-        in ``retry_of``; its TTL and deadline are not carried over (they were moments in time).
+        in ``retry_of``; its deadline is not carried over (a moment in time), its ``ttl`` is
+        the route's, and the route's ``max_queue`` bounds it as any submit.
         """
         record = await self.get(task_id, route)
         if not record.status.is_terminal:
@@ -231,6 +244,8 @@ class Queue(abc.ABC):
             tags=dict(record.tags),
             retry_of=record.id,
             webhook=record.webhook,
+            ttl=ttl,
+            max_queue=max_queue,
         )
         return await self.enqueue(new)
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlparse
 
 from .._types import Claim, Event, NewTask, Outcome, Result, TaskRecord, WorkerInfo
-from ..exceptions import QueueUnavailable, TaskserveError
+from ..exceptions import QueueUnavailable
 from . import _wake, lifecycle
 from ._sqlite_moves import Moved, lapsed_ids, move_rows
 from ._sqlite_schema import (
@@ -58,11 +58,18 @@ DUE = "INDEXED BY tasks_due"
 CLAIM_TRIES = 3
 CLAIM_RETRY = 0.0005
 BUSY = object()  # _try_quick_write: the write lock was taken
+# A pending task's position is counted up to this many tasks ahead (the status says so beyond).
+POSITION_CAP = 10_000
 # Running tasks of a route that still hold a live lease (a concurrency cap counts these).
 RUNNING = (
     "SELECT count(*) FROM tasks INDEXED BY tasks_leases"
     " WHERE status = 'in_progress' AND lease_expires >= ? AND route = ?"
 )
+
+
+def _numbered(first: int, values: list[str]) -> str:
+    """``(?5, ?6, ...)``: placeholders numbered from ``first``, for statements that also use ``?1``-``?4``."""
+    return "(" + ", ".join(f"?{first + i}" for i in range(len(values))) + ")"
 
 
 class SQLiteQueue(Queue):
@@ -306,15 +313,23 @@ class SQLiteQueue(Queue):
                     conn.execute("SAVEPOINT submit")
                     try:
                         outcomes.append(insert_rows(conn, rows, guards))
-                    except (sqlite3.Error, TaskserveError) as exc:
+                    except Exception as exc:  # this submit's own fault: it alone is refused
                         conn.execute("ROLLBACK TO submit")
                         outcomes.append(translate(exc, self.path) if isinstance(exc, sqlite3.Error) else exc)
                     conn.execute("RELEASE submit")
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except BaseException as exc:
+            # Whatever went wrong, the transaction ends here and every submit of it gets an answer:
+            # an open transaction would hold the write lock, and a future left unresolved a request.
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            outcomes = [translate(exc, self.path)] * len(batch)
+            error = translate(exc, self.path) if isinstance(exc, sqlite3.Error) else exc
+            outcomes = [error] * len(batch)
+            if not isinstance(exc, Exception):
+                for _, _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(QueueUnavailable(f"The submit was interrupted: {exc!r}."))
+                raise
         if any(due for (_, _, due, _), out in zip(batch, outcomes, strict=True) if isinstance(out, dict)):
             self._waker.send(_wake.WORKER, b"w")
             self._waker.flush()  # now, not after the responses are written
@@ -407,29 +422,45 @@ class SQLiteQueue(Queue):
     ) -> Callable[[sqlite3.Connection], list[Claim]]:
         token = os.urandom(8).hex()
         floor = "" if min_priority is None else f" AND priority >= {int(min_priority)}"
+        # Past its TTL (never started) or deadline a task is not started: the expiry sweep ends it.
+        live = " AND (expires_at IS NULL OR expires_at > ?2 OR attempts > 0) AND (deadline IS NULL OR deadline > ?2)"
         capped = [r for r in routes if r in self.caps]
+        claimed = (
+            "UPDATE tasks SET status = 'in_progress', attempts = attempts + 1, token = ?1, lease_expires = ?3,"
+            " started_at = ?2, worker = ?4 WHERE rowid IN ({pick})"
+            " RETURNING id, route, args, attempts, max_attempts, timeout, priority, run_at, deadline"
+        )
 
         def claim(conn: sqlite3.Connection) -> list[Claim]:
-            serve, most = routes, limit
-            if capped:
-                # Counted in this write transaction, so two workers cannot both take the last slot.
-                # A lapsed lease frees its slot: its holder is dead or hung, and fenced off.
-                room = {r: self.caps[r] - conn.execute(RUNNING, (ts, r)).fetchone()[0] for r in capped}
-                serve = [r for r in routes if room.get(r, 1) > 0]
-                most = min([limit, *(room[r] for r in capped if r in serve)])
-                if not serve:
+            head: tuple[Any, ...] = (token, ts, ts + lease, worker)
+            if not capped:
+                pick = (
+                    f"SELECT rowid FROM tasks {DUE} WHERE status = 'pending' AND run_at <= ?2"
+                    f" AND route IN {_numbered(5, routes)}{floor}{live}"
+                    f" ORDER BY priority DESC, run_at LIMIT {int(limit)}"
+                )
+                rows = conn.execute(claimed.format(pick=pick), (*head, *routes)).fetchall()
+            else:
+                # Each route's slice in claim order, a capped one no deeper than its free slots,
+                # counted in this write transaction (so two workers cannot both take the last
+                # slot; a lapsed lease frees its slot: its holder is dead or hung, and fenced off).
+                parts, params = [], list(head)
+                for r in routes:
+                    room = limit
+                    if r in self.caps:
+                        room = min(limit, self.caps[r] - conn.execute(RUNNING, (ts, r)).fetchone()[0])
+                    if room <= 0:
+                        continue
+                    params.append(r)
+                    parts.append(
+                        f"SELECT * FROM (SELECT rowid AS r, priority, run_at FROM tasks INDEXED BY tasks_queue"
+                        f" WHERE route = ?{len(params)} AND status = 'pending' AND run_at <= ?2{floor}{live}"
+                        f" ORDER BY priority DESC, run_at LIMIT {int(room)})"
+                    )
+                if not parts:
                     return []
-            marks = ",".join("?" * len(serve))
-            rows = conn.execute(
-                "UPDATE tasks SET status = 'in_progress', attempts = attempts + 1, token = ?, lease_expires = ?,"
-                " started_at = ?, worker = ? WHERE rowid IN (SELECT rowid FROM tasks"
-                f" {DUE} WHERE status = 'pending' AND run_at <= ? AND route IN ({marks}){floor}"
-                # Past its TTL or deadline a task is not started: the expiry sweep ends it.
-                " AND (expires_at IS NULL OR expires_at > ?) AND (deadline IS NULL OR deadline > ?)"
-                " ORDER BY priority DESC, run_at LIMIT ?)"
-                " RETURNING id, route, args, attempts, max_attempts, timeout, priority, run_at, deadline",
-                (token, ts + lease, ts, worker, ts, *serve, ts, ts, most),
-            ).fetchall()
+                pick = f"SELECT r FROM ({' UNION ALL '.join(parts)}) ORDER BY priority DESC, run_at LIMIT {int(limit)}"
+                rows = conn.execute(claimed.format(pick=pick), params).fetchall()
             # RETURNING comes in table order, not the sub-select's: put the most urgent first.
             rows.sort(key=lambda r: (-r[6], r[7], r[0]))
             return [Claim(r[0], r[1], bytes(r[2]), token, r[3], r[4], r[5], r[6], r[8]) for r in rows]
@@ -519,7 +550,7 @@ class SQLiteQueue(Queue):
             ).fetchall()
             stale = conn.execute(
                 "SELECT id, 'ttl', expires_at FROM tasks INDEXED BY tasks_ttl"
-                " WHERE status = 'pending' AND expires_at IS NOT NULL AND expires_at <= ? LIMIT 1000",
+                " WHERE status = 'pending' AND attempts = 0 AND expires_at IS NOT NULL AND expires_at <= ? LIMIT 1000",
                 (ts,),
             ).fetchall()
             seen = {r[0] for r in late}
@@ -530,12 +561,15 @@ class SQLiteQueue(Queue):
     async def _position(self, record: TaskRecord, ts: float) -> int:
         # Ahead of it: a higher priority, or the same and an earlier run_at (then id), and due by
         # the time it is. Reads the route's slice of the pending index up to this task.
+        # Counted up to POSITION_CAP, on the reader thread: a deep backlog must not stall the loop.
         due, p, run_at = max(ts, record.run_at or ts), record.priority, record.run_at
-        row = await self._quick_read(
+        row = await self._read(
             lambda c: c.execute(
-                f"SELECT count(*) FROM tasks {DUE} WHERE status = 'pending' AND route = ? AND run_at <= ?"
-                " AND (priority > ? OR (priority = ? AND (run_at < ? OR (run_at = ? AND id < ?))))",
-                (record.route, due, p, p, run_at, run_at, record.id),
+                "SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queue"
+                " WHERE route = ? AND status = 'pending'"
+                " AND (priority > ? OR (priority = ? AND (run_at < ? OR (run_at = ? AND id < ?)))) AND run_at <= ?"
+                f" LIMIT {POSITION_CAP})",
+                (record.route, p, p, run_at, run_at, record.id, due),
             ).fetchone()
         )
         return int(row[0])
@@ -569,7 +603,8 @@ class SQLiteQueue(Queue):
 
             def purge(conn: sqlite3.Connection) -> int:
                 ids = conn.execute(
-                    "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE purge_at < ? LIMIT 2000)"
+                    "DELETE FROM tasks WHERE rowid IN"
+                    " (SELECT rowid FROM tasks INDEXED BY tasks_purge WHERE purge_at < ? LIMIT 2000)"
                     " RETURNING id",
                     (ts,),
                 ).fetchall()

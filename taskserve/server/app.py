@@ -210,7 +210,7 @@ class EndpointRoutes:
                 stored = pydantic_core.from_json(await self.queue.original_args(record.id))
                 merged = {**stored, **overrides}
                 args = await anyio.to_thread.run_sync(self.codec.validate, merged, request.app.state.limits)
-        record = await self.queue.retry(task_id, self.route, args)
+        record = await self.queue.retry(task_id, self.route, args, max_queue=self.max_queue, ttl=self.endpoint.ttl)
         self.metrics.submitted.labels(self.endpoint.name).inc()
         return JSONResponse({"task_id": record.id, "status": record.status.value, "retry_of": record.retry_of})
 
@@ -228,7 +228,10 @@ class EndpointRoutes:
         options = read_options(request)
         task = self.new_task(await self.arguments(request), options)
         record = await self.queue.enqueue(task)
-        if not record.replayed:
+        # A replayed key means another request made this task: waiting on it is fine, cancelling
+        # it when this caller gives up is not (the one who made it may still want it).
+        owned = not record.replayed
+        if owned:
             self.metrics.submitted.labels(self.endpoint.name).inc()
         task_id = record.id
         # Long enough for the task's own time limit, with room to wait in the queue.
@@ -245,24 +248,30 @@ class EndpointRoutes:
                     raise asyncio.CancelledError
                 now = time.monotonic()
                 if now - started > limit:
-                    return await self._give_up(task_id, 504, f"{self.endpoint.name} did not finish within {limit:g}s.")
+                    message = f"{self.endpoint.name} did not finish within {limit:g}s."
+                    return await self._give_up(task_id, 504, message, owned)
                 if record.status is TaskStatus.PENDING and await self.workers.serving(self.route) == 0:
                     unserved_since = unserved_since or now
                     if now - unserved_since >= NO_WORKER_GRACE:
-                        return await self._give_up(task_id, 503, self.workers.no_worker_message(self.route))
+                        return await self._give_up(task_id, 503, self.workers.no_worker_message(self.route), owned)
                 else:
                     unserved_since = None
         except asyncio.CancelledError:
-            with contextlib.suppress(InvalidTransition, QueueUnavailable, Exception):
-                await self.queue.cancel(task_id)
+            if owned:
+                with contextlib.suppress(InvalidTransition, QueueUnavailable, Exception):
+                    await self.queue.cancel(task_id)
             raise
         self.metrics.finished.labels(self.endpoint.name, record.status.value).inc()
-        return await self.result_response(record, failure_code=500)
+        response = await self.result_response(record, failure_code=500)
+        if not owned:
+            response.headers["Idempotent-Replayed"] = "true"
+        return response
 
-    async def _give_up(self, task_id: str, code: int, message: str) -> Response:
-        with contextlib.suppress(InvalidTransition, QueueUnavailable):
-            await self.queue.cancel(task_id)
-        self.metrics.finished.labels(self.endpoint.name, "cancelled").inc()
+    async def _give_up(self, task_id: str, code: int, message: str, owned: bool = True) -> Response:
+        if owned:
+            with contextlib.suppress(InvalidTransition, QueueUnavailable):
+                await self.queue.cancel(task_id)
+            self.metrics.finished.labels(self.endpoint.name, "cancelled").inc()
         headers = {"Retry-After": "5"} if code == 503 else None
         return JSONResponse({"error": message, "task_id": task_id}, status_code=code, headers=headers)
 

@@ -112,11 +112,16 @@ def read_options(request: Request) -> SubmitOptions:
     key = _key(params.get("idempotency_key"), headers.get("Idempotency-Key"), bad, where)
     webhook = _webhook(params.get("webhook"), bad)
     tags = _tags(params.getlist("tag"), bad)
+    when = time.time() + delay if delay is not None else run_at
+    if deadline is not None and when is not None and deadline <= when:
+        bad(
+            "Cancel-After" if "Cancel-After" in where else "deadline",
+            "The deadline comes before the task may start (delay or run_at): it could never run.",
+        )
     if problems:
         message = "Invalid submit options: " + " ".join(msg for _, msg, _ in problems)
         detail = [{"loc": [where.get(n, "query"), n], "msg": m, "type": k} for n, m, k in problems]
         raise ValidationFailed(message, detail)
-    when = time.time() + delay if delay is not None else run_at
     return SubmitOptions(
         priority=int(priority) if priority is not None else None,
         run_at=when,

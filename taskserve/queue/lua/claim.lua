@@ -41,9 +41,9 @@ for k = 1, math.min(limit, #found) do
   local m, route = found[k][2], found[k][3]
   local id = string.sub(m, string.find(m, '|', 1, true) + 1)
   redis.call('ZREM', rkey('ready', route), m)
-  local h = redis.call('HMGET', tkey(id), 'status', 'expires_at', 'deadline')
+  local h = redis.call('HMGET', tkey(id), 'status', 'expires_at', 'deadline', 'attempts')
   -- Past its TTL or deadline a task stays out of the ready set: P:timers has it for overdue.lua.
-  if h[1] == 'pending' and not overdue(h[1], h[2], h[3]) and room[route] > 0 then
+  if h[1] == 'pending' and not overdue(h[1], h[2], h[3], h[4]) and room[route] > 0 then
     room[route] = room[route] - 1
     local attempts = redis.call('HINCRBY', tkey(id), 'attempts', 1)
     hset(id, 'status', 'in_progress', 'token', token, 'lease', lease_until, 'started_at', NOW, 'worker', worker)

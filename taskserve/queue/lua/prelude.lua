@@ -15,22 +15,27 @@ local function member(id, run_at) return string.format('%017.6f|', tonumber(run_
 local wake = {}
 -- Put a pending task where claim looks for it: ready if due, else delayed. A task with a TTL
 -- or a deadline is (also) in P:timers, scored by the earlier of the two, for overdue.lua.
+-- A TTL bounds the wait before a task first starts; once it ran (a retry, a lost worker) only
+-- its deadline still applies.
 local function queue(id, route)
-  local h = redis.call('HMGET', tkey(id), 'run_at', 'priority', 'expires_at', 'deadline')
+  local h = redis.call('HMGET', tkey(id), 'run_at', 'priority', 'expires_at', 'deadline', 'attempts')
   if tonumber(h[1]) > now then
     redis.call('ZADD', rkey('delayed', route), h[1], id)
   else
     redis.call('ZADD', rkey('ready', route), 0 - tonumber(h[2]), member(id, h[1]))
   end
-  if h[3] or h[4] then
-    redis.call('ZADD', P .. ':timers', math.min(tonumber(h[3] or h[4]), tonumber(h[4] or h[3])), id)
+  local ttl = tonumber(h[5] or '0') == 0 and h[3] or nil
+  if ttl or h[4] then
+    redis.call('ZADD', P .. ':timers', math.min(tonumber(ttl or h[4]), tonumber(h[4] or ttl)), id)
   end
   wake[route] = true
 end
--- A task past its TTL (pending) or its deadline is not started; overdue.lua ends it.
-local function overdue(status, expires_at, deadline)
+-- A task past its TTL (pending, never started) or its deadline is not started; overdue.lua ends it.
+local function overdue(status, expires_at, deadline, attempts)
   if deadline and tonumber(deadline) <= now then return 'deadline' end
-  if status == 'pending' and expires_at and tonumber(expires_at) <= now then return 'ttl' end
+  if status == 'pending' and expires_at and tonumber(expires_at) <= now and tonumber(attempts or '0') == 0 then
+    return 'ttl'
+  end
   return nil
 end
 local function publish_wakes()
@@ -62,9 +67,10 @@ local function terminal(id, route, status, retention)
   hdel(id, 'token', 'lease')
   redis.call('PEXPIRE', tkey(id), retention)
   redis.call('PEXPIRE', P .. ':e:' .. id, retention)
-  -- An idempotency key lives as long as its task.
-  local key = redis.call('HGET', tkey(id), 'idempotency_key')
-  if key then redis.call('PEXPIRE', P .. ':idem:' .. route .. ':' .. key, retention) end
+  -- An idempotency key lives as long as its task; a time limit has nothing left to stop.
+  local h = redis.call('HMGET', tkey(id), 'idempotency_key', 'expires_at', 'deadline')
+  if h[1] then redis.call('PEXPIRE', P .. ':idem:' .. route .. ':' .. h[1], retention) end
+  if h[2] or h[3] then redis.call('ZREM', P .. ':timers', id) end
   redis.call('HINCRBY', P .. ':finished', status .. ':' .. route, 1)
   redis.call('PUBLISH', P .. ':done', id)
 end
