@@ -30,6 +30,7 @@ from .exceptions import (
     TaskserveError,
     ValidationFailed,
 )
+from .reporting import progress
 from .service import Endpoint, Service, api, service, task
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "ValidationFailed",
     "__version__",
     "api",
+    "progress",
     "service",
     "task",
 ]

@@ -181,7 +181,7 @@ class TaskRecord:
             "errors": [{**e, "at": iso(e.get("at"))} for e in self.errors],
             "retry_of": self.retry_of,
             "tags": dict(self.tags),
-            "progress": self.progress,
+            "progress": progress_json(self.progress),
             "batch_size": self.batch_size,
             "queue_time": self.queue_time,
             "run_time": self.run_time,
@@ -190,6 +190,13 @@ class TaskRecord:
             "position": self.position,
             "webhook": None if self.webhook is None else {"url": self.webhook, "state": "pending", "attempts": 0},
         }
+
+
+def progress_json(progress: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored progress (its ``at`` in seconds) as the status shows it."""
+    if progress is None:
+        return None
+    return {**progress, "at": iso(progress.get("at"))}
 
 
 @dataclass

@@ -269,6 +269,16 @@ class Codec:
         except (pydantic.PydanticSchemaGenerationError, TypeError, pydantic.errors.PydanticUserError) as exc:
             raise ServiceDefinitionError(f"taskserve cannot serve the parameters of {name!r}: {exc}") from exc
         ret = hints.get("return", Any)
+        # A generator task streams: each yielded item is an output event, the result is their list.
+        self.streams = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
+        if self.streams:
+            item = _yielded(ret)
+            if kind_of(item) != "json":
+                raise ServiceDefinitionError(
+                    f"Generator {name!r} must yield JSON values (str, numbers, dicts, lists, pydantic models); "
+                    f"it yields {item!r}."
+                )
+            ret = list[item]  # type: ignore[valid-type]
         self.output_kind: Kind = kind_of(ret)
         self.output_schema: dict[str, Any] = {}
         if self.output_kind == "json" and ret is not Any:
@@ -381,6 +391,17 @@ class Codec:
             "output": {"kind": self.output_kind, "schema": self.output_schema},
             "files": [p.name for p in self.params if p.kind in BINARY_KINDS],
         }
+
+
+def _yielded(annotation: Any) -> Any:
+    """The item type of ``Iterator[T]``, ``Generator[T, ...]`` and their async forms (``Any`` if unsaid)."""
+    args = typing.get_args(annotation)
+    return args[0] if args else Any
+
+
+def dump_item(value: Any) -> bytes:
+    """One streamed item as JSON."""
+    return pydantic_core.to_json(value, fallback=_json_fallback)
 
 
 def _pinned_dtype(name: str, pname: str, annotation: Any) -> Any:

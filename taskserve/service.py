@@ -113,6 +113,8 @@ class Endpoint:
             self._check_batchable()
 
     def _check_batchable(self) -> None:
+        if self.codec.streams:
+            raise ServiceDefinitionError(f"Batchable {self.name!r} cannot be a generator: one call serves many tasks.")
         params = self.codec.params
         if len(params) != 1 or params[0].kind not in ("json", "ndarray"):
             raise ServiceDefinitionError(

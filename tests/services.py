@@ -6,6 +6,7 @@ import asyncio
 import os
 import pathlib
 import time
+from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
@@ -152,3 +153,34 @@ class TestService:
         """A route whose queue holds at most three pending tasks."""
         await asyncio.sleep(seconds)
         return "done"
+
+    @taskserve.task
+    def steps(self, n: int, pause: float = 0.02) -> str:
+        """Reports progress at every step, a preview image every fifth."""
+        for i in range(n):
+            preview = Image.new("RGB", (16, 16), (i * 10 % 256, 0, 0)) if i % 5 == 0 else None
+            taskserve.progress((i + 1) / n, f"step {i + 1}/{n}", preview=preview)
+            time.sleep(pause)
+        return "done"
+
+    @taskserve.task
+    async def steps_async(self, n: int, pause: float = 0.02) -> str:
+        for i in range(n):
+            taskserve.progress((i + 1) / n, f"step {i + 1}/{n}")
+            await asyncio.sleep(pause)
+        return "done"
+
+    @taskserve.task
+    def tokens(self, n: int, pause: float = 0.0) -> Iterator[str]:
+        """A generator task: each item streams as it is made."""
+        for i in range(n):
+            if pause:
+                time.sleep(pause)
+            yield f"t{i}"
+
+    @taskserve.task
+    async def tokens_async(self, n: int, pause: float = 0.0) -> AsyncIterator[dict[str, int]]:
+        for i in range(n):
+            if pause:
+                await asyncio.sleep(pause)
+            yield {"i": i}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime
 import io
+import json
 import mimetypes
 import os
 import pathlib
@@ -256,6 +257,61 @@ def retry_body(overrides: dict[str, Any]) -> dict[str, Any]:
         "content": pydantic_core.to_json(encode_json_item(overrides)),
         "headers": {"content-type": "application/json"},
     }
+
+
+@dataclass
+class TaskEvent:
+    """One event of ``task.events()``: ``kind`` is ``status``, ``progress`` or ``output``.
+
+    ``data`` is the status JSON, the progress (``fraction``, ``message``, ``at``, ``preview``)
+    or the item the task yielded; ``id`` is where a resumed stream goes on from.
+    """
+
+    kind: str
+    id: str
+    data: Any
+
+    @property
+    def final(self) -> bool:
+        """The task's terminal status: the last event of the stream."""
+        return self.kind == "status" and TaskStatus(self.data["status"]).is_terminal
+
+
+class SSEParser:
+    """Server-Sent Events from lines, as the text/event-stream format defines them."""
+
+    def __init__(self) -> None:
+        self.kind, self.id, self.data = "message", "", list[str]()
+
+    def feed(self, line: str) -> TaskEvent | None:
+        if not line:
+            if not self.data:
+                return None
+            event = TaskEvent(self.kind, self.id, json.loads("\n".join(self.data)))
+            self.kind, self.data = "message", []
+            return event
+        if line.startswith(":"):
+            return None  # a keep-alive comment
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "event":
+            self.kind = value
+        elif name == "data":
+            self.data.append(value)
+        elif name == "id":
+            self.id = value
+        return None
+
+
+RECONNECTS = 30  # tries to resume a broken event stream before giving up
+PROGRESS_POLL = 0.5  # seconds of one long poll while a caller follows progress
+
+
+def progress_changed(status: dict[str, Any], last: Any) -> tuple[bool, Any]:
+    """Whether a status carries a progress other than the one last seen, and its mark."""
+    progress = status.get("progress")
+    mark = None if progress is None else progress.get("at")
+    return progress is not None and mark != last, mark
 
 
 def request_timeout(kwargs: dict[str, Any]) -> None:

@@ -22,6 +22,9 @@ ASYNC_POOLS = 32
 ASYNC_PER_POOL = 8
 
 
+STREAM = "taskserve.stream"  # a request extension: the response is read by its caller, as it comes
+
+
 def _limits(per_pool: int) -> httpx.Limits:
     return httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool, keepalive_expiry=30.0)
 
@@ -46,8 +49,10 @@ class AsyncPoolsTransport(httpx.AsyncBaseTransport):
         self._busy[k] += 1
         try:
             response = await self._pools[k].handle_async_request(request)
-            # Read here, so the connection is back in its pool before the count drops.
-            await response.aread()
+            # Read here, so the connection is back in its pool before the count drops; an event
+            # stream is read as it comes, by its caller.
+            if not request.extensions.get(STREAM):
+                await response.aread()
             return response
         finally:
             self._busy[k] -= 1
@@ -83,7 +88,8 @@ class PoolsTransport(httpx.BaseTransport):
             self._busy[k] += 1
         try:
             response = self._pools[k].handle_request(request)
-            response.read()
+            if not request.extensions.get(STREAM):
+                response.read()
             return response
         finally:
             with self._lock:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -14,20 +15,25 @@ from .._types import TaskStatus
 from ..exceptions import ClientError, QueueFull, TaskCancelled, TaskFailed, TaskNotFound, TaskNotReady
 from ._base import (
     DEFAULT_TIMEOUT,
+    PROGRESS_POLL,
+    RECONNECTS,
     WAIT_CHUNK,
     EndpointInfo,
+    SSEParser,
+    TaskEvent,
     decode_result,
     encode_arguments,
     encode_json_item,
     option_params,
     parse_schema,
+    progress_changed,
     raise_for_response,
     request_timeout,
     retry_body,
     transport_error,
 )
 from ._map import POLL, MapRun, as_arguments, chunk_params, progress_bar
-from ._transport import default_async_transport
+from ._transport import STREAM, default_async_transport
 
 
 class AsyncTask:
@@ -66,15 +72,63 @@ class AsyncTask:
             await self.wait(timeout)
         return decode_result(await self.endpoint.info(), await self._request("GET", "get"))
 
-    async def wait(self, timeout: float = 60.0) -> TaskStatus:
-        """Wait until the task ends or ``timeout`` seconds pass; returns its state then."""
+    async def wait(
+        self, timeout: float = 60.0, on_progress: Callable[[dict[str, Any]], Any] | None = None
+    ) -> TaskStatus:
+        """Wait until the task ends or ``timeout`` seconds pass; returns its state then.
+
+        ``on_progress`` is called (or awaited, if it returns an awaitable) with each new progress.
+        """
         deadline = time.monotonic() + timeout
+        chunk, seen = (PROGRESS_POLL, None) if on_progress is not None else (WAIT_CHUNK, None)
         while True:
             remaining = max(0.0, deadline - time.monotonic())
-            response = await self._request("GET", "wait", timeout=min(remaining, WAIT_CHUNK))
-            status = TaskStatus(response.json()["status"])
+            body = (await self._request("GET", "wait", timeout=min(remaining, chunk))).json()
+            if on_progress is not None:
+                changed, seen = progress_changed(body, seen)
+                if changed and inspect.isawaitable(called := on_progress(body["progress"])):
+                    await called
+            status = TaskStatus(body["status"])
             if status.is_terminal or remaining <= 0:
                 return status
+
+    async def events(self) -> AsyncIterator[TaskEvent]:
+        """The task's events as they happen, resumed after a broken connection; as ``Task.events``.
+
+        Example:
+            >>> async for event in (await client.chat.submit(prompt="hi")).events():
+            ...     print(event.kind, event.data)
+        """
+        client, last, tries = self.endpoint.client, "", 0
+        path = f"{(await self.endpoint.info()).route}/events"
+        while True:
+            headers = {"Last-Event-ID": last} if last else {}
+            try:
+                async with client._http.stream(
+                    "GET",
+                    path,
+                    params={"task_id": self.id},
+                    headers=headers,
+                    timeout=httpx.Timeout(None, connect=10.0),
+                    extensions={STREAM: True},
+                ) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        raise_for_response(response, self)
+                    parser = SSEParser()
+                    async for line in response.aiter_lines():
+                        event = parser.feed(line)
+                        if event is None:
+                            continue
+                        last, tries = event.id, 0
+                        yield event
+                        if event.final:
+                            return
+            except httpx.TransportError as exc:
+                tries += 1
+                if tries > RECONNECTS:
+                    raise transport_error(client.url, exc) from exc
+            await asyncio.sleep(min(0.1 * 2**tries, 2.0))
 
     async def retry(self, **overrides: Any) -> AsyncTask:
         """Submit a new task with this one's arguments, ``overrides`` in place of some (it must have ended).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -13,20 +13,25 @@ from .._types import TaskStatus
 from ..exceptions import ClientError, QueueFull, TaskCancelled, TaskFailed, TaskNotFound, TaskNotReady
 from ._base import (
     DEFAULT_TIMEOUT,
+    PROGRESS_POLL,
+    RECONNECTS,
     WAIT_CHUNK,
     EndpointInfo,
+    SSEParser,
+    TaskEvent,
     decode_result,
     encode_arguments,
     encode_json_item,
     option_params,
     parse_schema,
+    progress_changed,
     raise_for_response,
     request_timeout,
     retry_body,
     transport_error,
 )
 from ._map import POLL, MapRun, as_arguments, chunk_params, progress_bar
-from ._transport import default_transport
+from ._transport import STREAM, default_transport
 
 
 class Task:
@@ -71,14 +76,65 @@ class Task:
             self.wait(timeout)
         return decode_result(self.endpoint.info, self._request("GET", "get"))
 
-    def wait(self, timeout: float = 60.0) -> TaskStatus:
-        """Block until the task ends or ``timeout`` seconds pass; returns its state then."""
+    def wait(self, timeout: float = 60.0, on_progress: Callable[[dict[str, Any]], Any] | None = None) -> TaskStatus:
+        """Block until the task ends or ``timeout`` seconds pass; returns its state then.
+
+        ``on_progress`` is called with each new progress the task reports meanwhile
+        (``fraction``, ``message``, ``at``, ``preview``), and with the last one before returning.
+        """
         deadline = time.monotonic() + timeout
+        chunk, seen = (PROGRESS_POLL, None) if on_progress is not None else (WAIT_CHUNK, None)
         while True:
             remaining = max(0.0, deadline - time.monotonic())
-            status = TaskStatus(self._request("GET", "wait", timeout=min(remaining, WAIT_CHUNK)).json()["status"])
+            body = self._request("GET", "wait", timeout=min(remaining, chunk)).json()
+            if on_progress is not None:
+                changed, seen = progress_changed(body, seen)
+                if changed:
+                    on_progress(body["progress"])
+            status = TaskStatus(body["status"])
             if status.is_terminal or remaining <= 0:
                 return status
+
+    def events(self) -> Iterator[TaskEvent]:
+        """The task's events as they happen: ``status``, ``progress`` and ``output`` (each item a
+        generator task yields), ending with its terminal status. A broken connection is resumed
+        where it stopped, so no output item is lost or repeated.
+
+        Example:
+            >>> for event in client.chat.submit(prompt="hi").events():
+            ...     if event.kind == "output":
+            ...         print(event.data, end="")
+        """
+        client, last, tries = self.endpoint.client, "", 0
+        path = f"{self.endpoint.info.route}/events"
+        while True:
+            headers = {"Last-Event-ID": last} if last else {}
+            try:
+                with client._http.stream(
+                    "GET",
+                    path,
+                    params={"task_id": self.id},
+                    headers=headers,
+                    timeout=httpx.Timeout(None, connect=10.0),
+                    extensions={STREAM: True},
+                ) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise_for_response(response, self)
+                    parser = SSEParser()
+                    for line in response.iter_lines():
+                        event = parser.feed(line)
+                        if event is None:
+                            continue
+                        last, tries = event.id, 0
+                        yield event
+                        if event.final:
+                            return
+            except httpx.TransportError as exc:
+                tries += 1
+                if tries > RECONNECTS:
+                    raise transport_error(client.url, exc) from exc
+            time.sleep(min(0.1 * 2**tries, 2.0))  # the stream broke or the server went away: resume
 
     def retry(self, **overrides: Any) -> Task:
         """Submit a new task with this one's arguments, ``overrides`` in place of some (it must have ended).

@@ -131,6 +131,20 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE tasks ADD COLUMN webhook TEXT;
         """,
     ),
+    (
+        # Progress and streamed output (SPEC §8). The latest preview image lives beside the
+        # progress JSON; each item a generator task yields is a row of outputs, numbered from 1
+        # within the attempt (a later attempt writes over the same numbers), purged with its task.
+        6,
+        """
+        ALTER TABLE tasks ADD COLUMN preview BLOB;
+        ALTER TABLE tasks ADD COLUMN preview_type TEXT;
+        CREATE TABLE IF NOT EXISTS outputs (
+            task_id TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, at REAL NOT NULL,
+            PRIMARY KEY (task_id, seq)
+        ) WITHOUT ROWID;
+        """,
+    ),
 ]
 
 RECORD_COLUMNS = (

@@ -296,7 +296,30 @@ class Queue(abc.ABC):
             return []
         return [e for e in lifecycle.history(record, await self._events(task_id)) if event_seq(e.id) > after_seq]
 
+    async def outputs(self, task_id: str, after: int = 0) -> list[tuple[int, bytes, float]]:
+        """The items a generator task yielded, ``(number, JSON, when)``, numbered from 1, after ``after``."""
+        return await self._outputs(task_id, after)
+
+    async def preview(self, task_id: str) -> Result | None:
+        """The latest preview image a running or finished task reported, if any."""
+        return await self._preview(task_id)
+
     # -- worker side -----------------------------------------------------------------------
+
+    async def report(
+        self,
+        task_id: str,
+        token: str,
+        *,
+        progress: str | None = None,
+        preview: tuple[bytes, str] | None = None,
+        outputs: Sequence[tuple[int, bytes]] = (),
+    ) -> bool:
+        """Store a running task's latest progress (JSON), preview and output items, in one write.
+
+        Fenced like an outcome: only while ``token``'s claim holds the task. Returns whether it did.
+        """
+        return await self._report(task_id, token, progress, preview, list(outputs), now())
 
     async def claim(
         self,
@@ -478,6 +501,23 @@ class Queue(abc.ABC):
         Atomic per task (guards checked and effects made in one transaction or script), and
         safe to re-send after a lost reply. Returns, per task, whether a move was applied.
         """
+
+    @abc.abstractmethod
+    async def _report(
+        self,
+        task_id: str,
+        token: str,
+        progress: str | None,
+        preview: tuple[bytes, str] | None,
+        outputs: list[tuple[int, bytes]],
+        ts: float,
+    ) -> bool: ...
+
+    @abc.abstractmethod
+    async def _outputs(self, task_id: str, after: int) -> list[tuple[int, bytes, float]]: ...
+
+    @abc.abstractmethod
+    async def _preview(self, task_id: str) -> Result | None: ...
 
     @abc.abstractmethod
     async def _overdue(self, ts: float) -> list[tuple[str, str, float]]:

@@ -10,6 +10,7 @@ share one Redis):
 
     P:t:ID              hash: the task's fields, its args and its result; expires once terminal
     P:e:ID              stream: the task's event log, ids 0-1, 0-2, ...; expires with the hash
+    P:o:ID              hash: a generator task's output items, number -> "TIME JSON", 'n' the last
     P:all               zset, all scores 0: every task id, lex order = age (listing, newest first)
     P:ix:ROUTE          the same for one route; ids of expired hashes leave on listing or sweep
     P:ixroutes          set of routes with a listing index (the sweep visits these)
@@ -79,7 +80,7 @@ POOL_WAIT = 20.0  # seconds a caller waits for a free connection before QueueUna
 # The Lua lives in lua/*.lua, read once at import; each script is the prelude plus its body.
 SCRIPT_NAMES = (
     *("enqueue", "claim", "move", "extend", "lapsed", "counts", "heartbeat", "workers", "list", "sweep"),
-    *("overdue", "position"),
+    *("overdue", "position", "report"),
 )
 
 
@@ -514,6 +515,42 @@ class RedisQueue(Queue):
             for (task_id, token), (status, stored) in zip(held.items(), replies, strict=True)
             if status == b"in_progress" and stored == token.encode()
         }
+
+    async def _report(
+        self,
+        task_id: str,
+        token: str,
+        progress: str | None,
+        preview: tuple[bytes, str] | None,
+        outputs: list[tuple[int, bytes]],
+        ts: float,
+    ) -> bool:
+        image, image_type = preview if preview is not None else (b"", "")
+        items = [part for seq, data in outputs for part in (seq, data)]
+        return bool(await self._run("report", task_id, token, progress or "", image, image_type, *items))
+
+    async def _outputs(self, task_id: str, after: int) -> list[tuple[int, bytes, float]]:
+        key = self._key("o", task_id)
+        with self._translate():
+            top = int(await self._client.hget(key, "n") or 0)
+            if top <= after:
+                return []
+            numbers = list(range(after + 1, min(top, after + 10_000) + 1))
+            values: list[Any] = await self._client.hmget(key, [str(n) for n in numbers])
+        out = []
+        for n, value in zip(numbers, values, strict=True):
+            if value is not None:
+                at, _, data = bytes(value).partition(b" ")
+                out.append((n, data, float(at)))
+        return out
+
+    async def _preview(self, task_id: str) -> Result | None:
+        with self._translate():
+            fields: list[Any] = await self._client.hmget(self._key("t", task_id), ["preview", "preview_type"])
+        image, kind = fields
+        if image is None:
+            return None
+        return Result(bytes(image), kind.decode() if kind else "application/octet-stream")
 
     async def _overdue(self, ts: float) -> list[tuple[str, str, float]]:
         flat = await self._run("overdue")

@@ -541,6 +541,49 @@ class SQLiteQueue(Queue):
         # A read: recovery runs every second in every process, and mostly finds nothing.
         return await self._quick_read(lambda c: lapsed_ids(c, ts))
 
+    async def _report(
+        self,
+        task_id: str,
+        token: str,
+        progress: str | None,
+        preview: tuple[bytes, str] | None,
+        outputs: list[tuple[int, bytes]],
+        ts: float,
+    ) -> bool:
+        image, image_type = preview if preview is not None else (None, None)
+
+        def report(conn: sqlite3.Connection) -> bool:
+            held = conn.execute(
+                "UPDATE tasks SET progress = coalesce(?, progress), preview = coalesce(?, preview),"
+                " preview_type = coalesce(?, preview_type) WHERE id = ? AND token = ? AND status = 'in_progress'",
+                (progress, image, image_type, task_id, token),
+            ).rowcount
+            if held and outputs:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO outputs (task_id, seq, data, at) VALUES (?, ?, ?, ?)",
+                    [(task_id, seq, data.decode(), ts) for seq, data in outputs],
+                )
+            return bool(held)
+
+        return await self._quick_write(report)
+
+    async def _outputs(self, task_id: str, after: int) -> list[tuple[int, bytes, float]]:
+        rows = await self._quick_read(
+            lambda c: c.execute(
+                "SELECT seq, data, at FROM outputs WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT 10000",
+                (task_id, after),
+            ).fetchall()
+        )
+        return [(seq, data.encode(), at) for seq, data, at in rows]
+
+    async def _preview(self, task_id: str) -> Result | None:
+        row = await self._quick_read(
+            lambda c: c.execute("SELECT preview, preview_type FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        )
+        if row is None or row[0] is None:
+            return None
+        return Result(bytes(row[0]), row[1] or "application/octet-stream")
+
     async def _overdue(self, ts: float) -> list[tuple[str, str, float]]:
         def overdue(conn: sqlite3.Connection) -> list[tuple[str, str, float]]:
             late = conn.execute(
@@ -609,6 +652,7 @@ class SQLiteQueue(Queue):
                     (ts,),
                 ).fetchall()
                 conn.executemany("DELETE FROM events WHERE task_id = ?", ids)
+                conn.executemany("DELETE FROM outputs WHERE task_id = ?", ids)
                 return len(ids)
 
             deleted = await self._write(purge)

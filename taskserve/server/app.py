@@ -24,7 +24,7 @@ from .._wire import InputLimits
 from ..exceptions import InvalidTransition, QueueUnavailable
 from ..queue.base import Queue
 from ..service import Endpoint, Service
-from . import bulk, openapi
+from . import bulk, events, openapi
 from ._errors import EXCEPTION_HANDLERS
 from .backpressure import DrainRate
 from .inputs import parse_json, read_arguments, read_body, read_many
@@ -92,6 +92,8 @@ class EndpointRoutes:
             Route(f"{r}/status", self.status, methods=["GET"]),
             Route(f"{r}/get", self.get, methods=["GET"]),
             Route(f"{r}/wait", self.wait, methods=["GET"]),
+            Route(f"{r}/events", functools.partial(events.events, self), methods=["GET"]),
+            Route(f"{r}/preview", self.preview, methods=["GET"]),
             Route(f"{r}/retry", self.retry, methods=["POST", "PUT"]),
             Route(f"{r}/cancel", self.cancel, methods=["POST", "PUT"]),
             direct,
@@ -194,6 +196,14 @@ class EndpointRoutes:
             raise HTTPException(400, f"timeout must be a number of seconds, got {raw!r}.") from None
         record = await self.queue.wait(task_id, min(timeout, MAX_WAIT), self.route)
         return JSONResponse(await self.status_json(record))
+
+    async def preview(self, request: Request) -> Response:
+        """The latest preview image the task reported with ``taskserve.progress(..., preview=image)``."""
+        record = await self.queue.get(task_id_param(request), self.route)
+        image = await self.queue.preview(record.id)
+        if image is None:
+            raise HTTPException(404, f"Task {record.id!r} has reported no preview (yet); its status says its progress.")
+        return Response(image.body, media_type=image.content_type, headers={"Cache-Control": "no-cache"})
 
     async def retry(self, request: Request) -> Response:
         """A new task with the arguments of a finished one, and any given in a JSON body over them.

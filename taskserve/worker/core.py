@@ -81,7 +81,7 @@ class Worker:
         self._slot_free = asyncio.Event()
         self._own_workdir = workdir is None
         self._workdir = workdir or ""  # else made by run(): a Worker that never runs leaves nothing behind
-        self.executor = Executor(self.concurrency, self._workdir)
+        self.executor = Executor(self.concurrency, self._workdir, queue)
         self.recycle = False
         self.completed = 0
         self.failed = 0

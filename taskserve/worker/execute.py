@@ -31,9 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._types import Claim, Outcome, TaskStatus, iso
-from ..codec import BINARY_KINDS
+from ..codec import BINARY_KINDS, dump_item
 from ..exceptions import Retry
+from ..queue.base import Queue
+from ..reporting import current as reporting
 from ..service import Endpoint
+from .report import FanOut, Reporter
 
 logger = logging.getLogger("taskserve.worker")
 
@@ -99,6 +102,7 @@ class Running:
     # What its call in a sequence ended with, as soon as it ended: a drain that gives up on
     # the rest of a stuck sequence still reports the tasks that did run.
     ended: Any = None
+    reporter: Reporter | None = None  # where taskserve.progress() and yielded items go
 
     @property
     def timeout(self) -> float | None:
@@ -122,19 +126,33 @@ class Running:
 class Executor:
     """Runs claims: one ``Running`` each, to an ``Outcome`` (or None when the store decides)."""
 
-    def __init__(self, concurrency: int, workdir: str) -> None:
+    def __init__(self, concurrency: int, workdir: str, queue: Queue | None = None) -> None:
         # Two spare threads, so decoding for async tasks never waits behind a stuck sync call.
         self.pool = ThreadPoolExecutor(max_workers=concurrency + 2, thread_name_prefix="taskserve-task")
         self.workdir = workdir
+        self.queue = queue  # where progress and streamed output go (None: taskserve.progress() is refused)
         self.instance: Any = None
         self.stuck = False  # a sync call did not stop when interrupted: the process must be recycled
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
+    def _reporter(self, running: Running) -> Reporter | None:
+        if self.queue is None:
+            return None
+        running.reporter = Reporter(running.claim, self.queue, asyncio.get_running_loop())
+        return running.reporter
+
+    async def _close_reporters(self, runnings: list[Running]) -> None:
+        """Store the last progress and output of each task before its outcome is reported."""
+        busy = [r.reporter.close() for r in runnings if r.reporter is not None and not r.reporter.idle]
+        if busy:
+            await asyncio.gather(*busy, return_exceptions=True)
+
     async def run(self, running: Running) -> Outcome | None:
         claim, endpoint = running.claim, running.endpoint
         workdir = os.path.join(self.workdir, claim.id)
+        self._reporter(running)
         try:
             if endpoint.is_async:
                 body, content_type = await self._run_async(running, workdir)
@@ -146,6 +164,7 @@ class Executor:
         except Exception as exc:
             return self._failed(running, exc)
         finally:
+            await self._close_reporters([running])
             if endpoint.codec.writes_files:
                 shutil.rmtree(workdir, ignore_errors=True)
 
@@ -206,8 +225,14 @@ class Executor:
 
         def whole() -> tuple[bytes, str]:
             kwargs = endpoint.codec.load(claim.args, workdir)
-            running.started_at = time.time()
-            value = endpoint.fn(instance, **kwargs)
+            previous = reporting.set(running.reporter)
+            try:
+                running.started_at = time.time()
+                value = endpoint.fn(instance, **kwargs)
+                if endpoint.codec.streams:
+                    return _stream(value, running.reporter)
+            finally:
+                reporting.reset(previous)
             return endpoint.codec.dump_result(value)
 
         return whole
@@ -223,6 +248,8 @@ class Executor:
         """
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
+        for running in runnings:
+            self._reporter(running)
 
         def sequence() -> list[Any]:
             began, results = time.perf_counter(), list[Any]()
@@ -246,7 +273,10 @@ class Executor:
                 results.append(result)
             return results
 
-        results = await loop.run_in_executor(self.pool, context.run, sequence)
+        try:
+            results = await loop.run_in_executor(self.pool, context.run, sequence)
+        finally:
+            await self._close_reporters(runnings)
         return [
             UNSTARTED if result is UNSTARTED else self.settle(running, result)
             for running, result in zip(runnings, results, strict=True)
@@ -258,6 +288,8 @@ class Executor:
 
         loop = asyncio.get_running_loop()
         batch = Batch(runnings, self.instance, self.workdir)
+        reporters = [r for r in map(self._reporter, runnings) if r is not None]
+        reporting.set(FanOut(reporters) if reporters else None)  # this task's own context
         try:
             if runnings[0].endpoint.is_async:
                 results = await batch.run_async(lambda fn, *args: loop.run_in_executor(self.pool, fn, *args))
@@ -267,6 +299,7 @@ class Executor:
         except asyncio.CancelledError:  # a shutdown that would not wait: hand back what did not end
             results = [None] * len(runnings)
         finally:
+            await self._close_reporters(runnings)
             if runnings[0].endpoint.codec.writes_files:
                 for running in runnings:
                     shutil.rmtree(os.path.join(self.workdir, running.claim.id), ignore_errors=True)
@@ -329,8 +362,12 @@ class Executor:
             kwargs = codec.load(claim.args, workdir)
         else:
             kwargs = await loop.run_in_executor(self.pool, codec.load, claim.args, workdir)
+        reporting.set(running.reporter)  # this task's own context: no reset needed
         running.started_at = time.time()
-        coro = endpoint.fn(self.instance, **kwargs)
+        if codec.streams:
+            coro = _stream_async(endpoint.fn(self.instance, **kwargs), running.reporter)
+        else:
+            coro = endpoint.fn(self.instance, **kwargs)
         timeout, why = running.limit()
         if timeout is None:
             value = await coro
@@ -340,9 +377,28 @@ class Executor:
             except asyncio.TimeoutError:
                 running.stop_reason = why
                 raise asyncio.CancelledError from None
+        if codec.streams:
+            return value  # already the encoded list of items (_stream_async)
         if codec.output_kind == "json":
             return codec.dump_result(value)
         return await loop.run_in_executor(self.pool, codec.dump_result, value)
+
+
+def _stream(items: Any, reporter: Reporter | None) -> tuple[bytes, str]:
+    """Run a sync generator task to its end: each item an output event, the result their list."""
+    encoded = [reporter.output(item) if reporter is not None else dump_item(item) for item in items]
+    return b"[" + b",".join(encoded) + b"]", "application/json"
+
+
+async def _stream_async(items: Any, reporter: Reporter | None) -> tuple[bytes, str]:
+    """As ``_stream`` for an async generator; a cancel or a timeout closes the generator."""
+    encoded = []
+    try:
+        async for item in items:
+            encoded.append(reporter.output(item) if reporter is not None else dump_item(item))
+    finally:
+        await items.aclose()
+    return b"[" + b",".join(encoded) + b"]", "application/json"
 
 
 def retry_delay(endpoint: Endpoint, attempt: int) -> float:

@@ -67,6 +67,7 @@ local function terminal(id, route, status, retention)
   hdel(id, 'token', 'lease')
   redis.call('PEXPIRE', tkey(id), retention)
   redis.call('PEXPIRE', P .. ':e:' .. id, retention)
+  redis.call('PEXPIRE', P .. ':o:' .. id, retention)
   -- An idempotency key lives as long as its task; a time limit has nothing left to stop.
   local h = redis.call('HMGET', tkey(id), 'idempotency_key', 'expires_at', 'deadline')
   if h[1] then redis.call('PEXPIRE', P .. ':idem:' .. route .. ':' .. h[1], retention) end
