@@ -29,8 +29,10 @@ from .exceptions import (
     TaskNotReady,
     TaskserveError,
     ValidationFailed,
+    WebhookVerificationError,
 )
 from .service import Endpoint, Service, api, service, task
+from .webhooks import verify_webhook
 
 __all__ = [
     "AsyncHTTPClient",
@@ -55,8 +57,10 @@ __all__ = [
     "TaskStatus",
     "TaskserveError",
     "ValidationFailed",
+    "WebhookVerificationError",
     "__version__",
     "api",
     "service",
     "task",
+    "verify_webhook",
 ]

@@ -62,9 +62,11 @@ local function terminal(id, route, status, retention)
   hdel(id, 'token', 'lease')
   redis.call('PEXPIRE', tkey(id), retention)
   redis.call('PEXPIRE', P .. ':e:' .. id, retention)
+  local extra = redis.call('HMGET', tkey(id), 'idempotency_key', 'webhook')
   -- An idempotency key lives as long as its task.
-  local key = redis.call('HGET', tkey(id), 'idempotency_key')
-  if key then redis.call('PEXPIRE', P .. ':idem:' .. route .. ':' .. key, retention) end
+  if extra[1] then redis.call('PEXPIRE', P .. ':idem:' .. route .. ':' .. extra[1], retention) end
+  -- The task is the webhook's outbox: its delivery is due from this very write (webhooks.lua).
+  if extra[2] then redis.call('ZADD', P .. ':webhooks', now, id) end
   redis.call('HINCRBY', P .. ':finished', status .. ':' .. route, 1)
   redis.call('PUBLISH', P .. ':done', id)
 end
