@@ -200,7 +200,12 @@ class Deliverer:
         inflight: set[asyncio.Task[None]] = set()
         unavailable = False
         headers = {"user-agent": f"taskserve/{__version__}", "content-type": "application/json"}
-        async with httpx.AsyncClient(timeout=self.timeout, headers=headers, follow_redirects=False) as client:
+        # A connection kept per slot: most deliveries go to a few receivers, and a new TLS
+        # handshake per try would cost more than the try.
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        async with httpx.AsyncClient(
+            timeout=self.timeout, headers=headers, follow_redirects=False, limits=limits
+        ) as client:
             try:
                 while True:
                     free = self.concurrency - len(inflight)
