@@ -188,6 +188,26 @@ async def test_without_a_secret_deliveries_go_unsigned(queue: Queue, receiver: R
 
 
 @pytest.mark.anyio
+async def test_a_task_that_fails_or_is_cancelled_is_delivered_too(queue: Queue, receiver: Receiver) -> None:
+    receiver.start()
+    cancelled = (await queue.enqueue(NewTask("/add", b'{"a": 1}', webhook=receiver.url))).id
+    await queue.cancel(cancelled)
+    failed = (await queue.enqueue(NewTask("/add", b'{"a": 1}', webhook=receiver.url))).id
+    [claim] = await queue.claim(["/add"], "w1")
+    await queue.finish([Outcome(claim.id, claim.token, TaskStatus.FAILURE, error="ValueError: boom")])
+    async with delivering(queue):
+        for task_id in (cancelled, failed):
+            await settled(queue, task_id)
+    bodies = {b["task_id"]: b for b in (json.loads(got.body) for got in receiver.got)}
+    assert (bodies[cancelled]["status"], bodies[cancelled]["error"]) == ("cancelled", None)
+    assert (bodies[failed]["status"], bodies[failed]["error"], bodies[failed]["result"]) == (
+        "failure",
+        "ValueError: boom",
+        None,
+    )
+
+
+@pytest.mark.anyio
 async def test_only_the_latest_taker_of_a_delivery_records_its_try(queue: Queue) -> None:
     task_id = await ended(queue, "http://127.0.0.1:9/hook")
     await ended(queue, None)  # no webhook: never due
@@ -280,6 +300,20 @@ async def test_webhook_allow_refuses_other_hosts_by_name(tmp_path: Any) -> None:
     [detail] = refused.json()["detail"]
     assert detail["loc"] == ["query", "webhook"] and "evil.example.net" in detail["msg"]
     assert allowed.status_code == 200
+
+
+@pytest.mark.anyio
+async def test_a_server_without_a_secret_warns_once_at_start_up(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = Queue.from_url(f"sqlite:///{tmp_path}/tasks.db")
+    app = create_app(load_service(SERVICE), queue)
+    async with app.router.lifespan_context(app):
+        pass
+    assert [r.message for r in caplog.records if "unsigned" in r.message] == [
+        "webhooks are sent unsigned: receivers cannot tell them from forgeries. "
+        "Give a secret with --webhook-secret or TASKSERVE_WEBHOOK_SECRET (whsec_...)."
+    ]
 
 
 def test_a_delivery_pending_when_the_server_is_killed_is_made_after_a_restart(
