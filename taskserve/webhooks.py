@@ -217,6 +217,8 @@ class Deliverer:
                         if not unavailable:  # once per outage, not twice a second
                             logger.warning("webhook deliveries wait for the broker: %s", exc)
                         unavailable = True
+                    except Exception:  # a bug must not end deliveries for the life of the process
+                        logger.exception("taking due webhook deliveries failed; looking again shortly")
                     for task_id, attempt in taken:
                         task = asyncio.create_task(self._deliver(client, task_id, attempt))
                         inflight.add(task)

@@ -302,6 +302,15 @@ async def test_webhook_allow_refuses_other_hosts_by_name(tmp_path: Any) -> None:
     assert allowed.status_code == 200
 
 
+def test_serve_refuses_a_secret_that_is_not_whsec_base64() -> None:
+    from click.testing import CliRunner
+
+    from taskserve.cli import cli
+
+    result = CliRunner().invoke(cli, ["serve", SERVICE, "--webhook-secret", "hunter2", "--port", str(free_port())])
+    assert result.exit_code == 2 and "--webhook-secret" in result.output and "whsec_" in result.output
+
+
 @pytest.mark.anyio
 async def test_a_server_without_a_secret_warns_once_at_start_up(
     tmp_path: Any, caplog: pytest.LogCaptureFixture
