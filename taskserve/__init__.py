@@ -29,9 +29,11 @@ from .exceptions import (
     TaskNotReady,
     TaskserveError,
     ValidationFailed,
+    WebhookVerificationError,
 )
 from .reporting import progress
 from .service import Endpoint, Service, api, service, task
+from .webhooks import verify_webhook
 
 __all__ = [
     "AsyncHTTPClient",
@@ -56,9 +58,11 @@ __all__ = [
     "TaskStatus",
     "TaskserveError",
     "ValidationFailed",
+    "WebhookVerificationError",
     "__version__",
     "api",
     "progress",
     "service",
     "task",
+    "verify_webhook",
 ]

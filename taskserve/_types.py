@@ -145,6 +145,11 @@ class TaskRecord:
     deadline: float | None = None
     purge_at: float | None = None
     webhook: str | None = None
+    # The webhook's delivery (taskserve/webhooks.py): None while pending, then "delivered" or
+    # "failed"; tries made so far, and the last one's error.
+    webhook_state: str | None = None
+    webhook_attempts: int = 0
+    webhook_error: str | None = None
     # Not stored: set on what a submit returns when an idempotency key found an earlier task.
     replayed: bool = False
     # Not stored: for a pending task, how many tasks of its route would be claimed before it.
@@ -163,6 +168,14 @@ class TaskRecord:
         if self.started_at is None or self.completed_at is None:
             return None
         return max(0.0, self.completed_at - self.started_at)
+
+    def webhook_json(self) -> dict[str, Any]:
+        return {
+            "url": self.webhook,
+            "state": self.webhook_state or "pending",
+            "attempts": self.webhook_attempts,
+            "last_error": self.webhook_error,
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -188,7 +201,7 @@ class TaskRecord:
             "expires_at": iso(self.expires_at),
             "deadline": iso(self.deadline),
             "position": self.position,
-            "webhook": None if self.webhook is None else {"url": self.webhook, "state": "pending", "attempts": 0},
+            "webhook": None if self.webhook is None else self.webhook_json(),
         }
 
 

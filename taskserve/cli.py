@@ -177,10 +177,53 @@ def cli() -> None:
     type=click.IntRange(min=1),
     help="Largest numpy array argument, in elements.",
 )
+@click.option(
+    "--webhook-secret",
+    envvar="TASKSERVE_WEBHOOK_SECRET",
+    default=None,
+    metavar="whsec_...",
+    help="Sign webhooks with this secret, Standard Webhooks style (env TASKSERVE_WEBHOOK_SECRET) "
+    "[default: unsigned, with a warning].",
+)
+@click.option(
+    "--webhook-allow",
+    default=None,
+    metavar="HOST[,HOST...]",
+    help="Refuse (422) a submit whose webhook URL names another host [default: any host].",
+)
+@click.option(
+    "--webhook-tries",
+    default=6,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Tries of one webhook delivery, the first included, before it is marked failed.",
+)
+@click.option(
+    "--webhook-retry-delay",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds before a webhook's first retry; each next one waits 5 times longer.",
+)
+@click.option(
+    "--public-url",
+    envvar="TASKSERVE_PUBLIC_URL",
+    default=None,
+    metavar="URL",
+    help="This server's base URL as clients reach it, for absolute result_url links in webhooks "
+    "(env TASKSERVE_PUBLIC_URL) [default: the path alone].",
+)
 @_gpus_option
 def serve(target: str, host: str, port: int, workers: int | None, max_body_size: int, **options: Any) -> None:
     """Run the API server and worker processes for TARGET (module:Class)."""
     _setup_logging(options.pop("log_level"))
+    if options["webhook_secret"] is not None:
+        from .webhooks import parse_secret
+
+        try:
+            parse_secret(options["webhook_secret"])
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--webhook-secret") from None
     sock = _listen(host, port)
     try:
         _check_runtime_dir(options["broker"])
@@ -299,6 +342,11 @@ async def _serve(
     max_image_pixels: int,
     max_array_bytes: int,
     max_array_elements: int,
+    webhook_secret: str | None,
+    webhook_allow: str | None,
+    webhook_tries: int,
+    webhook_retry_delay: float,
+    public_url: str | None,
     broker: str,
     concurrency: int,
     lease: float,
@@ -337,6 +385,11 @@ async def _serve(
         call_timeout=call_timeout,
         limits=InputLimits(max_image_pixels, max_array_bytes, max_array_elements),
         max_queue=max_queue,
+        webhook_secret=webhook_secret,
+        webhook_allow=None if webhook_allow is None else [h for h in webhook_allow.split(",") if h.strip()],
+        webhook_tries=webhook_tries,
+        webhook_retry_delay=webhook_retry_delay,
+        public_url=public_url,
     )
 
     class Server(uvicorn.Server):

@@ -12,7 +12,8 @@ TaskserveError
 ├── TaskNotReady               get() before the task finished
 ├── TaskFailed                 get() on a failed task; carries the remote error
 ├── TaskCancelled              get() on a cancelled task
-└── Retry                      raised by task code to ask for another attempt
+├── Retry                      raised by task code to ask for another attempt
+└── WebhookVerificationError   verify_webhook(): a webhook that is not signed with the secret, or too old
 """
 
 from __future__ import annotations
@@ -126,3 +127,11 @@ class Retry(TaskserveError):
     def __init__(self, delay: float = 0.0, reason: str = "") -> None:
         super().__init__(reason or f"Retry requested in {delay}s")
         self.delay = delay
+
+
+class WebhookVerificationError(TaskserveError, ValueError):
+    """A webhook request that ``verify_webhook`` refuses: answer it 400 and do not act on it.
+
+    The message says why: a missing header, a signature made with another secret (or over
+    another body), or a timestamp outside the tolerance (a replayed request, or a clock far off).
+    """

@@ -148,3 +148,11 @@ def test_stream_errors_are_json(served: Server) -> None:
 def test_progress_outside_a_task_says_where_it_works() -> None:
     with pytest.raises(RuntimeError, match="inside a task"):
         taskserve.progress(0.5)
+
+
+def test_a_stream_resumed_after_the_end_says_the_end_again_and_closes(served: Server) -> None:
+    task_id = httpx.post(f"{served.url}/tokens/submit", json={"n": 3}).json()["task_id"]
+    whole = read_stream(f"{served.url}/tokens/events", {"task_id": task_id})
+    last_id = whole[-1][0]
+    again = read_stream(f"{served.url}/tokens/events", {"task_id": task_id}, {"Last-Event-ID": last_id})
+    assert [(kind, data["status"]) for _, kind, data in again] == [("status", "success")]  # type: ignore[index]

@@ -228,7 +228,12 @@ async def test_a_pending_task_knows_its_place_in_the_queue(app: App) -> None:
 async def test_a_webhook_is_stored_with_the_task(app: App) -> None:
     task_id = (await app.submit("/add", {"a": 1}, webhook="https://example.com/hook?x=1")).json()["task_id"]
     status = await app.status("/add", task_id)
-    assert status["webhook"] == {"url": "https://example.com/hook?x=1", "state": "pending", "attempts": 0}
+    assert status["webhook"] == {
+        "url": "https://example.com/hook?x=1",
+        "state": "pending",
+        "attempts": 0,
+        "last_error": None,
+    }
 
 
 # -- with workers ----------------------------------------------------------------------------------

@@ -132,6 +132,22 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
     (
+        # Webhook deliveries (SPEC §8): the task row is the outbox. A task with a webhook enters
+        # the partial index in the very write that ends it (it sets completed_at), so the
+        # delivery is due from that commit on, without a write of its own; it leaves once
+        # delivered or failed. webhook_due is NULL until the first try (due at once), then the
+        # lease of the try under way or the time of the next one.
+        5,
+        """
+        ALTER TABLE tasks ADD COLUMN webhook_state TEXT;
+        ALTER TABLE tasks ADD COLUMN webhook_attempts INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE tasks ADD COLUMN webhook_error TEXT;
+        ALTER TABLE tasks ADD COLUMN webhook_due REAL;
+        CREATE INDEX IF NOT EXISTS tasks_webhooks ON tasks (coalesce(webhook_due, 0))
+            WHERE webhook IS NOT NULL AND webhook_state IS NULL AND completed_at IS NOT NULL;
+        """,
+    ),
+    (
         # Progress and streamed output (SPEC §8). The latest preview image lives beside the
         # progress JSON; each item a generator task yields is a row of outputs, numbered from 1
         # within the attempt (a later attempt writes over the same numbers), purged with its task.
@@ -150,7 +166,7 @@ MIGRATIONS: list[tuple[int, str]] = [
 RECORD_COLUMNS = (
     "id, route, status, created_at, started_at, completed_at, attempts, max_attempts, error, worker, priority, timeout,"
     " run_at, errors, retry_of, tags, progress, idempotency_key, args_hash, batch_size, expires_at, deadline, purge_at,"
-    " webhook"
+    " webhook, webhook_state, webhook_attempts, webhook_error"
 )
 STATUSES = tuple(s.value for s in TaskStatus)
 
@@ -181,6 +197,9 @@ def record(row: Sequence[Any]) -> TaskRecord:
         deadline=row[21],
         purge_at=row[22],
         webhook=row[23],
+        webhook_state=row[24],
+        webhook_attempts=row[25],
+        webhook_error=row[26],
     )
 
 

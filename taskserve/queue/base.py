@@ -458,6 +458,28 @@ class Queue(abc.ABC):
         """
         return await self._finished_counts()
 
+    # -- webhook deliveries (sent by taskserve/webhooks.py) --------------------------------
+
+    async def take_webhooks(self, limit: int, lease: float, tries: int) -> list[tuple[str, int]]:
+        """Take up to ``limit`` due webhook deliveries for ``lease`` seconds: ``(task_id, attempt)`` each.
+
+        The task record is the outbox: the write that ends a task with a webhook makes its
+        delivery due, so no ended task is missed whichever process dies. A delivery whose taker
+        died falls due again when its lease lapses; one that has used its ``tries`` so is
+        marked failed. ``attempt`` fences the report: only the latest taker's is recorded.
+        """
+        if limit <= 0:
+            return []
+        return await self._take_webhooks(limit, lease, tries, now())
+
+    async def webhook_result(self, task_id: str, attempt: int, error: str | None, retry_in: float | None) -> bool:
+        """Record one try: delivered (no ``error``), due again in ``retry_in`` seconds, or else failed for good.
+
+        Returns False when the try was no longer the delivery's latest (its lease lapsed and
+        another process took it): that one's report counts instead.
+        """
+        return await self._webhook_result(task_id, attempt, error, retry_in, now())
+
     # -- backend hooks ---------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -567,6 +589,14 @@ class Queue(abc.ABC):
 
     @abc.abstractmethod
     async def _forget_worker(self, worker: str) -> None: ...
+
+    @abc.abstractmethod
+    async def _take_webhooks(self, limit: int, lease: float, tries: int, ts: float) -> list[tuple[str, int]]: ...
+
+    @abc.abstractmethod
+    async def _webhook_result(
+        self, task_id: str, attempt: int, error: str | None, retry_in: float | None, ts: float
+    ) -> bool: ...
 
     async def _wait_for_work(self, routes: list[str], timeout: float) -> None:
         await asyncio.sleep(timeout)

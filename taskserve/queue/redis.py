@@ -21,6 +21,7 @@ share one Redis):
     P:w:WORKER          set of the tasks a worker holds (abandon)
     P:c:TOKEN           the ids one claim call took, for a re-send of it; expires with the lease
     P:timers            zset of active tasks with a TTL or deadline, by the earlier of the two
+    P:webhooks          zset of ended tasks whose webhook is pending, by when the next try is due
     P:idem:ROUTE:KEY    the task an idempotency key names; expires with that task
     P:routes            set of routes with tasks (recover and counts visit these only)
     P:finished          hash "STATUS:ROUTE" -> tasks that ended so, counted where they end
@@ -70,7 +71,8 @@ logger = logging.getLogger("taskserve.queue")
 
 RECORD_FIELDS = tuple(
     "route status created_at started_at completed_at attempts max_attempts error worker priority timeout run_at"
-    " errors retry_of tags progress idempotency_key args_hash batch_size expires_at deadline purge_at webhook".split()
+    " errors retry_of tags progress idempotency_key args_hash batch_size expires_at deadline purge_at webhook"
+    " webhook_state webhook_attempts webhook_error".split()
 )
 # A page of a listing filtered by status looks at no more ids than this (the index is by age only).
 LIST_WINDOW = 5000
@@ -80,7 +82,7 @@ POOL_WAIT = 20.0  # seconds a caller waits for a free connection before QueueUna
 # The Lua lives in lua/*.lua, read once at import; each script is the prelude plus its body.
 SCRIPT_NAMES = (
     *("enqueue", "claim", "move", "extend", "lapsed", "counts", "heartbeat", "workers", "list", "sweep"),
-    *("overdue", "position", "report"),
+    *("overdue", "position", "report", "webhooks"),
 )
 
 
@@ -129,7 +131,8 @@ def _float(value: str | None) -> float | None:
 def _record(task_id: str, values: Sequence[Any]) -> TaskRecord | None:
     """A hash written before a field existed reads back with that field's default."""
     (route, status, created, started, completed, attempts, max_attempts, error, worker, priority, timeout, run_at,
-     errors, retry_of, tags, progress, key, args_hash, batch_size, expires_at, deadline, purge_at, webhook) = (
+     errors, retry_of, tags, progress, key, args_hash, batch_size, expires_at, deadline, purge_at, webhook,
+     webhook_state, webhook_attempts, webhook_error) = (
         None if v is None else v.decode() for v in values
     )  # fmt: skip
     if route is None or status is None or created is None:
@@ -159,6 +162,9 @@ def _record(task_id: str, values: Sequence[Any]) -> TaskRecord | None:
         deadline=_float(deadline),
         purge_at=_float(purge_at),
         webhook=webhook,
+        webhook_state=webhook_state,
+        webhook_attempts=int(webhook_attempts or 0),
+        webhook_error=webhook_error,
     )
 
 
@@ -578,6 +584,18 @@ class RedisQueue(Queue):
                 if n:
                     out[(route.decode(), status)] = int(n)
         return out
+
+    async def _take_webhooks(self, limit: int, lease: float, tries: int, ts: float) -> list[tuple[str, int]]:
+        flat = await self._run("webhooks", "take", limit, repr(float(lease)), tries)
+        return [(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    async def _webhook_result(
+        self, task_id: str, attempt: int, error: str | None, retry_in: float | None, ts: float
+    ) -> bool:
+        # An error is never empty here: '' tells the script the try was delivered.
+        err = "" if error is None else (error or "error")
+        retry = "" if retry_in is None else repr(float(retry_in))
+        return bool(await self._run("webhooks", "settle", task_id, attempt, err, retry))
 
     def _retention_ms(self) -> int:
         return max(1, int(self.retention * 1000))

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlparse
 
 from .._types import Claim, Event, NewTask, Outcome, Result, TaskRecord, WorkerInfo
 from ..exceptions import QueueUnavailable
-from . import _wake, lifecycle
+from . import _sqlite_webhooks, _wake, lifecycle
 from ._sqlite_moves import Moved, lapsed_ids, move_rows
 from ._sqlite_schema import (
     MIGRATIONS as MIGRATIONS,
@@ -616,6 +616,17 @@ class SQLiteQueue(Queue):
             ).fetchone()
         )
         return int(row[0])
+
+    async def _take_webhooks(self, limit: int, lease: float, tries: int, ts: float) -> list[tuple[str, int]]:
+        # A read first: every API server looks twice a second, and mostly finds nothing due.
+        if await self._quick_read(lambda c: c.execute(_sqlite_webhooks.PROBE, (ts,)).fetchone()) is None:
+            return []
+        return await self._quick_write(lambda c: _sqlite_webhooks.take(c, ts, limit, lease, tries))
+
+    async def _webhook_result(
+        self, task_id: str, attempt: int, error: str | None, retry_in: float | None, ts: float
+    ) -> bool:
+        return await self._quick_write(lambda c: _sqlite_webhooks.settle(c, task_id, attempt, error, retry_in, ts))
 
     async def _finished_counts(self) -> dict[tuple[str, str], int]:
         rows = await self._read(lambda c: c.execute("SELECT route, status, n FROM finished").fetchall())

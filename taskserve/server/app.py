@@ -24,6 +24,7 @@ from .._wire import InputLimits
 from ..exceptions import InvalidTransition, QueueUnavailable
 from ..queue.base import Queue
 from ..service import Endpoint, Service
+from ..webhooks import DEFAULT_RETRY_DELAY, DEFAULT_TRIES, Deliverer
 from . import bulk, events, openapi
 from ._errors import EXCEPTION_HANDLERS
 from .backpressure import DrainRate
@@ -333,6 +334,11 @@ def create_app(
     call_timeout: float = DEFAULT_CALL_TIMEOUT,
     limits: InputLimits | None = None,
     max_queue: int | None = None,
+    webhook_secret: str | None = None,
+    webhook_allow: list[str] | None = None,
+    webhook_tries: int = DEFAULT_TRIES,
+    webhook_retry_delay: float = DEFAULT_RETRY_DELAY,
+    public_url: str | None = None,
 ) -> Starlette:
     """The ASGI app serving ``service`` over ``queue``.
 
@@ -344,8 +350,22 @@ def create_app(
         limits: what one request's arguments may hold (image pixels, array sizes, JSON depth).
         max_queue: the most pending tasks a route may hold (429 beyond), for routes without
             their own ``max_queue``.
+        webhook_secret: the ``whsec_…`` secret webhooks are signed with (unsigned without one).
+        webhook_allow: the only hosts a ``webhook=`` URL may name (any host without).
+        webhook_tries: tries of one webhook delivery, the first included, before it is failed.
+        webhook_retry_delay: seconds before a webhook's first retry; each next waits 5 times longer.
+        public_url: the server's base URL as clients reach it, making webhooks' ``result_url`` absolute.
     """
     metrics = Metrics({ep.route: ep.name for ep in service.endpoints})
+    # Built now, so that a bad secret stops start-up rather than the first delivery.
+    deliverer = Deliverer(
+        queue,
+        secret=webhook_secret,
+        tries=webhook_tries,
+        retry_delay=webhook_retry_delay,
+        public_url=public_url,
+        on_try=lambda outcome: metrics.webhooks.labels(outcome).inc(),
+    )
     workers = WorkerView(queue)
     routes: list[Route] = []
     by_route: dict[str, EndpointRoutes] = {}
@@ -413,14 +433,20 @@ def create_app(
         except QueueUnavailable as exc:
             # Serve anyway: requests answer 503 until the broker is back, /healthz stays up.
             logger.warning("%s Requests get 503 until it answers.", exc)
-        task = asyncio.create_task(_maintain(queue)) if maintenance else None
+        tasks = []
+        if maintenance:
+            if webhook_secret is None:
+                logger.warning(
+                    "webhooks are sent unsigned: receivers cannot tell them from forgeries. "
+                    "Give a secret with --webhook-secret or TASKSERVE_WEBHOOK_SECRET (whsec_...)."
+                )
+            tasks = [asyncio.create_task(_maintain(queue)), asyncio.create_task(deliverer.run())]
         try:
             yield
         finally:
-            if task is not None:
+            for task in tasks:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await asyncio.gather(*tasks, return_exceptions=True)
             try:
                 # A broker that went away must not hold the process: the connection is dropped anyway.
                 await asyncio.wait_for(queue.close(), CLOSE_TIMEOUT)
@@ -434,6 +460,7 @@ def create_app(
     app.state.service = service
     app.state.metrics = metrics
     app.state.drain = DrainRate(queue)
+    app.state.webhook_allow = None if webhook_allow is None else frozenset(h.strip().lower() for h in webhook_allow)
     return app
 
 

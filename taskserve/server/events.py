@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from .._types import TaskStatus, event_id, event_seq, progress_json
+from .._types import TaskRecord, TaskStatus, event_id, event_seq, progress_json
 from ..exceptions import QueueUnavailable, TaskNotFound
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ async def _stream(
                 await watch.wait(1.0)
                 continue
             chunks: list[bytes] = []
-            end = None
+            end: Any = None
             for event in news:
                 if TaskStatus(event.data["status"]).is_terminal:
                     end = event
@@ -99,9 +99,14 @@ async def _stream(
             if record.progress is not None and record.progress.get("at") != progress_at:
                 progress_at = record.progress.get("at")
                 chunks.append(frame("progress", (status_seq, output_seq), progress_json(record.progress)))
+            if end is None and not news and record.status.is_terminal:
+                end = record  # resumed after the end: say it again, so the stream ends here too
             if end is not None and len(outputs) < 10_000:  # all the output was read after the end
-                status_seq = event_seq(end.id)
-                chunks.append(frame("status", (status_seq, output_seq), await routes.status_json(record)))
+                if not isinstance(end, TaskRecord):
+                    status_seq = event_seq(end.id)
+                # The record was read before the events: read it again, now that it has ended.
+                final = record if record.status.is_terminal else await queue.get(task_id)
+                chunks.append(frame("status", (status_seq, output_seq), await routes.status_json(final)))
             if chunks:
                 yield b"".join(chunks)
                 last_sent = time.monotonic()

@@ -40,6 +40,12 @@ class Metrics:
         self.submitted = Counter(
             "taskserve_tasks_submitted", "Tasks accepted into the queue.", ["endpoint"], registry=self.registry
         )
+        self.webhooks = Counter(
+            "taskserve_webhook_deliveries",
+            "Tries of webhook deliveries made by this API process, by outcome (delivered, retry, failed).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.finished = Counter(
             "taskserve_direct_calls",
             "Outcomes of direct calls (POST /{route}) answered by this API process.",

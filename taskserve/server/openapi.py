@@ -83,7 +83,7 @@ OPTION_PARAMS = [  # options of one submission (server/options.py)
     {
         "name": "webhook",
         "in": "query",
-        "description": "An http(s) URL to call when the task ends (stored with the task).",
+        "description": "An http(s) URL POSTed a signed task.completed message when the task ends (docs/webhooks.md).",
         "schema": {"type": "string", "format": "uri"},
     },
     {
@@ -276,7 +276,15 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "progress": {"type": ["object", "null"]},
                 "expires_at": {"type": ["string", "null"], "format": "date-time"},
                 "deadline": {"type": ["string", "null"], "format": "date-time"},
-                "webhook": {"type": ["object", "null"]},
+                "webhook": {
+                    "type": ["object", "null"],
+                    "properties": {
+                        "url": {"type": "string"},
+                        "state": {"enum": ["pending", "delivered", "failed"]},
+                        "attempts": {"type": "integer"},
+                        "last_error": {"type": ["string", "null"]},
+                    },
+                },
             },
         },
         "Submitted": {

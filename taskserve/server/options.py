@@ -110,7 +110,7 @@ def read_options(request: Request) -> SubmitOptions:
         bad("timeout", f"timeout is seconds above 0, at most {MAX_TIMEOUT:.0f} (a week); got {timeout:g}.")
     deadline = _deadline(params.get("deadline"), headers.get("Cancel-After"), bad, where)
     key = _key(params.get("idempotency_key"), headers.get("Idempotency-Key"), bad, where)
-    webhook = _webhook(params.get("webhook"), bad)
+    webhook = _webhook(params.get("webhook"), bad, getattr(request.app.state, "webhook_allow", None))
     tags = _tags(params.getlist("tag"), bad)
     when = time.time() + delay if delay is not None else run_at
     if deadline is not None and when is not None and deadline <= when:
@@ -169,12 +169,19 @@ def _key(raw: str | None, header: str | None, bad: Bad, where: dict[str, str]) -
     return raw
 
 
-def _webhook(raw: str | None, bad: Bad) -> str | None:
+def _webhook(raw: str | None, bad: Bad, allow: frozenset[str] | None) -> str | None:
     if raw is None:
         return None
     parsed = urlsplit(raw)
     if parsed.scheme not in ("http", "https") or not parsed.hostname or len(raw) > MAX_URL:
         bad("webhook", f"webhook must be an http:// or https:// URL of at most {MAX_URL} characters; got {raw[:80]!r}.")
+        return None
+    if allow is not None and parsed.hostname.lower() not in allow:
+        # The operator's --webhook-allow: the server must not be made to POST to just any host.
+        bad(
+            "webhook",
+            f"webhook host {parsed.hostname!r} is not allowed on this server; allowed: {', '.join(sorted(allow))}.",
+        )
         return None
     return raw
 

@@ -68,10 +68,12 @@ local function terminal(id, route, status, retention)
   redis.call('PEXPIRE', tkey(id), retention)
   redis.call('PEXPIRE', P .. ':e:' .. id, retention)
   redis.call('PEXPIRE', P .. ':o:' .. id, retention)
+  local extra = redis.call('HMGET', tkey(id), 'idempotency_key', 'webhook', 'expires_at', 'deadline')
   -- An idempotency key lives as long as its task; a time limit has nothing left to stop.
-  local h = redis.call('HMGET', tkey(id), 'idempotency_key', 'expires_at', 'deadline')
-  if h[1] then redis.call('PEXPIRE', P .. ':idem:' .. route .. ':' .. h[1], retention) end
-  if h[2] or h[3] then redis.call('ZREM', P .. ':timers', id) end
+  if extra[1] then redis.call('PEXPIRE', P .. ':idem:' .. route .. ':' .. extra[1], retention) end
+  if extra[3] or extra[4] then redis.call('ZREM', P .. ':timers', id) end
+  -- The task is the webhook's outbox: its delivery is due from this very write (webhooks.lua).
+  if extra[2] then redis.call('ZADD', P .. ':webhooks', now, id) end
   redis.call('HINCRBY', P .. ':finished', status .. ':' .. route, 1)
   redis.call('PUBLISH', P .. ':done', id)
 end
