@@ -246,3 +246,49 @@ def test_a_concurrency_cap_holds_while_workers_die(broker: str, make_server: Ser
     assert [t.get(timeout=60) for t in tasks] == ["done"] * 8
     spans = [(s["started_at"], s["completed_at"]) for s in (t.status() for t in tasks)]
     assert max(sum(1 for s, e in spans if s <= moment < e) for moment, _ in spans) <= 2, spans
+
+
+def test_a_stream_resumed_across_kill_9_of_every_process_loses_and_repeats_no_item(
+    broker: str, make_server: ServerFactory
+) -> None:
+    """The API process and the worker die mid-stream; after a restart the task runs again and a
+    stream resumed with the last event id it saw continues exactly after that item."""
+    server = make_server(broker, workers=1)
+    task_id = httpx.post(f"{server.url}/tokens/submit", json={"n": 60, "pause": 0.05}).json()["task_id"]
+    seen: list[str] = []
+    last = ""
+    with httpx.stream("GET", f"{server.url}/tokens/events", params={"task_id": task_id}, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("id: "):
+                last = line[4:]
+            elif line.startswith("data: ") and line[6:].startswith('"t'):
+                seen.append(line[6:].strip('"'))
+                if len(seen) == 10:
+                    break
+    server.kill_all()
+    again = make_server(broker, workers=1, port=server.port)
+    client = again.client()
+    rest = [
+        e.data
+        for e in _resume(client, task_id, last)  # the new attempt writes over the same item numbers
+        if e.kind == "output"
+    ]
+    assert seen + rest == [f"t{i}" for i in range(60)]
+    assert client.tokens.task(task_id).get(timeout=30) == [f"t{i}" for i in range(60)]
+
+
+def _resume(client: taskserve.SyncHTTPClient, task_id: str, last: str) -> list:
+    """The events after ``last``, read as a client resuming with Last-Event-ID does."""
+    from taskserve.client._base import SSEParser
+
+    events = []
+    url = f"{client.url}/tokens/events"
+    with httpx.stream("GET", url, params={"task_id": task_id}, headers={"Last-Event-ID": last}, timeout=60) as r:
+        parser = SSEParser()
+        for line in r.iter_lines():
+            event = parser.feed(line)
+            if event is not None:
+                events.append(event)
+                if event.final:
+                    break
+    return events

@@ -412,6 +412,41 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "responses": {"200": _result_response(ep), "404": not_found, "409": _error("Not successful (yet).")},
             }
         }
+        paths[f"{ep.route}/events"] = {
+            "get": {
+                "tags": tag,
+                "summary": "The task's events as Server-Sent Events: status, progress and output, until its end",
+                "operationId": f"{ep.name}_events",
+                "parameters": [
+                    TASK_ID_PARAM,
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "description": "Resume after this event id (S.O: status and output events seen).",
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "text/event-stream",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "400": _error("A Last-Event-ID this stream did not send."),
+                    "404": not_found,
+                },
+            }
+        }
+        paths[f"{ep.route}/preview"] = {
+            "get": {
+                **by_id,
+                "summary": "The latest preview image the task reported",
+                "operationId": f"{ep.name}_preview",
+                "responses": {
+                    "200": {"description": "The image.", "content": {"image/jpeg": {}, "image/png": {}}},
+                    "404": _error("No such task, or no preview yet."),
+                },
+            }
+        }
         wait_params = [TASK_ID_PARAM, {"name": "timeout", "in": "query", "schema": {"type": "number", "default": 30}}]
         paths[f"{ep.route}/wait"] = {
             "get": {
