@@ -15,7 +15,7 @@ from PIL import Image
 
 import taskserve
 
-from .conftest import Server, wait_until
+from .conftest import Server, ServerFactory, wait_until
 
 
 def read_stream(
@@ -156,3 +156,13 @@ def test_a_stream_resumed_after_the_end_says_the_end_again_and_closes(served: Se
     last_id = whole[-1][0]
     again = read_stream(f"{served.url}/tokens/events", {"task_id": task_id}, {"Last-Event-ID": last_id})
     assert [(kind, data["status"]) for _, kind, data in again] == [("status", "success")]  # type: ignore[index]
+
+
+def test_any_api_server_streams_any_task_on_redis(redis_broker: str, make_server: ServerFactory) -> None:
+    """Submitted through one API server, followed through another that runs no worker."""
+    worker_side = make_server(redis_broker, workers=1)
+    other = make_server(redis_broker, workers=0)
+    task_id = httpx.post(f"{worker_side.url}/tokens/submit", json={"n": 20, "pause": 0.02}).json()["task_id"]
+    events = read_stream(f"{other.url}/tokens/events", {"task_id": task_id})
+    assert [data for _, kind, data in events if kind == "output"] == [f"t{i}" for i in range(20)]
+    assert events[-1][1] == "status" and events[-1][2]["status"] == "success"  # type: ignore[index]
