@@ -503,6 +503,11 @@ async def _workers_only(
     logger.info("stopped")
 
 
+from ._ops_cli import register  # noqa: E402 - the operator's commands join the group defined above
+
+register(cli)
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     cli()
