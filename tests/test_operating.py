@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import Server, ServerFactory, wait_until
+from .conftest import ROOT, SERVICE, Server, ServerFactory, wait_until
 
 
 def submit(server: Server, route: str, body: dict[str, object], **params: str) -> str:
@@ -98,3 +103,36 @@ def test_queues_count_what_finished_in_the_last_minute(served: Server) -> None:
     after = {q["route"]: q for q in httpx.get(f"{served.url}/queues", timeout=10).json()["queues"]}["/add"]
     assert after["counts"]["success"] == before["counts"]["success"] + 4
     assert after["finished_last_minute"] >= before["finished_last_minute"] + 4
+
+
+def json_lines(text: str) -> list[dict[str, object]]:
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]  # every line is JSON
+    assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    return lines
+
+
+def test_serve_logs_json_lines_with_the_failures_traceback(make_server: ServerFactory, broker: str) -> None:
+    server = make_server(broker, "--log-format", "json")
+    task_id = submit(server, "/fail", {"message": "broken on purpose"})
+    wait_until(lambda: httpx.get(f"{server.url}/tasks/{task_id}").json()["status"] == "failure")
+    server.stop()
+    lines = json_lines(server.log.read_text())
+    (failure,) = [line for line in lines if task_id in str(line["message"])]
+    assert failure["level"] == "warning" and "broken on purpose" in str(failure["traceback"])
+    assert "Traceback (most recent call last)" in str(failure["traceback"])
+    assert any(line["logger"] == "taskserve" for line in lines)
+
+
+def test_worker_logs_json_lines(make_server: ServerFactory, broker: str, tmp_path: Path) -> None:
+    server = make_server(broker, workers=0)
+    log = tmp_path / "worker.log"
+    args = [sys.executable, "-m", "taskserve", "worker", SERVICE, "--broker", broker, "--log-format", "json"]
+    with log.open("wb") as out:
+        worker = subprocess.Popen(args, cwd=ROOT, env=server.env, stdout=out, stderr=subprocess.STDOUT)
+    server.extra.append(worker)
+    task_id = submit(server, "/fail", {"message": "worker failure"})
+    wait_until(lambda: httpx.get(f"{server.url}/tasks/{task_id}").json()["status"] == "failure")
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(30)
+    lines = json_lines(log.read_text())
+    assert any("worker failure" in str(line.get("traceback")) for line in lines)
