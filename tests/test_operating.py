@@ -136,3 +136,13 @@ def test_worker_logs_json_lines(make_server: ServerFactory, broker: str, tmp_pat
     worker.wait(30)
     lines = json_lines(log.read_text())
     assert any("worker failure" in str(line.get("traceback")) for line in lines)
+
+
+def test_the_openapi_document_describes_listing_and_queues(served: Server) -> None:
+    from openapi_spec_validator import validate
+
+    docs = httpx.get(f"{served.url}/docs.json", timeout=10).json()
+    validate(docs)
+    listing = docs["paths"]["/tasks"]["get"]
+    assert {p["name"] for p in listing["parameters"]} == {"route", "status", "tag", "limit", "cursor"}
+    assert "422" in listing["responses"] and "/queues" in docs["paths"]
