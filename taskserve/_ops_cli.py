@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import hashlib
 import json
 import os
 import threading
@@ -253,7 +254,9 @@ def _result_json(response: Any) -> Any:
     return {"content_type": response.headers.get("content-type"), "base64": base64.b64encode(response.content).decode()}
 
 
-def _run_line(client: SyncHTTPClient, info: Any, number: int, text: str, stop: threading.Event) -> dict[str, Any]:
+def _run_line(
+    client: SyncHTTPClient, info: Any, run: str, number: int, text: str, stop: threading.Event
+) -> dict[str, Any]:
     from .client._map import as_arguments
     from .exceptions import QueueFull, ValidationFailed
 
@@ -261,7 +264,10 @@ def _run_line(client: SyncHTTPClient, info: Any, number: int, text: str, stop: t
         (kwargs,) = as_arguments(info, [json.loads(text)])
     except (ValueError, TypeError) as exc:
         return {"line": number, "task_id": None, "status": "rejected", "error": f"Not valid input: {exc}"}
-    endpoint = getattr(client, info.name)
+    # Keyed by the output file, the line and its text: a task submitted by a run that was stopped
+    # before it wrote the answer is found again (while retained), not run twice.
+    key = f"submit-{run}-{number}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    endpoint = getattr(client, info.name).options(idempotency_key=key)
     while True:
         try:
             handle = endpoint.submit(**kwargs)
@@ -327,7 +333,8 @@ def submit(url: str, route: str, input_file: Path, output: Path, concurrency: in
         try:
             with output.open("a") as out, Progress(*columns, console=console) as bar:
                 progress = bar.add_task(info.route, total=len(lines), completed=len(lines) - len(todo))
-                futures = [pool.submit(_run_line, client, info, n, text, stop) for n, text in todo]
+                run = hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:16]
+                futures = [pool.submit(_run_line, client, info, run, n, text, stop) for n, text in todo]
                 for future in concurrent.futures.as_completed(futures):
                     answer = future.result()
                     failed += answer["status"] != "success"

@@ -105,3 +105,14 @@ def test_submit_records_failures_with_their_error(served: Server, tmp_path: Path
     assert row["status"] == "failure" and "bad input" in str(row["error"]) and "result" not in row
     unknown = run(served, "submit", "nope", str(source), "--output", str(out))
     assert unknown.exit_code == 1 and "No task endpoint 'nope'" in unknown.output
+
+
+def test_submit_finds_again_a_task_whose_answer_was_lost(served: Server, tmp_path: Path) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text('{"a": 1}\n{"a": 2}\n')
+    assert run(served, "submit", "add", str(source), "--output", str(out)).exit_code == 0
+    first = answers(out)
+    # As if the run died after submitting line 2 but before writing its answer.
+    out.write_text("".join(line + "\n" for line in out.read_text().splitlines() if '"line": 2' not in line))
+    assert run(served, "submit", "add", str(source), "--output", str(out)).exit_code == 0
+    assert answers(out)[2]["task_id"] == first[2]["task_id"]
