@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -146,3 +147,25 @@ def test_the_openapi_document_describes_listing_and_queues(served: Server) -> No
     listing = docs["paths"]["/tasks"]["get"]
     assert {p["name"] for p in listing["parameters"]} == {"route", "status", "tag", "limit", "cursor"}
     assert "422" in listing["responses"] and "/queues" in docs["paths"]
+
+
+@pytest.mark.anyio
+async def test_longest_waits_look_past_priorities_and_ignore_tasks_not_due(broker: str) -> None:
+    from taskserve._types import NewTask
+    from taskserve.queue import Queue
+
+    queue = Queue.from_url(broker)
+    try:
+        assert await queue.longest_waits(["/w"]) == {}
+        await queue.enqueue(NewTask("/w", b"{}", priority=0))
+        await asyncio.sleep(0.3)
+        await queue.enqueue(NewTask("/w", b"{}", priority=5))
+        await queue.enqueue(NewTask("/w", b"{}", run_at=time.time() + 60))
+        waits = await queue.longest_waits(["/w", "/other"])
+        assert set(waits) == {"/w"} and 0.3 <= waits["/w"] < 5
+        [claim] = await queue.claim(["/w"], "w1")  # the priority-5 task
+        assert (await queue.longest_waits(["/w"]))["/w"] >= 0.3
+        await queue.claim(["/w"], "w1")
+        assert await queue.longest_waits(["/w"]) == {}
+    finally:
+        await queue.close()
