@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -116,3 +119,22 @@ def test_submit_finds_again_a_task_whose_answer_was_lost(served: Server, tmp_pat
     out.write_text("".join(line + "\n" for line in out.read_text().splitlines() if '"line": 2' not in line))
     assert run(served, "submit", "add", str(source), "--output", str(out)).exit_code == 0
     assert answers(out)[2]["task_id"] == first[2]["task_id"]
+
+
+def test_the_installed_command_reads_taskserve_url_and_draws_its_bar_on_stderr(served: Server, tmp_path: Path) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text('{"text": "one"}\n{"text": "two"}\n')
+    env = {**os.environ, "TASKSERVE_URL": served.url, "COLUMNS": "200"}
+    command = [sys.executable, "-m", "taskserve", "submit", "echo", str(source), "--output", str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and "2 lines answered" in done.stderr
+    assert sorted(row["result"] for row in answers(out).values()) == ["one", "two"]
+    listed = subprocess.run(
+        [sys.executable, "-m", "taskserve", "tasks", "--route", "/echo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0 and all(row["task_id"] in listed.stdout for row in answers(out).values())
