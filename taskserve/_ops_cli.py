@@ -123,7 +123,7 @@ def tasks(
 @click.argument("task_id")
 @json_option
 def task(url: str, task_id: str, as_json: bool) -> None:
-    """Show one task: its status, progress, attempts and errors (with tracebacks)."""
+    """Show one task: its status, progress, attempts and the error of each."""
     with _client(url) as client:
         status = _get(client, f"/tasks/{task_id}")
     if as_json:
@@ -136,9 +136,12 @@ def task(url: str, task_id: str, as_json: bool) -> None:
     table.add_column(overflow="fold")
     for key in ("task_id", "route", "status", "created_at", "started_at", "completed_at", "attempts", "error"):
         table.add_row(key, "" if status.get(key) is None else str(status[key]))
-    for key in ("position", "workers", "warning", "retry_of", "worker", "queue_time", "run_time", "batch_size"):
+    for key in ("position", "workers", "warning", "retry_of", "worker", "batch_size"):
         if status.get(key) is not None:
             table.add_row(key, str(status[key]))
+    for key in ("queue_time", "run_time"):
+        if status.get(key) is not None:
+            table.add_row(key, f"{status[key]:.3f} s")
     if status.get("tags"):
         table.add_row("tags", ", ".join(f"{k}:{v}" for k, v in status["tags"].items()))
     if status.get("progress"):
@@ -146,7 +149,8 @@ def task(url: str, task_id: str, as_json: bool) -> None:
     console = _console()
     console.print(table)
     for i, error in enumerate(status.get("errors") or [], 1):
-        console.print(f"\n[bold]attempt {error.get('attempt', i)}[/bold] {error.get('at') or ''}: {error.get('error')}")
+        what = f"{error.get('type') or 'Error'}: {error.get('message') or ''}"
+        console.print(f"attempt {error.get('attempt', i)}, {_when(error.get('at'))}: {what}", markup=False)
         if error.get("traceback"):
             console.print(error["traceback"], markup=False, highlight=False, soft_wrap=True)
 
