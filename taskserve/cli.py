@@ -32,12 +32,10 @@ def _run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(options: dict[str, Any]) -> None:
+    from . import _logging
+
+    _logging.setup(options.pop("log_level"), options.pop("log_format"))
 
 
 def _common(fn: Any) -> Any:
@@ -80,7 +78,19 @@ def _common(fn: Any) -> Any:
             help="Seconds finished tasks and results are kept [default: 86400].",
         ),
         click.option(
-            "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True
+            "--log-level",
+            default="info",
+            type=click.Choice(["debug", "info", "warning", "error"]),
+            show_default=True,
+            envvar="TASKSERVE_LOG_LEVEL",
+        ),
+        click.option(
+            "--log-format",
+            default="text",
+            type=click.Choice(["text", "json"]),
+            show_default=True,
+            envvar="TASKSERVE_LOG_FORMAT",
+            help="json: one JSON object a line: time, level, logger, message, traceback (env TASKSERVE_LOG_FORMAT).",
         ),
     ]
     for option in reversed(options):
@@ -216,7 +226,7 @@ def cli() -> None:
 @_gpus_option
 def serve(target: str, host: str, port: int, workers: int | None, max_body_size: int, **options: Any) -> None:
     """Run the API server and worker processes for TARGET (module:Class)."""
-    _setup_logging(options.pop("log_level"))
+    _setup_logging(options)
     if options["webhook_secret"] is not None:
         from .webhooks import parse_secret
 
@@ -243,7 +253,7 @@ def serve(target: str, host: str, port: int, workers: int | None, max_body_size:
 @_gpus_option
 def worker(target: str, workers: int | None, **options: Any) -> None:
     """Run worker processes only (for instance on another machine) for TARGET."""
-    _setup_logging(options.pop("log_level"))
+    _setup_logging(options)
     _check_runtime_dir(options["broker"])
     _run(_workers_only(target, workers, **options))
 
@@ -255,7 +265,7 @@ def run_worker(target: str, **options: Any) -> None:
     from .worker.process import WORKER_ID, ParentWatch, flush_logs, run_worker_process
 
     watch = ParentWatch.from_env()  # first: the supervisor may die while the service imports
-    _setup_logging(options.pop("log_level"))
+    _setup_logging(options)
     broker = options.pop("broker")
     code = _run(run_worker_process(target, broker, name=os.environ.get(WORKER_ID), watch=watch, **options))
     if code:
@@ -404,6 +414,8 @@ async def _serve(
         host=host,
         port=port,
         log_level="warning",
+        # JSON logs: uvicorn's own loggers go through the root's JSON handler, not its text one.
+        log_config=None if os.environ.get("TASKSERVE_LOG_FORMAT") == "json" else uvicorn.config.LOGGING_CONFIG,
         lifespan="on",
         access_log=False,
         timeout_graceful_shutdown=SHUTDOWN_REQUESTS,
@@ -501,6 +513,11 @@ async def _workers_only(
     with contextlib.suppress(asyncio.TimeoutError):  # a broker that went away must not hold us
         await asyncio.wait_for(queue.close(), SHUTDOWN_REQUESTS)
     logger.info("stopped")
+
+
+from ._ops_cli import register  # noqa: E402 - the operator's commands join the group defined above
+
+register(cli)
 
 
 def main() -> None:

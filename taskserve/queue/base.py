@@ -39,6 +39,7 @@ DEFAULT_RETENTION = 24 * 3600.0
 DEFAULT_LEASE = 30.0
 # A tag filter looks at most this many of the newest matching tasks per page (no index on tags).
 TAG_WINDOW = 10_000
+WAIT_LEVELS = 16  # priority levels longest_waits() looks at per route
 
 BACKENDS = {
     "sqlite": "taskserve.queue.sqlite:SQLiteQueue",
@@ -458,6 +459,16 @@ class Queue(abc.ABC):
         """
         return await self._finished_counts()
 
+    async def longest_waits(self, routes: Sequence[str]) -> dict[str, float]:
+        """``{route: seconds}``: how long the longest-waiting due task of each route has waited.
+
+        Measured from when the task fell due (its ``run_at``: its submit, or the end of its
+        retry delay), by the store's clock. A route with no due task is left out. The store
+        looks at the first task of each priority level only (``WAIT_LEVELS`` of them at most),
+        so this stays a few index reads whatever the length of the queue.
+        """
+        return await self._longest_waits(list(routes))
+
     # -- webhook deliveries (sent by taskserve/webhooks.py) --------------------------------
 
     async def take_webhooks(self, limit: int, lease: float, tries: int) -> list[tuple[str, int]]:
@@ -580,6 +591,9 @@ class Queue(abc.ABC):
 
     @abc.abstractmethod
     async def _finished_counts(self) -> dict[tuple[str, str], int]: ...
+
+    @abc.abstractmethod
+    async def _longest_waits(self, routes: list[str]) -> dict[str, float]: ...
 
     @abc.abstractmethod
     async def _heartbeat(self, info: WorkerInfo, ttl: float, ts: float) -> None: ...

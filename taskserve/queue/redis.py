@@ -65,7 +65,7 @@ from .._types import (
 )
 from ..exceptions import IdempotencyConflict, QueueError, QueueFull, QueueUnavailable
 from . import lifecycle
-from .base import DEFAULT_RETENTION, Queue, Watch, now, queue_full_message
+from .base import DEFAULT_RETENTION, WAIT_LEVELS, Queue, Watch, now, queue_full_message
 
 logger = logging.getLogger("taskserve.queue")
 
@@ -82,7 +82,7 @@ POOL_WAIT = 20.0  # seconds a caller waits for a free connection before QueueUna
 # The Lua lives in lua/*.lua, read once at import; each script is the prelude plus its body.
 SCRIPT_NAMES = (
     *("enqueue", "claim", "move", "extend", "lapsed", "counts", "heartbeat", "workers", "list", "sweep"),
-    *("overdue", "position", "report", "webhooks"),
+    *("overdue", "position", "report", "webhooks", "waits"),
 )
 
 
@@ -584,6 +584,10 @@ class RedisQueue(Queue):
                 if n:
                     out[(route.decode(), status)] = int(n)
         return out
+
+    async def _longest_waits(self, routes: list[str]) -> dict[str, float]:
+        flat = await self._run("waits", WAIT_LEVELS, *routes)
+        return {flat[i].decode(): float(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def _take_webhooks(self, limit: int, lease: float, tries: int, ts: float) -> list[tuple[str, int]]:
         flat = await self._run("webhooks", "take", limit, repr(float(lease)), tries)

@@ -42,7 +42,7 @@ from ._sqlite_schema import (
     task_row,
 )
 from ._sqlite_thread import ThreadedConnection, configure, translate
-from .base import DEFAULT_RETENTION, Queue, Watch
+from .base import DEFAULT_RETENTION, WAIT_LEVELS, Queue, Watch, now
 
 T = TypeVar("T")
 
@@ -631,6 +631,31 @@ class SQLiteQueue(Queue):
     async def _finished_counts(self) -> dict[tuple[str, str], int]:
         rows = await self._read(lambda c: c.execute("SELECT route, status, n FROM finished").fetchall())
         return {(route, status): n for route, status, n in rows}
+
+    async def _longest_waits(self, routes: list[str]) -> dict[str, float]:
+        def read(conn: sqlite3.Connection) -> dict[str, float]:
+            ts = now()
+            out: dict[str, float] = {}
+            for route in routes:
+                # One index seek per priority level: the first task of each is its longest waiting.
+                earliest, below = None, None
+                for _ in range(WAIT_LEVELS):
+                    floor = "" if below is None else " AND priority < ?"
+                    row = conn.execute(
+                        "SELECT priority, run_at FROM tasks INDEXED BY tasks_queue"
+                        f" WHERE route = ? AND status = 'pending'{floor} ORDER BY priority DESC, run_at LIMIT 1",
+                        (route,) if below is None else (route, below),
+                    ).fetchone()
+                    if row is None:
+                        break
+                    below, run_at = row
+                    if run_at <= ts and (earliest is None or run_at < earliest):
+                        earliest = run_at
+                if earliest is not None:
+                    out[route] = ts - earliest
+            return out
+
+        return await self._read(read)
 
     async def _heartbeat(self, info: WorkerInfo, ttl: float, ts: float) -> None:
         info.last_seen = ts

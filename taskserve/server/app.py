@@ -25,7 +25,7 @@ from ..exceptions import InvalidTransition, QueueUnavailable
 from ..queue.base import Queue
 from ..service import Endpoint, Service
 from ..webhooks import DEFAULT_RETRY_DELAY, DEFAULT_TRIES, Deliverer
-from . import bulk, events, openapi
+from . import bulk, events, openapi, tasks
 from ._errors import EXCEPTION_HANDLERS
 from .backpressure import DrainRate
 from .inputs import parse_json, read_arguments, read_body, read_many
@@ -367,6 +367,7 @@ def create_app(
         on_try=lambda outcome: metrics.webhooks.labels(outcome).inc(),
     )
     workers = WorkerView(queue)
+    throughput = tasks.Throughput(queue)
     routes: list[Route] = []
     by_route: dict[str, EndpointRoutes] = {}
     for endpoint in service.endpoints:
@@ -422,6 +423,12 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/workers", workers_json, methods=["GET"]),
+        Route("/tasks", tasks.list_tasks, methods=["GET"]),
+        Route(
+            "/queues",
+            functools.partial(tasks.queues, service=service, workers=workers, throughput=throughput),
+            methods=["GET"],
+        ),
         Route("/tasks/{task_id}", task_status, methods=["GET"]),
         Route("/metrics", metrics_text, methods=["GET"]),
     ]
@@ -433,20 +440,20 @@ def create_app(
         except QueueUnavailable as exc:
             # Serve anyway: requests answer 503 until the broker is back, /healthz stays up.
             logger.warning("%s Requests get 503 until it answers.", exc)
-        tasks = []
+        jobs = [asyncio.create_task(throughput.run())]
         if maintenance:
             if webhook_secret is None:
                 logger.warning(
                     "webhooks are sent unsigned: receivers cannot tell them from forgeries. "
                     "Give a secret with --webhook-secret or TASKSERVE_WEBHOOK_SECRET (whsec_...)."
                 )
-            tasks = [asyncio.create_task(_maintain(queue)), asyncio.create_task(deliverer.run())]
+            jobs += [asyncio.create_task(_maintain(queue)), asyncio.create_task(deliverer.run())]
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
             try:
                 # A broker that went away must not hold the process: the connection is dropped anyway.
                 await asyncio.wait_for(queue.close(), CLOSE_TIMEOUT)
@@ -458,6 +465,7 @@ def create_app(
     app.state.queue = queue
     app.state.limits = limits or InputLimits()
     app.state.service = service
+    app.state.max_queue = max_queue
     app.state.metrics = metrics
     app.state.drain = DrainRate(queue)
     app.state.webhook_allow = None if webhook_allow is None else frozenset(h.strip().lower() for h in webhook_allow)

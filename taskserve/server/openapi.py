@@ -525,9 +525,86 @@ def openapi_document(service: Service) -> dict[str, Any]:
             },
         }
     }
+    paths.update(_operating_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": service.name, "version": __version__, "description": DESCRIPTION},
         "paths": paths,
         "components": {"schemas": components},
+    }
+
+
+def _operating_paths() -> dict[str, Any]:
+    """``GET /tasks`` and ``GET /queues`` (SPEC §9)."""
+    states = ["pending", "in_progress", "success", "failure", "cancelled"]
+    params = [
+        {"name": "route", "in": "query", "schema": {"type": "string"}, "description": "Only this route's tasks."},
+        {"name": "status", "in": "query", "schema": {"type": "string", "enum": states}},
+        {
+            "name": "tag",
+            "in": "query",
+            "schema": {"type": "string"},
+            "description": "KEY:VALUE; only tasks so labelled.",
+        },
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}},
+        {
+            "name": "cursor",
+            "in": "query",
+            "schema": {"type": "string"},
+            "description": "next_cursor of the page before.",
+        },
+    ]
+    page = {
+        "type": "object",
+        "properties": {
+            "tasks": {"type": "array", "items": STATUS},
+            "next_cursor": {"type": ["string", "null"], "description": "Absent (null) at the end."},
+        },
+    }
+    invalid = {"type": "object", "properties": {"error": {"type": "string"}, "parameter": {"type": "string"}}}
+    count = {"type": "integer"}
+    queue = {
+        "type": "object",
+        "properties": {
+            "route": {"type": "string"},
+            "name": {"type": "string"},
+            "counts": {"type": "object", "properties": {s: count for s in states}},
+            "oldest_pending_age": {
+                "type": ["number", "null"],
+                "description": "Seconds the longest-waiting due task has waited (null: none waits).",
+            },
+            "running": count,
+            "workers": count,
+            "concurrency": {"type": ["integer", "null"], "description": "The route's cap on tasks running at once."},
+            "max_queue": {"type": ["integer", "null"], "description": "The most pending tasks the route accepts."},
+            "finished_last_minute": count,
+            "window": {"type": "number", "description": "Seconds finished_last_minute covers (60 once warm)."},
+        },
+    }
+    return {
+        "/tasks": {
+            "get": {
+                "operationId": "list_tasks",
+                "summary": "Tasks of every route, newest first, a page at a time",
+                "parameters": params,
+                "responses": {
+                    "200": _json("A page of task statuses and the cursor of the next.", page),
+                    "422": _json("A bad parameter, named in parameter.", invalid),
+                    "503": _error("Queue unavailable."),
+                },
+            }
+        },
+        "/queues": {
+            "get": {
+                "operationId": "queues",
+                "summary": "Per route: counts by status, the longest wait, running, caps, finished in the last minute",
+                "responses": {
+                    "200": _json(
+                        "One entry per task route.",
+                        {"type": "object", "properties": {"queues": {"type": "array", "items": queue}}},
+                    ),
+                    "503": _error("Queue unavailable."),
+                },
+            }
+        },
     }

@@ -24,7 +24,6 @@ import random
 import shutil
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -179,13 +178,8 @@ class Executor:
                 retry=True,
                 retry_delay=exc.delay,
             )
-        logger.warning(
-            "task %s (%s) failed on attempt %d:\n%s",
-            claim.id,
-            endpoint.name,
-            claim.attempts,
-            "".join(traceback.format_exception(exc)).rstrip(),
-        )
+        # The traceback as exc_info: text logs print it below the line, JSON logs in its own field.
+        logger.warning("task %s (%s) failed on attempt %d", claim.id, endpoint.name, claim.attempts, exc_info=exc)
         retry = bool(endpoint.retry_on) and isinstance(exc, endpoint.retry_on)
         return self._outcome(
             running,
