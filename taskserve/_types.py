@@ -262,6 +262,8 @@ class Claim:
     timeout: float | None
     priority: int = 0
     deadline: float | None = None  # the task's deadline, on the store's clock
+    due_at: float | None = None  # when it fell due (submit or end of delay), on the store's clock: queue time
+    trace: str | None = None  # the W3C traceparent of the submit, when tracing was on there
 
 
 @dataclass

@@ -495,8 +495,9 @@ class RedisQueue(Queue):
                 float(t) if t else None,
                 int(pr),
                 float(dl) if dl else None,
+                float(due) if due else None,
             )
-            for task_id, route, args, n, max_n, t, pr, dl in rows
+            for task_id, route, args, n, max_n, t, pr, dl, due in rows
         ]
 
     async def _apply(self, items: list[tuple[str, list[lifecycle.Move]]], ts: float) -> list[bool]:

@@ -339,6 +339,7 @@ def create_app(
     webhook_tries: int = DEFAULT_TRIES,
     webhook_retry_delay: float = DEFAULT_RETRY_DELAY,
     public_url: str | None = None,
+    metrics_dir: str | None = None,
 ) -> Starlette:
     """The ASGI app serving ``service`` over ``queue``.
 
@@ -355,8 +356,9 @@ def create_app(
         webhook_tries: tries of one webhook delivery, the first included, before it is failed.
         webhook_retry_delay: seconds before a webhook's first retry; each next waits 5 times longer.
         public_url: the server's base URL as clients reach it, making webhooks' ``result_url`` absolute.
+        metrics_dir: the local workers' ``PROMETHEUS_MULTIPROC_DIR``, whose metrics ``/metrics`` adds.
     """
-    metrics = Metrics({ep.route: ep.name for ep in service.endpoints})
+    metrics = Metrics({ep.route: ep.name for ep in service.endpoints}, metrics_dir)
     # Built now, so that a bad secret stops start-up rather than the first delivery.
     deliverer = Deliverer(
         queue,

@@ -28,6 +28,7 @@ from ..service import Service
 from .claim import ClaimBuffer
 from .execute import UNSTARTED, Executor, Running
 from .lease import Keeper
+from .metrics import observe, worker_started, worker_stopped
 
 logger = logging.getLogger("taskserve.worker")
 
@@ -128,6 +129,7 @@ class Worker:
                 # In a thread: a model that takes a minute to load must not stop the heartbeats.
                 self.executor.instance = await loop.run_in_executor(self.executor.pool, self.service.instantiate)
             self.state = "ready"
+            worker_started()
             self.keeper.beat_soon()
             logger.info(
                 "worker %s ready: %s, concurrency %d | broker %s",
@@ -141,6 +143,7 @@ class Worker:
                 await self._loop(burst)
             finally:
                 self.state = "stopping"
+                worker_stopped()
                 await self._drain()
                 self._closing = True
                 self._outbox_ready.set()
@@ -323,6 +326,7 @@ class Worker:
         else:
             outcomes = await self.executor.run_sequence(runnings)
         took = (time.perf_counter() - began) / len(runnings)
+        observe(runnings, outcomes, time.time())
         route = runnings[0].claim.route
         self._route_avg[route] = 0.8 * self._route_avg.get(route, 1.0) + 0.2 * took
         for running, outcome in zip(runnings, outcomes, strict=True):
