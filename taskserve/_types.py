@@ -109,6 +109,7 @@ class NewTask:
     retry_of: str | None = None
     webhook: str | None = None
     max_queue: int | None = None
+    trace: str | None = None  # the submit's trace context (W3C headers as JSON), for the worker's span
 
 
 @dataclass

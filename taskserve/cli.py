@@ -41,6 +41,12 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _setup_tracing() -> None:
+    from .tracing import configure
+
+    configure()
+
+
 def _common(fn: Any) -> Any:
     options = [
         click.argument("target"),
@@ -218,6 +224,7 @@ def cli() -> None:
 def serve(target: str, host: str, port: int, workers: int | None, max_body_size: int, **options: Any) -> None:
     """Run the API server and worker processes for TARGET (module:Class)."""
     _setup_logging(options.pop("log_level"))
+    _setup_tracing()
     if options["webhook_secret"] is not None:
         from .webhooks import parse_secret
 
@@ -288,6 +295,7 @@ def run_worker(target: str, **options: Any) -> None:
 
     watch = ParentWatch.from_env()  # first: the supervisor may die while the service imports
     _setup_logging(options.pop("log_level"))
+    _setup_tracing()
     broker = options.pop("broker")
     code = _run(run_worker_process(target, broker, name=os.environ.get(WORKER_ID), watch=watch, **options))
     if code:

@@ -25,6 +25,7 @@ from .._types import Claim, Outcome, TaskStatus
 from ..exceptions import QueueUnavailable
 from ..queue.base import DEFAULT_LEASE, Queue
 from ..service import Service
+from ..tracing import end_runs, start_runs
 from .claim import ClaimBuffer
 from .execute import UNSTARTED, Executor, Running
 from .lease import Keeper
@@ -319,12 +320,18 @@ class Worker:
 
     async def _execute(self, runnings: list[Running]) -> None:
         began = time.perf_counter()
-        if runnings[0].endpoint.batchable:
-            outcomes = await self.executor.run_batch(runnings)
-        elif len(runnings) == 1:
-            outcomes = [await self.executor.run(runnings[0])]
-        else:
-            outcomes = await self.executor.run_sequence(runnings)
+        spans = start_runs(runnings)
+        try:
+            if runnings[0].endpoint.batchable:
+                outcomes = await self.executor.run_batch(runnings)
+            elif len(runnings) == 1:
+                outcomes = [await self.executor.run(runnings[0])]
+            else:
+                outcomes = await self.executor.run_sequence(runnings)
+        except BaseException:
+            end_runs(spans, [None] * len(runnings))
+            raise
+        end_runs(spans, outcomes)
         took = (time.perf_counter() - began) / len(runnings)
         observe(runnings, outcomes, time.time())
         route = runnings[0].claim.route
