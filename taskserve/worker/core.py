@@ -29,7 +29,7 @@ from ..tracing import end_runs, start_runs
 from .claim import ClaimBuffer
 from .execute import UNSTARTED, Executor, Running
 from .lease import Keeper
-from .metrics import observe, worker_started, worker_stopped
+from .metrics import flush as flush_metrics, observe, worker_started, worker_stopped
 
 logger = logging.getLogger("taskserve.worker")
 
@@ -149,6 +149,7 @@ class Worker:
                 self._closing = True
                 self._outbox_ready.set()
                 await reporter
+                flush_metrics()
         finally:
             await self.keeper.stop()
             self.queue.cancel_listeners.remove(self._on_cancel)
@@ -183,6 +184,8 @@ class Worker:
         every_route_quick = len(quick) == len(self.routes)
         # Outcomes not yet written go along with the claim: one commit for both.
         outcomes, self._outbox = self._outbox, []
+        if outcomes:
+            flush_metrics()
         since = time.monotonic()
         try:
             claims = await self.queue.finish_and_claim(
@@ -412,6 +415,7 @@ class Worker:
                 return
 
     async def _report(self, outcomes: list[Outcome]) -> None:
+        flush_metrics()
         delay = 0.05
         # Past the lease the tasks will re-run elsewhere anyway; when closing, the grace bounds it.
         deadline = time.monotonic() + (0.5 if self._closing else max(self.lease, 5.0))
