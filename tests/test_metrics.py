@@ -108,3 +108,26 @@ def test_a_worker_on_another_host_serves_its_own_metrics(broker: str, make_serve
             proc.wait(10)
     assert_none_left(env[TAG])
     assert metrics_dirs(broker) == []
+
+
+def test_tallied_run_times_land_where_prometheus_would_put_them() -> None:
+    from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+
+    from taskserve._types import Claim, Outcome, TaskStatus
+    from taskserve.worker import metrics
+    from taskserve.worker.execute import Running
+
+    registry = CollectorRegistry()
+    reference = Histogram("ref_seconds", "", registry=registry, buckets=metrics.RUN_BUCKETS)
+    endpoint = type("Endpoint", (), {"name": f"edge{uuid.uuid4().hex[:6]}"})()
+    for took in (0.0, 0.001, 0.0011, 0.5, 2.5, 1000.0):  # on the bounds and between them
+        running = Running(Claim("t", "/edge", b"{}", "tok", 1, 1, None), endpoint)
+        running.started_at = 0.0
+        metrics.observe([running], [Outcome("t", "tok", TaskStatus.SUCCESS)], took)
+        reference.observe(took)
+    metrics.flush()
+    for bound in ("0.001", "0.005", "0.5", "2.5", "900.0", "+Inf"):
+        ours = REGISTRY.get_sample_value("taskserve_task_run_seconds_bucket", {"endpoint": endpoint.name, "le": bound})
+        assert ours == registry.get_sample_value("ref_seconds_bucket", {"le": bound}), bound
+    ours = REGISTRY.get_sample_value("taskserve_task_run_seconds_sum", {"endpoint": endpoint.name})
+    assert ours == registry.get_sample_value("ref_seconds_sum")
