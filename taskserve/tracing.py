@@ -4,6 +4,8 @@ The submit's span context travels with the task, stored beside it as W3C trace h
 (``traceparent``, ``tracestate``) in JSON, so the worker's span, on any host and however
 long the task waited, joins the caller's trace. Without opentelemetry installed, or with no
 tracer provider set up, every function here returns at once: nothing is stored or started.
+opentelemetry is not even imported unless somebody else did (no provider can be set up
+without it): a worker that does not trace starts no slower.
 
 A process sets up the SDK from the standard ``OTEL_*`` variables (``configure``) unless a
 provider is already there (``opentelemetry-instrument``, or the application's own).
@@ -15,13 +17,9 @@ import contextlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
-
-try:
-    from opentelemetry import context as otel_context, propagate, trace
-except ImportError:  # taskserve works without it: tracing is simply off
-    trace = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from ._types import Outcome
@@ -35,6 +33,7 @@ _tracer: tuple[Any, Any] = (None, None)  # (provider, its tracer): get_tracer bu
 def tracer() -> Any:
     """The taskserve tracer of the configured provider, or None while none is (tracing off)."""
     global _tracer
+    trace: Any = sys.modules.get("opentelemetry.trace")
     if trace is None:
         return None
     provider = trace.get_tracer_provider()
@@ -55,6 +54,8 @@ def submit_span(endpoint: str, headers: Mapping[str, str]) -> Iterator[str | Non
     if t is None:
         yield None
         return
+    from opentelemetry import propagate, trace
+
     parent = propagate.extract(headers)
     with t.start_as_current_span(f"submit {endpoint}", context=parent, kind=trace.SpanKind.PRODUCER) as span:
         span.set_attribute("taskserve.endpoint", endpoint)
@@ -72,6 +73,8 @@ def start_runs(runnings: Sequence[Running]) -> Any:
     t = tracer()
     if t is None:
         return None
+    from opentelemetry import context as otel_context, propagate, trace
+
     spans = []
     for running in runnings:
         claim = running.claim
@@ -94,6 +97,8 @@ def start_runs(runnings: Sequence[Running]) -> Any:
 def end_runs(started: Any, outcomes: Sequence[Outcome | None]) -> None:
     if started is None:
         return
+    from opentelemetry import context as otel_context, trace
+
     from ._types import Outcome, TaskStatus
 
     spans, token = started
@@ -114,11 +119,16 @@ def configure() -> None:
     by name as the SDK's own auto-configuration finds them (``console`` comes with the SDK,
     ``otlp`` with ``opentelemetry-exporter-otlp``).
     """
-    if trace is None or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return
     names = os.environ.get("OTEL_TRACES_EXPORTER")
     endpoints = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if names is None and not any(os.environ.get(k) for k in endpoints):
+        return
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        logger.warning("OTEL_* variables are set but opentelemetry is not installed: pip install 'taskserve[otel]'")
         return
     if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         return  # opentelemetry-instrument, or the application, set one up already
