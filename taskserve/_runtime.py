@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, urlparse
 T = TypeVar("T")
 
 SCRATCH = "worker-"
+METRICS = "metrics-"  # a supervisor's PROMETHEUS_MULTIPROC_DIR, locked and swept as a scratch directory is
 # A Unix socket's path holds at most 107 bytes: base + "/taskserve-UID-HASH/" + a socket's name.
 MAX_BASE = 50
 
@@ -139,7 +140,7 @@ def sweep(directory: str) -> int:
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(directory):
             path = os.path.join(directory, name)
-            if name.startswith(SCRATCH):
+            if name.startswith((SCRATCH, METRICS)):
                 fd = _lock(path)
                 if fd is None:
                     continue
@@ -188,7 +189,7 @@ def sweep_all() -> None:
 
 
 @contextlib.contextmanager
-def scratch_dir(key: str) -> Iterator[str]:
+def scratch_dir(key: str, prefix: str = SCRATCH) -> Iterator[str]:
     """A private scratch directory for one worker process, under the store's runtime directory.
 
     It is created under a hidden name, locked (``flock``, held for the process's life) and only
@@ -197,7 +198,7 @@ def scratch_dir(key: str) -> Iterator[str]:
 
     def make(parent: str) -> tuple[str, int]:
         sweep(parent)
-        hidden = tempfile.mkdtemp(prefix="." + SCRATCH, dir=parent)
+        hidden = tempfile.mkdtemp(prefix="." + prefix, dir=parent)
         fd = _lock(hidden)
         assert fd is not None  # nobody else knows its name yet
         path = os.path.join(parent, os.path.basename(hidden)[1:])

@@ -109,6 +109,7 @@ class NewTask:
     retry_of: str | None = None
     webhook: str | None = None
     max_queue: int | None = None
+    trace: str | None = None  # the submit's trace context (W3C headers as JSON), for the worker's span
 
 
 @dataclass
@@ -262,6 +263,8 @@ class Claim:
     timeout: float | None
     priority: int = 0
     deadline: float | None = None  # the task's deadline, on the store's clock
+    due_at: float | None = None  # when it fell due (submit or end of delay), on the store's clock: queue time
+    trace: str | None = None  # the W3C traceparent of the submit, when tracing was on there
 
 
 @dataclass

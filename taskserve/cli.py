@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -36,6 +37,12 @@ def _setup_logging(options: dict[str, Any]) -> None:
     from . import _logging
 
     _logging.setup(options.pop("log_level"), options.pop("log_format"))
+
+
+def _setup_tracing() -> None:
+    from .tracing import configure
+
+    configure()
 
 
 def _common(fn: Any) -> Any:
@@ -227,6 +234,7 @@ def cli() -> None:
 def serve(target: str, host: str, port: int, workers: int | None, max_body_size: int, **options: Any) -> None:
     """Run the API server and worker processes for TARGET (module:Class)."""
     _setup_logging(options)
+    _setup_tracing()
     if options["webhook_secret"] is not None:
         from .webhooks import parse_secret
 
@@ -237,7 +245,8 @@ def serve(target: str, host: str, port: int, workers: int | None, max_body_size:
     sock = _listen(host, port)
     try:
         _check_runtime_dir(options["broker"])
-        _run(_serve(target, sock, host, port, workers, max_body_size, **options))
+        with _metrics_dir(options["broker"], workers != 0) as metrics_dir:
+            _run(_serve(target, sock, host, port, workers, max_body_size, metrics_dir=metrics_dir, **options))
     finally:
         sock.close()
 
@@ -250,12 +259,42 @@ def serve(target: str, host: str, port: int, workers: int | None, max_body_size:
     type=click.IntRange(min=1),
     help="Worker processes to run [default: the service's own, else 1].",
 )
+@click.option(
+    "--metrics-port",
+    default=None,
+    type=click.IntRange(min=0, max=65535),
+    help="Serve these workers' Prometheus metrics at http://HOST:PORT/metrics [default: not served].",
+)
+@click.option("--metrics-host", default="0.0.0.0", show_default=True, help="The address --metrics-port listens on.")
 @_gpus_option
-def worker(target: str, workers: int | None, **options: Any) -> None:
+def worker(target: str, workers: int | None, metrics_port: int | None, metrics_host: str, **options: Any) -> None:
     """Run worker processes only (for instance on another machine) for TARGET."""
     _setup_logging(options)
     _check_runtime_dir(options["broker"])
-    _run(_workers_only(target, workers, **options))
+    with _metrics_dir(options["broker"], metrics_port is not None) as metrics_dir:
+        server = None if metrics_dir is None else _serve_metrics(metrics_host, metrics_port or 0, metrics_dir)
+        try:
+            _run(_workers_only(target, workers, metrics_dir=metrics_dir, **options))
+        finally:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+
+
+def _serve_metrics(host: str, port: int, metrics_dir: str) -> Any:
+    """The workers' metrics over HTTP, from a thread, for a Prometheus on another host to scrape."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+    try:
+        server, _ = start_http_server(port, host, registry)
+    except OSError as exc:
+        raise click.ClickException(
+            f"Cannot serve metrics on {host}:{port}: {exc.strerror or exc}. Choose another --metrics-port."
+        ) from None
+    return server
 
 
 @cli.command("run-worker", hidden=True)
@@ -266,6 +305,7 @@ def run_worker(target: str, **options: Any) -> None:
 
     watch = ParentWatch.from_env()  # first: the supervisor may die while the service imports
     _setup_logging(options)
+    _setup_tracing()
     broker = options.pop("broker")
     code = _run(run_worker_process(target, broker, name=os.environ.get(WORKER_ID), watch=watch, **options))
     if code:
@@ -274,6 +314,18 @@ def run_worker(target: str, **options: Any) -> None:
         flush_logs()
         os._exit(code)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def _metrics_dir(broker: str, wanted: bool) -> Generator[str | None, None, None]:
+    """The workers' private PROMETHEUS_MULTIPROC_DIR, removed when we stop (swept at start after a kill -9)."""
+    from . import _runtime
+
+    if not wanted:
+        yield None
+        return
+    with _runtime.scratch_dir(_runtime.store_key(broker), _runtime.METRICS) as path:
+        yield path
 
 
 def _open_queue(broker: str, retention: float | None) -> Any:
@@ -363,6 +415,7 @@ async def _serve(
     grace: float,
     retention: float | None,
     gpus: str | None,
+    metrics_dir: str | None,
 ) -> None:
     import uvicorn
 
@@ -386,6 +439,7 @@ async def _serve(
             grace=grace,
             retention=retention,
             devices=plan,
+            metrics_dir=metrics_dir,
         )
     app = create_app(
         service,
@@ -395,6 +449,7 @@ async def _serve(
         call_timeout=call_timeout,
         limits=InputLimits(max_image_pixels, max_array_bytes, max_array_elements),
         max_queue=max_queue,
+        metrics_dir=metrics_dir if supervisor else None,
         webhook_secret=webhook_secret,
         webhook_allow=None if webhook_allow is None else [h for h in webhook_allow.split(",") if h.strip()],
         webhook_tries=webhook_tries,
@@ -439,6 +494,8 @@ async def _serve(
         else:
             logger.error("shutdown did not finish in time; exiting now")
             _kill_workers(supervisor)
+            if metrics_dir is not None:  # os._exit skips its removal on the way out
+                shutil.rmtree(metrics_dir, ignore_errors=True)
             os._exit(1)
 
     with _signals(on_signal):
@@ -478,6 +535,7 @@ async def _workers_only(
     grace: float,
     retention: float | None,
     gpus: str | None,
+    metrics_dir: str | None,
 ) -> None:
     from .service import load_service
     from .supervisor import Supervisor
@@ -496,6 +554,7 @@ async def _workers_only(
         grace=grace,
         retention=retention,
         devices=plan,
+        metrics_dir=metrics_dir,
     )
     stop = asyncio.Event()
     with _signals(stop.set):

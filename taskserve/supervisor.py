@@ -26,6 +26,7 @@ from .devices import worker_env
 from .exceptions import QueueUnavailable
 from .queue.base import Queue
 from .worker import EXIT_RECYCLE
+from .worker.metrics import MULTIPROC_DIR, mark_dead
 from .worker.process import SUPERVISOR_PID, WORKER_ID
 
 logger = logging.getLogger("taskserve.supervisor")
@@ -48,6 +49,8 @@ class Supervisor:
         options: passed to each worker: concurrency, lease, grace, retention.
         devices: the GPU ids of each worker slot (``devices.assign``), set as its
             ``CUDA_VISIBLE_DEVICES``; None leaves the environment's as it is.
+        metrics_dir: the workers' ``PROMETHEUS_MULTIPROC_DIR``, owned by the caller, which
+            reads their metrics from it (None: they keep them to themselves).
     """
 
     def __init__(
@@ -62,7 +65,9 @@ class Supervisor:
         grace: float = 30.0,
         retention: float | None = None,
         devices: list[list[str]] | None = None,
+        metrics_dir: str | None = None,
     ) -> None:
+        self.metrics_dir = metrics_dir
         self.target = target
         self.devices = devices
         self.broker = broker
@@ -99,6 +104,8 @@ class Supervisor:
         env = {**os.environ, "TASKSERVE_BROKER": self.broker, SUPERVISOR_PID: str(os.getpid()), WORKER_ID: wid}
         if self.devices is not None:
             env.update(worker_env(self.devices[slot]))
+        if self.metrics_dir is not None:
+            env[MULTIPROC_DIR] = self.metrics_dir
         proc = await asyncio.create_subprocess_exec(*self.command(), env=env, start_new_session=True)
         self.ids[proc.pid] = wid
         return proc
@@ -114,6 +121,8 @@ class Supervisor:
             gpus = "" if self.devices is None else f", GPUs {','.join(self.devices[slot]) or 'none'}"
             logger.info("worker %d started (pid %d, id %s%s)", slot, proc.pid, self.ids[proc.pid], gpus)
             code = await proc.wait()
+            if self.metrics_dir is not None:
+                mark_dead(proc.pid, self.metrics_dir)
             if self._stopping:
                 return
             self.restarts += 1

@@ -179,3 +179,16 @@ def test_a_batchable_function_takes_one_list_parameter() -> None:
         class NotAList:
             @taskserve.task(batchable=True)
             def f(self, a: str) -> list[int]: ...
+
+
+async def test_each_call_is_one_batch_size_observation(queue: Queue) -> None:
+    from prometheus_client import REGISTRY
+
+    def observed(name: str) -> float:
+        return REGISTRY.get_sample_value(f"taskserve_task_batch_size_{name}", {"endpoint": "lengths"}) or 0.0
+
+    count, total = observed("count"), observed("sum")
+    await queue.enqueue_many([NewTask("/lengths", args("/lengths", texts=["a"])) for _ in range(5)])
+    await Worker(SERVICE, queue, name="w").run(burst=True)
+    assert sorted(CALLS) == [1, 4]
+    assert (observed("count") - count, observed("sum") - total) == (2, 5)

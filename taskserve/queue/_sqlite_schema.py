@@ -161,6 +161,13 @@ MIGRATIONS: list[tuple[int, str]] = [
         ) WITHOUT ROWID;
         """,
     ),
+    (
+        # Tracing (SPEC §9): the submit's trace context, handed to the worker with the claim.
+        7,
+        """
+        ALTER TABLE tasks ADD COLUMN trace TEXT;
+        """,
+    ),
 ]
 
 RECORD_COLUMNS = (
@@ -290,7 +297,7 @@ def count_finished(conn: sqlite3.Connection, ended: collections.Counter[tuple[st
 def task_row(t: NewTask, ts: float) -> tuple[Any, ...]:
     tags = json.dumps(t.tags) if t.tags else None
     return (t.id, t.route, t.priority, t.run_at, ts, t.max_attempts, t.timeout, t.args, tags, t.retry_of,
-            t.idempotency_key, t.args_hash, t.expires_at, t.deadline, t.webhook)  # fmt: skip
+            t.idempotency_key, t.args_hash, t.expires_at, t.deadline, t.webhook, t.trace)  # fmt: skip
 
 
 @dataclass
@@ -344,8 +351,8 @@ def insert_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], guards: G
     replays = guards.check(conn) if guards is not None else {}
     conn.executemany(
         "INSERT INTO tasks (id, route, status, priority, run_at, created_at, max_attempts, timeout, args, tags,"
-        " retry_of, idempotency_key, args_hash, expires_at, deadline, webhook)"
-        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " retry_of, idempotency_key, args_hash, expires_at, deadline, webhook, trace)"
+        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [row for i, row in enumerate(rows) if i not in replays] if replays else rows,
     )
     return replays

@@ -428,7 +428,7 @@ class RedisQueue(Queue):
             tags = json.dumps(t.tags) if t.tags else ""
             args += [t.id, t.route, t.priority, repr(delay), t.max_attempts, timeout, t.args, tags]
             args += [t.retry_of or "", t.idempotency_key or "", t.args_hash or "", expires, deadline]
-            args += [t.webhook or "", "" if t.max_queue is None else t.max_queue]
+            args += [t.webhook or "", "" if t.max_queue is None else t.max_queue, t.trace or ""]
         reply = await self._run("enqueue", *args)
         return {i: earlier.decode() for i, earlier in enumerate(reply[1:]) if earlier}
 
@@ -495,8 +495,10 @@ class RedisQueue(Queue):
                 float(t) if t else None,
                 int(pr),
                 float(dl) if dl else None,
+                float(due) if due else None,
+                trace.decode() if trace else None,
             )
-            for task_id, route, args, n, max_n, t, pr, dl in rows
+            for task_id, route, args, n, max_n, t, pr, dl, due, trace in rows
         ]
 
     async def _apply(self, items: list[tuple[str, list[lifecycle.Move]]], ts: float) -> list[bool]:

@@ -428,7 +428,7 @@ class SQLiteQueue(Queue):
         claimed = (
             "UPDATE tasks SET status = 'in_progress', attempts = attempts + 1, token = ?1, lease_expires = ?3,"
             " started_at = ?2, worker = ?4 WHERE rowid IN ({pick})"
-            " RETURNING id, route, args, attempts, max_attempts, timeout, priority, run_at, deadline"
+            " RETURNING id, route, args, attempts, max_attempts, timeout, priority, run_at, deadline, trace"
         )
 
         def claim(conn: sqlite3.Connection) -> list[Claim]:
@@ -463,7 +463,7 @@ class SQLiteQueue(Queue):
                 rows = conn.execute(claimed.format(pick=pick), params).fetchall()
             # RETURNING comes in table order, not the sub-select's: put the most urgent first.
             rows.sort(key=lambda r: (-r[6], r[7], r[0]))
-            return [Claim(r[0], r[1], bytes(r[2]), token, r[3], r[4], r[5], r[6], r[8]) for r in rows]
+            return [Claim(r[0], r[1], bytes(r[2]), token, r[3], r[4], r[5], r[6], r[8], r[7], r[9]) for r in rows]
 
         return claim
 

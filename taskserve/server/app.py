@@ -24,6 +24,7 @@ from .._wire import InputLimits
 from ..exceptions import InvalidTransition, QueueUnavailable
 from ..queue.base import Queue
 from ..service import Endpoint, Service
+from ..tracing import submit_span
 from ..webhooks import DEFAULT_RETRY_DELAY, DEFAULT_TRIES, Deliverer
 from . import bulk, events, openapi, tasks
 from ._errors import EXCEPTION_HANDLERS
@@ -105,7 +106,9 @@ class EndpointRoutes:
     async def arguments(self, request: Request) -> bytes:
         return await read_arguments(request, self.codec, request.app.state.limits, self.max_body)
 
-    def new_task(self, args: bytes, options: SubmitOptions = NO_OPTIONS, item: int | None = None) -> NewTask:
+    def new_task(
+        self, args: bytes, options: SubmitOptions = NO_OPTIONS, item: int | None = None, trace: str | None = None
+    ) -> NewTask:
         ep = self.endpoint
         task = NewTask(
             self.route,
@@ -115,6 +118,7 @@ class EndpointRoutes:
             priority=ep.priority,
             ttl=ep.ttl,
             max_queue=self.max_queue,
+            trace=trace,
         )
         return options.apply(task, item)
 
@@ -123,7 +127,9 @@ class EndpointRoutes:
     async def submit(self, request: Request) -> Response:
         started = time.perf_counter()
         options = read_options(request)
-        record = await self.queue.enqueue(self.new_task(await self.arguments(request), options))
+        args = await self.arguments(request)
+        with submit_span(self.endpoint.name, request.headers) as trace:
+            record = await self.queue.enqueue(self.new_task(args, options, trace=trace))
         if record.replayed:
             return _replayed(record)
         self.metrics.submitted.labels(self.endpoint.name).inc()
@@ -134,8 +140,9 @@ class EndpointRoutes:
         options = read_options(request)
         args = await read_many(request, self.codec, request.app.state.limits, self.max_body)
         keyed = options.idempotency_key is not None
-        tasks = [self.new_task(a, options, i if keyed else None) for i, a in enumerate(args)]
-        records = await self.queue.enqueue_many(tasks)
+        with submit_span(self.endpoint.name, request.headers) as trace:
+            tasks = [self.new_task(a, options, i if keyed else None, trace) for i, a in enumerate(args)]
+            records = await self.queue.enqueue_many(tasks)
         self.metrics.submitted.labels(self.endpoint.name).inc(sum(1 for r in records if not r.replayed))
         body = {"tasks": [{"task_id": r.id, "status": r.status.value} for r in records]}
         replayed = {"Idempotent-Replayed": "true"} if records and all(r.replayed for r in records) else None
@@ -237,8 +244,10 @@ class EndpointRoutes:
         that a worker still starting up is waited for. Either way the task is cancelled.
         """
         options = read_options(request)
-        task = self.new_task(await self.arguments(request), options)
-        record = await self.queue.enqueue(task)
+        args = await self.arguments(request)
+        with submit_span(self.endpoint.name, request.headers) as trace:
+            task = self.new_task(args, options, trace=trace)
+            record = await self.queue.enqueue(task)
         # A replayed key means another request made this task: waiting on it is fine, cancelling
         # it when this caller gives up is not (the one who made it may still want it).
         owned = not record.replayed
@@ -339,6 +348,7 @@ def create_app(
     webhook_tries: int = DEFAULT_TRIES,
     webhook_retry_delay: float = DEFAULT_RETRY_DELAY,
     public_url: str | None = None,
+    metrics_dir: str | None = None,
 ) -> Starlette:
     """The ASGI app serving ``service`` over ``queue``.
 
@@ -355,8 +365,9 @@ def create_app(
         webhook_tries: tries of one webhook delivery, the first included, before it is failed.
         webhook_retry_delay: seconds before a webhook's first retry; each next waits 5 times longer.
         public_url: the server's base URL as clients reach it, making webhooks' ``result_url`` absolute.
+        metrics_dir: the local workers' ``PROMETHEUS_MULTIPROC_DIR``, whose metrics ``/metrics`` adds.
     """
-    metrics = Metrics({ep.route: ep.name for ep in service.endpoints})
+    metrics = Metrics({ep.route: ep.name for ep in service.endpoints}, metrics_dir)
     # Built now, so that a bad secret stops start-up rather than the first delivery.
     deliverer = Deliverer(
         queue,

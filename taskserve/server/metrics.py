@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..queue.base import Queue
 
@@ -33,10 +34,17 @@ class _FinishedTasks:
 
 
 class Metrics:
-    def __init__(self, names: dict[str, str] | None = None) -> None:
+    """The API's own metrics, plus those its local workers keep in ``workers_dir`` (multiprocess mode).
+
+    Workers on other hosts serve theirs themselves (``taskserve worker --metrics-port``).
+    """
+
+    def __init__(self, names: dict[str, str] | None = None, workers_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
         self.finished_tasks = _FinishedTasks(names or {})
         self.registry.register(self.finished_tasks)
+        if workers_dir is not None:
+            MultiProcessCollector(self.registry, path=workers_dir)  # type: ignore[no-untyped-call]
         self.submitted = Counter(
             "taskserve_tasks_submitted", "Tasks accepted into the queue.", ["endpoint"], registry=self.registry
         )

@@ -25,9 +25,11 @@ from .._types import Claim, Outcome, TaskStatus
 from ..exceptions import QueueUnavailable
 from ..queue.base import DEFAULT_LEASE, Queue
 from ..service import Service
+from ..tracing import end_runs, start_runs
 from .claim import ClaimBuffer
 from .execute import UNSTARTED, Executor, Running
 from .lease import Keeper
+from .metrics import flush as flush_metrics, observe, worker_started, worker_stopped
 
 logger = logging.getLogger("taskserve.worker")
 
@@ -128,6 +130,7 @@ class Worker:
                 # In a thread: a model that takes a minute to load must not stop the heartbeats.
                 self.executor.instance = await loop.run_in_executor(self.executor.pool, self.service.instantiate)
             self.state = "ready"
+            worker_started()
             self.keeper.beat_soon()
             logger.info(
                 "worker %s ready: %s, concurrency %d | broker %s",
@@ -141,10 +144,12 @@ class Worker:
                 await self._loop(burst)
             finally:
                 self.state = "stopping"
+                worker_stopped()
                 await self._drain()
                 self._closing = True
                 self._outbox_ready.set()
                 await reporter
+                flush_metrics()
         finally:
             await self.keeper.stop()
             self.queue.cancel_listeners.remove(self._on_cancel)
@@ -179,6 +184,8 @@ class Worker:
         every_route_quick = len(quick) == len(self.routes)
         # Outcomes not yet written go along with the claim: one commit for both.
         outcomes, self._outbox = self._outbox, []
+        if outcomes:
+            flush_metrics()
         since = time.monotonic()
         try:
             claims = await self.queue.finish_and_claim(
@@ -316,13 +323,20 @@ class Worker:
 
     async def _execute(self, runnings: list[Running]) -> None:
         began = time.perf_counter()
-        if runnings[0].endpoint.batchable:
-            outcomes = await self.executor.run_batch(runnings)
-        elif len(runnings) == 1:
-            outcomes = [await self.executor.run(runnings[0])]
-        else:
-            outcomes = await self.executor.run_sequence(runnings)
+        spans = start_runs(runnings)
+        try:
+            if runnings[0].endpoint.batchable:
+                outcomes = await self.executor.run_batch(runnings)
+            elif len(runnings) == 1:
+                outcomes = [await self.executor.run(runnings[0])]
+            else:
+                outcomes = await self.executor.run_sequence(runnings)
+        except BaseException:
+            end_runs(spans, [None] * len(runnings))
+            raise
+        end_runs(spans, outcomes)
         took = (time.perf_counter() - began) / len(runnings)
+        observe(runnings, outcomes, time.time())
         route = runnings[0].claim.route
         self._route_avg[route] = 0.8 * self._route_avg.get(route, 1.0) + 0.2 * took
         for running, outcome in zip(runnings, outcomes, strict=True):
@@ -401,6 +415,7 @@ class Worker:
                 return
 
     async def _report(self, outcomes: list[Outcome]) -> None:
+        flush_metrics()
         delay = 0.05
         # Past the lease the tasks will re-run elsewhere anyway; when closing, the grace bounds it.
         deadline = time.monotonic() + (0.5 if self._closing else max(self.lease, 5.0))

@@ -1,6 +1,6 @@
 -- ARGV: prefix, worker, token, limit, lease seconds, highest ready score taken ('+inf' or -min_priority),
 -- concurrency caps as JSON {route: N} ('' for none), routes...
--- Returns per claim: id, route, args, attempts, max_attempts, timeout, priority, deadline.
+-- Returns per claim: id, route, args, attempts, max_attempts, timeout, priority, deadline, run_at, trace.
 local worker, token, limit, lease, ceiling = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local caps = ARGV[7] ~= '' and cjson.decode(ARGV[7]) or {}
 local lease_until = stamp(now + lease)
@@ -9,8 +9,8 @@ local lease_until = stamp(now + lease)
 local taken_key = P .. ':c:' .. token
 local out = {}
 local function row(id, route, attempts)
-  local h = redis.call('HMGET', tkey(id), 'args', 'max_attempts', 'timeout', 'priority', 'deadline')
-  return {id, route, h[1], attempts, h[2], h[3] or '', h[4] or '0', h[5] or ''}
+  local h = redis.call('HMGET', tkey(id), 'args', 'max_attempts', 'timeout', 'priority', 'deadline', 'run_at', 'trace')
+  return {id, route, h[1], attempts, h[2], h[3] or '', h[4] or '0', h[5] or '', h[6] or '', h[7] or ''}
 end
 local taken = redis.call('GET', taken_key)
 if taken then
