@@ -374,3 +374,20 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+_VALID_OPENAPI: set[str] = set()
+
+
+def validate_openapi(document: dict[str, Any]) -> None:
+    """openapi_spec_validator's check, once per distinct document in a run: it takes seconds on
+    ours, and several tests check the same document served by different servers."""
+    import hashlib
+    import json
+
+    from openapi_spec_validator import validate
+
+    key = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+    if key not in _VALID_OPENAPI:
+        validate(document)  # type: ignore[arg-type]
+        _VALID_OPENAPI.add(key)
