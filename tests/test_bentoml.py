@@ -8,11 +8,13 @@ are asserted here. taskserve's own client and plain HTTP drive the same server a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,13 @@ import httpx
 import pytest
 
 import taskserve
+from taskserve.queue import Queue
+from taskserve.server import create_app
+from taskserve.server.openapi import service_schema
+from taskserve.service import load_service
+from taskserve.worker import Worker
 
-from .conftest import ROOT, Server, assert_none_left, free_port, tagged_env
+from .conftest import ROOT, SERVICE as TASKSERVE_SERVICE, Server, assert_none_left, free_port, tagged_env
 
 VENV = Path(os.environ.get("TASKSERVE_BENTOML_VENV", ROOT / ".venv-bentoml"))
 PYTHON = VENV / "bin" / "python"
@@ -171,3 +178,70 @@ def test_service_options_map_or_are_warned_about(studio: Server) -> None:
     for option in ("max_concurrency", "memory", "bentoml.depends", "ASGI apps", "envs=", "shutdown hook", "batch_dim"):
         assert option in warned
     assert "resources 'cpu' is ignored" in studio.log.read_text()
+
+
+# -- the wire of any taskserve service, in this process (no bentoml needed) ----------------
+
+BENTO_UA = {"User-Agent": "BentoML HTTP Client/1.4.40"}
+
+
+@contextlib.asynccontextmanager
+async def in_process(tmp_path: Path, wire: str) -> AsyncIterator[httpx.AsyncClient]:
+    """tests.services:TestService, a taskserve service, with one in-process worker and ``--bentoml-wire wire``."""
+    service = load_service(TASKSERVE_SERVICE)
+    queue, worker_queue = Queue.from_url(f"sqlite:///{tmp_path}/t.db"), Queue.from_url(f"sqlite:///{tmp_path}/t.db")
+    await queue.connect()
+    worker = Worker(service, worker_queue, concurrency=2, lease=2, name="in-process")
+    running = asyncio.create_task(worker.run())
+    app = create_app(service, queue, maintenance=False, bentoml_wire=wire)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        yield client
+    worker.stop()
+    await asyncio.wait_for(running, 20)
+    await worker_queue.close()
+    await queue.close()
+
+
+async def finished(api: httpx.AsyncClient, route: str, body: dict[str, Any]) -> str:
+    task_id: str = (await api.post(f"/{route}/submit", json=body)).json()["task_id"]
+    await api.get(f"/{route}/wait", params={"task_id": task_id, "timeout": 20})
+    return task_id
+
+
+@pytest.mark.anyio
+async def test_wire_always_answers_everyone_in_bentomls_words(tmp_path: Path) -> None:
+    async with in_process(tmp_path, "always") as api:
+        echo = await finished(api, "echo", {"text": "plain"})
+        status = (await api.get("/echo/status", params={"task_id": echo})).json()
+        assert status["status"] == "completed" and status["executed_at"] == status["started_at"]
+        result = await api.get("/echo/get", params={"task_id": echo})
+        assert (result.headers["content-type"].split(";")[0], result.text) == ("text/plain", "plain")
+        matrix = await finished(api, "transpose", {"matrix": [[1, 2], [3, 4]]})
+        assert (await api.get("/transpose/get", params={"task_id": matrix})).json() == [[1, 3], [2, 4]]
+        fail = await finished(api, "fail", {"message": "no"})
+        assert (await api.get("/fail/status", params={"task_id": fail})).json()["status"] == "failed"
+        assert (await api.get("/fail/get", params={"task_id": fail})).status_code == 500
+        slow = (await api.post("/slow_async/submit", json={"seconds": 30})).json()["task_id"]
+        assert (await api.get("/slow_async/get", params={"task_id": slow})).status_code == 400
+        assert (await api.put("/slow_async/cancel", params={"task_id": slow})).json()["status"] == "canceled"
+        # Multipart text fields are JSON, as BentoML's client writes them, str ones included.
+        assert (await api.post("/echo", files={"text": (None, '"quoted"')})).text == "quoted"
+
+
+@pytest.mark.anyio
+async def test_wire_never_keeps_taskserves_words_for_bentomls_client(tmp_path: Path) -> None:
+    async with in_process(tmp_path, "never") as api:
+        echo = await finished(api, "echo", {"text": "plain"})
+        status = (await api.get("/echo/status", params={"task_id": echo}, headers=BENTO_UA)).json()
+        assert status["status"] == "success" and "executed_at" not in status
+        assert (await api.get("/echo/get", params={"task_id": echo}, headers=BENTO_UA)).json() == "plain"
+
+
+def test_schema_routes_describe_any_service_as_bentoml_reads_them() -> None:
+    routes = {r["name"]: r for r in service_schema(load_service(TASKSERVE_SERVICE))["routes"]}
+    assert routes["echo"]["output"] == {"type": "string"} and routes["echo"]["is_task"] is True
+    assert routes["invert"]["input"]["properties"]["img"]["type"] == "file"
+    assert routes["invert"]["output"] == {"type": "file", "format": "image", "pil": True}
+    assert routes["transpose"]["input"]["properties"]["matrix"]["type"] == "tensor"
+    midpoint = routes["midpoint"]["input"]["properties"]["a"]  # a pydantic model, inlined (no $ref)
+    assert midpoint["type"] == "object" and set(midpoint["properties"]) == {"x", "y"}
