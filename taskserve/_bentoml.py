@@ -32,9 +32,20 @@ _TRAFFIC_DEFAULTS = {"external_queue": True}
 
 
 def is_bentoml_service(obj: Any) -> bool:
-    """Whether ``obj`` is what ``@bentoml.service`` returns, told without importing bentoml."""
+    """Whether ``obj`` is what ``@bentoml.service`` returns, told without importing bentoml.
+
+    Raises:
+        ServiceDefinitionError: ``obj`` is a BentoML 1.1-style ``bentoml.Service(...)`` with runners.
+    """
     kind = type(obj)
-    return kind.__name__ == "Service" and kind.__module__.startswith(("_bentoml_sdk", "bentoml"))
+    if kind.__name__ != "Service":
+        return False
+    if kind.__module__.startswith("bentoml._internal"):
+        raise ServiceDefinitionError(
+            "This is a BentoML 1.1-style bentoml.Service(...) with runners; taskserve serves BentoML 1.2+ "
+            "@bentoml.service classes. Write the service as a class (BentoML's own migration guide shows how)."
+        )
+    return kind.__module__.startswith("_bentoml_sdk")
 
 
 class BentoService(Service):
@@ -162,13 +173,13 @@ def _callable(method: Any) -> Callable[..., Any]:
     hints = typing.get_type_hints(func, include_extras=True)
     params = []
     annotations: dict[str, Any] = {}
-    for i, param in enumerate(inspect.signature(func).parameters.values()):
+    for i, param in enumerate(_parameters(method, hints)):
         if i == 0:
             params.append(param)
             continue
         if param.name == ctx_param:
             continue
-        annotation = hints.get(param.name, Any)
+        annotation = _pinned(hints.get(param.name, param.annotation))
         default = param.default
         if _is_field_info(default):
             annotation = Annotated[annotation, default]
@@ -224,6 +235,36 @@ def _callable(method: Any) -> Callable[..., Any]:
     adapted.__signature__ = inspect.Signature(params, return_annotation=hints.get("return", Any))
     adapted.__annotations__ = annotations
     return wrapper
+
+
+def _parameters(method: Any, hints: dict[str, Any]) -> list[inspect.Parameter]:
+    """The method's parameters; for ``def f(self, **kwargs)`` with ``input_spec=Model``, the model's fields."""
+    declared = list(inspect.signature(method.func).parameters.values())
+    if not any(p.kind is p.VAR_KEYWORD for p in declared):
+        return declared
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [p for p in declared if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    named = {p.name for p in params}
+    for name, field in method.input_spec.model_fields.items():
+        if name in named:
+            continue
+        hints[name] = field.annotation
+        default = inspect.Parameter.empty if field.is_required() else _field_default(field)
+        params.append(inspect.Parameter(name, keyword, default=default, annotation=field.annotation))
+    return params
+
+
+def _pinned(annotation: Any) -> Any:
+    """``Annotated[np.ndarray, bentoml.validators.DType("float32"), ...]`` as ``NDArray[np.float32]``, which the codec keeps."""
+    if typing.get_origin(annotation) is not Annotated:
+        return annotation
+    base, *extras = typing.get_args(annotation)
+    dtype = next((getattr(x, "dtype", None) for x in extras if type(x).__name__ == "DType"), None)
+    if not (isinstance(dtype, str) and getattr(base, "__module__", "") == "numpy" and base.__name__ == "ndarray"):
+        return annotation
+    import numpy as np
+
+    return np.ndarray[Any, np.dtype[getattr(np, dtype)]]  # type: ignore[misc]
 
 
 def _is_field_info(value: Any) -> bool:

@@ -39,6 +39,8 @@ async def run_async(url: str, workdir: Path) -> dict[str, Any]:
     async with bentoml.AsyncHTTPClient(url) as client:
         seen["shout"] = await client.shout(text="hi there", times=2)
         seen["caption"] = await client.caption(prompt={"text": "a red fox"})
+        seen["area"] = await client.area(length=3.0, width=2.0)
+        seen["dtype_of"] = await client.dtype_of(values=np.array([1.0, 2.0]))
         render = await client.render.submit(prompt="fox", size=5)
         seen["statuses"] = [(await render.get_status()).value]
         deadline = time.monotonic() + DEADLINE

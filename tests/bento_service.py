@@ -9,17 +9,24 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Annotated, Any
 
 import bentoml
 import numpy as np
 from PIL import Image as PILImage
 from PIL.Image import Image
+from bentoml.validators import DType
 from pydantic import BaseModel, Field
 
 
 class Prompt(BaseModel):
     text: str
     steps: int = 2
+
+
+class Measures(BaseModel):
+    length: float
+    width: float = 1.0
 
 
 class Caption(BaseModel):
@@ -78,6 +85,14 @@ class Studio:
     async def nap(self, seconds: float, context: bentoml.Context) -> str:
         await asyncio.sleep(seconds)
         return "rested"
+
+    @bentoml.api(input_spec=Measures)
+    def area(self, **params: Any) -> float:
+        return params["length"] * params["width"]
+
+    @bentoml.api
+    def dtype_of(self, values: Annotated[np.ndarray, DType("float32")]) -> str:
+        return str(values.dtype)
 
     @bentoml.task(batchable=True, max_batch_size=8, max_latency_ms=200)
     def lengths(self, texts: list[str]) -> list[int]:

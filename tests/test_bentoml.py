@@ -80,6 +80,8 @@ def test_async_client_runs_the_whole_task_workflow(async_seen: dict[str, Any]) -
     # Direct calls: a str result arrives as a string, a pydantic result as its fields; Context injected.
     assert seen["shout"] == "HI THERE!HI THERE!"
     assert seen["caption"] == {"text": "a red fox x2 at /describe", "words": 3}
+    assert seen["area"] == 6.0  # input_spec= with **params
+    assert seen["dtype_of"] == "float32"  # Annotated[np.ndarray, DType("float32")]
     # submit → get_status (BentoML's words) → get: images come back as PIL images.
     assert seen["statuses"][0] in ("pending", "in_progress", "completed")
     assert seen["statuses"][1] == "completed"
