@@ -255,7 +255,7 @@ def _parameters(method: Any, hints: dict[str, Any]) -> list[inspect.Parameter]:
 
 
 def _pinned(annotation: Any) -> Any:
-    """``Annotated[np.ndarray, bentoml.validators.DType("float32"), ...]`` as ``NDArray[np.float32]``, which the codec keeps."""
+    """``Annotated[np.ndarray, DType("float32"), ...]`` (bentoml.validators) as ``NDArray[np.float32]``."""
     if typing.get_origin(annotation) is not Annotated:
         return annotation
     base, *extras = typing.get_args(annotation)

@@ -13,9 +13,9 @@ from typing import Annotated, Any
 
 import bentoml
 import numpy as np
+from bentoml.validators import DType
 from PIL import Image as PILImage
 from PIL.Image import Image
-from bentoml.validators import DType
 from pydantic import BaseModel, Field
 
 
