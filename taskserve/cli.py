@@ -230,6 +230,14 @@ def cli() -> None:
     help="This server's base URL as clients reach it, for absolute result_url links in webhooks "
     "(env TASKSERVE_PUBLIC_URL) [default: the path alone].",
 )
+@click.option(
+    "--bentoml-wire",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "always", "never"]),
+    help="Answer in BentoML's wire format: auto: requests of BentoML's clients (by User-Agent); "
+    "always; never (docs/bentoml.md).",
+)
 @_gpus_option
 def serve(target: str, host: str, port: int, workers: int | None, max_body_size: int, **options: Any) -> None:
     """Run the API server and worker processes for TARGET (module:Class)."""
@@ -409,6 +417,7 @@ async def _serve(
     webhook_tries: int,
     webhook_retry_delay: float,
     public_url: str | None,
+    bentoml_wire: Any,
     broker: str,
     concurrency: int,
     lease: float,
@@ -455,6 +464,7 @@ async def _serve(
         webhook_tries=webhook_tries,
         webhook_retry_delay=webhook_retry_delay,
         public_url=public_url,
+        bentoml_wire=bentoml_wire,
     )
 
     class Server(uvicorn.Server):

@@ -29,6 +29,7 @@ from ..webhooks import DEFAULT_RETRY_DELAY, DEFAULT_TRIES, Deliverer
 from . import bulk, events, openapi, tasks
 from ._errors import EXCEPTION_HANDLERS
 from .backpressure import DrainRate
+from .bentoml_wire import BentoWire, WireMode
 from .inputs import parse_json, read_arguments, read_body, read_many
 from .metrics import Metrics
 from .options import NO_OPTIONS, SubmitOptions, read_options
@@ -349,6 +350,7 @@ def create_app(
     webhook_retry_delay: float = DEFAULT_RETRY_DELAY,
     public_url: str | None = None,
     metrics_dir: str | None = None,
+    bentoml_wire: WireMode = "auto",
 ) -> Starlette:
     """The ASGI app serving ``service`` over ``queue``.
 
@@ -366,6 +368,8 @@ def create_app(
         webhook_retry_delay: seconds before a webhook's first retry; each next waits 5 times longer.
         public_url: the server's base URL as clients reach it, making webhooks' ``result_url`` absolute.
         metrics_dir: the local workers' ``PROMETHEUS_MULTIPROC_DIR``, whose metrics ``/metrics`` adds.
+        bentoml_wire: who gets BentoML's wire format: ``auto`` (requests of BentoML's clients,
+            by their User-Agent), ``always`` or ``never`` (docs/bentoml.md).
     """
     metrics = Metrics({ep.route: ep.name for ep in service.endpoints}, metrics_dir)
     # Built now, so that a bad secret stops start-up rather than the first delivery.
@@ -473,6 +477,8 @@ def create_app(
 
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.router = LiteralRouter(routes=routes, lifespan=lifespan)
+    if bentoml_wire != "never":
+        app.add_middleware(BentoWire, service=service, mode=bentoml_wire)
     app.state.queue = queue
     app.state.limits = limits or InputLimits()
     app.state.service = service
