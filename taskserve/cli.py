@@ -445,6 +445,13 @@ def _signals(on_signal: Any) -> Generator[None, None, None]:
             loop.remove_signal_handler(sig)
 
 
+def _access(keys: Any) -> str:
+    """Who may call, for the start-up line: the keys' owners only, a secret never reaches a log."""
+    if not keys.enabled:
+        return "open to all (no API key)"
+    return f"API keys of {', '.join(keys.owners()) or 'nobody yet (every request refused)'}"
+
+
 @contextlib.contextmanager
 def _reload_keys_on_hangup(keys: Any) -> Generator[None, None, None]:
     """SIGHUP reads the keys file again, without a restart or a dropped connection."""
@@ -581,10 +588,7 @@ async def _serve(
             queue.describe(),
             count,
             concurrency,
-            # Owners only: a secret never reaches a log.
-            f"API keys of {', '.join(keys.owners()) or 'nobody (every request refused)'}"
-            if keys.enabled
-            else "open to all (no API key)",
+            _access(keys),
         )
         if supervisor is not None:
             await supervisor.start()
