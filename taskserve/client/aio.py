@@ -341,7 +341,12 @@ class AsyncHTTPClient:
         await self._http.aclose()
 
     async def __aenter__(self) -> AsyncHTTPClient:
-        await self.endpoints()
+        try:
+            await self.endpoints()
+        except BaseException:
+            # __aexit__ is not called when __aenter__ fails (a refused key, a server away): close here.
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
