@@ -18,7 +18,17 @@ from taskserve.cli import cli
 from taskserve.queue import Queue
 from taskserve.server.auth import Keys, parse_key
 
-from .conftest import BROKERS, SERVICE, Server, assert_none_left, free_port, fresh_broker, tagged_env, wait_until
+from .conftest import (
+    BROKERS,
+    SERVICE,
+    Server,
+    assert_none_left,
+    free_port,
+    fresh_broker,
+    tagged_env,
+    validate_openapi,
+    wait_until,
+)
 from .test_queue import OpenQueue, open_queue, redis_prefix, task  # noqa: F401 - fixtures
 
 ALICE, BOB, ADMIN, PLAIN = "alice-secret-1", "bob-secret-22", "ops-secret-333", "plain-secret-4444"
@@ -112,6 +122,7 @@ def test_bearer_and_x_api_key_both_admit_and_the_schema_names_the_schemes(secure
     assert set(docs["components"]["securitySchemes"]) == {"bearer", "apiKey"}
     assert "401" in docs["paths"]["/echo/submit"]["post"]["responses"]
     assert docs["paths"]["/healthz"]["get"]["security"] == []
+    validate_openapi(docs)  # still a valid OpenAPI 3.1 document
 
 
 def test_another_key_gets_404_from_every_task_route(secured: Server) -> None:
