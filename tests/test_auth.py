@@ -107,7 +107,7 @@ def test_every_route_but_the_probes_needs_a_key(secured: Server) -> None:
             for headers in ({}, key("not-a-key"), {"Authorization": f"Basic {ALICE}"}):
                 response = http.request(method, path, headers=headers, json={"text": "hi"})
                 assert response.status_code == 401, (method, path, response.text)
-                assert response.headers["www-authenticate"].startswith("Bearer")
+                assert response.headers["www-authenticate"] == "Bearer"
                 assert "API key" in response.json()["error"]
         assert http.get("/healthz").status_code == 200
         assert http.get("/readyz").status_code == 200

@@ -185,7 +185,7 @@ async def _unauthorized(send: Send, body: bytes) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b'Bearer realm="taskserve"'),
+                (b"www-authenticate", b"Bearer"),
             ],
         }
     )
