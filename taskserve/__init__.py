@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 from ._types import TERMINAL_STATUSES, TaskStatus
 from .client import AsyncHTTPClient, AsyncTask, SyncHTTPClient, Task
 from .exceptions import (
+    AuthenticationError,
     ClientError,
     IdempotencyConflict,
     InvalidTransition,
@@ -38,6 +39,7 @@ from .webhooks import verify_webhook
 __all__ = [
     "AsyncHTTPClient",
     "AsyncTask",
+    "AuthenticationError",
     "ClientError",
     "Endpoint",
     "IdempotencyConflict",

@@ -29,13 +29,30 @@ if TYPE_CHECKING:
 DEFAULT_URL = "http://127.0.0.1:3000"
 WAIT_CHUNK = 2.0  # seconds one wait of `submit` lasts, so that Ctrl-C is heard soon
 
-url_option = click.option(
+_url = click.option(
     "--url",
     envvar="TASKSERVE_URL",
     default=DEFAULT_URL,
     show_default=True,
     help="The taskserve server (env TASKSERVE_URL).",
 )
+# Kept on the click context rather than passed to each command: _client reads it.
+_api_key = click.option(
+    "--api-key",
+    envvar="TASKSERVE_API_KEY",
+    default=None,
+    expose_value=False,
+    callback=lambda ctx, _, value: ctx.meta.__setitem__(API_KEY, value),
+    help="The server's API key, if it needs one (env TASKSERVE_API_KEY).",
+)
+API_KEY = "taskserve.api_key"
+
+
+def url_option(fn: Any) -> Any:
+    """``--url`` and ``--api-key``: where the server is and how to get in."""
+    return _url(_api_key(fn))
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the server's JSON instead of a table.")
 
 
@@ -55,7 +72,7 @@ def _client(url: str) -> Iterator[SyncHTTPClient]:
     from .client.sync import SyncHTTPClient
 
     try:
-        with SyncHTTPClient(url) as client:
+        with SyncHTTPClient(url, api_key=click.get_current_context().meta.get(API_KEY)) as client:
             yield client
     except TaskserveError as exc:
         raise click.ClickException(str(exc)) from None

@@ -110,6 +110,27 @@ class NewTask:
     webhook: str | None = None
     max_queue: int | None = None
     trace: str | None = None  # the submit's trace context (W3C headers as JSON), for the worker's span
+    owner: str | None = None  # the API key's owner that submitted it (None where the server has no keys)
+
+    @property
+    def stored_key(self) -> str | None:
+        """The idempotency key as the store holds it: scoped by owner, so tenants never share one."""
+        return scoped_key(self.owner, self.idempotency_key)
+
+
+def scoped_key(owner: str | None, key: str | None) -> str | None:
+    """``key`` within ``owner``'s namespace; without an owner (a server without keys) the key itself."""
+    if key is None or owner is None:
+        return key
+    return f"{owner}{OWNER_SEP}{key}"
+
+
+def unscoped_key(stored: str | None) -> str | None:
+    """The key the client sent, from its stored form."""
+    return None if stored is None else stored.rpartition(OWNER_SEP)[2]
+
+
+OWNER_SEP = "\x1f"  # between the owner and the key of a stored idempotency key (a control character no key holds)
 
 
 @dataclass
@@ -151,6 +172,8 @@ class TaskRecord:
     webhook_state: str | None = None
     webhook_attempts: int = 0
     webhook_error: str | None = None
+    # The owner of the API key that submitted it; None when the server had no keys.
+    owner: str | None = None
     # Not stored: set on what a submit returns when an idempotency key found an earlier task.
     replayed: bool = False
     # Not stored: for a pending task, how many tasks of its route would be claimed before it.

@@ -114,6 +114,50 @@ def _gpus_option(fn: Any) -> Any:
     )(fn)
 
 
+def _auth_options(fn: Any) -> Any:
+    """Access control (SPEC §10); see docs/security.md."""
+    options = [
+        click.option(
+            "--api-key",
+            "api_keys",
+            multiple=True,
+            metavar="[NAME=]KEY",
+            help="Require this key (repeatable; also env TASKSERVE_API_KEYS=k1,k2). A key sees only its own tasks.",
+        ),
+        click.option(
+            "--admin-key",
+            "admin_keys",
+            multiple=True,
+            metavar="[NAME=]KEY",
+            help="A key that sees and manages every task (repeatable; also env TASKSERVE_ADMIN_KEYS).",
+        ),
+        click.option(
+            "--api-keys-file",
+            envvar="TASKSERVE_API_KEYS_FILE",
+            default=None,
+            type=click.Path(dir_okay=False),
+            help="Keys from a file, one NAME=KEY a line, read again on SIGHUP (env TASKSERVE_API_KEYS_FILE).",
+        ),
+        click.option(
+            "--public-metrics",
+            is_flag=True,
+            default=False,
+            help="Serve /metrics without a key (for a Prometheus scraper on a trusted network).",
+        ),
+        click.option(
+            "--cors-origin",
+            "cors_origins",
+            multiple=True,
+            metavar="ORIGIN",
+            help="Let browser pages of this origin call the API, as https://app.example.com (repeatable) "
+            "[default: none].",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def _worker_plan(service: Any, workers: int | None, gpus: str | None) -> tuple[int, list[list[str]] | None]:
     """How many workers to start and the GPU ids of each (None: leave CUDA_VISIBLE_DEVICES alone).
 
@@ -238,6 +282,7 @@ def cli() -> None:
     help="Answer in BentoML's wire format: auto: requests of BentoML's clients (by User-Agent); "
     "always; never (docs/bentoml.md).",
 )
+@_auth_options
 @_gpus_option
 def serve(target: str, host: str, port: int, workers: int | None, max_body_size: int, **options: Any) -> None:
     """Run the API server and worker processes for TARGET (module:Class)."""
@@ -250,6 +295,15 @@ def serve(target: str, host: str, port: int, workers: int | None, max_body_size:
             parse_secret(options["webhook_secret"])
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--webhook-secret") from None
+    from .server.auth import keys_from_env
+
+    try:
+        options["keys"] = keys_from_env(
+            options.pop("api_keys"), options.pop("admin_keys"), options.pop("api_keys_file")
+        )
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        # The message names the file or says the key is empty; it never holds a secret.
+        raise click.BadParameter(f"cannot read the API keys: {exc}", param_hint="--api-key/--api-keys-file") from None
     sock = _listen(host, port)
     try:
         _check_runtime_dir(options["broker"])
@@ -399,6 +453,27 @@ def _signals(on_signal: Any) -> Generator[None, None, None]:
             loop.remove_signal_handler(sig)
 
 
+def _access(keys: Any) -> str:
+    """Who may call, for the start-up line: the keys' owners only, a secret never reaches a log."""
+    if not keys.enabled:
+        return "open to all (no API key)"
+    return f"API keys of {', '.join(keys.owners()) or 'nobody yet (every request refused)'}"
+
+
+@contextlib.contextmanager
+def _reload_keys_on_hangup(keys: Any) -> Generator[None, None, None]:
+    """SIGHUP reads the keys file again, without a restart or a dropped connection."""
+    if keys.path is None or not hasattr(signal, "SIGHUP"):
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, keys.reload)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+
 async def _serve(
     target: str,
     sock: socket.socket,
@@ -425,6 +500,9 @@ async def _serve(
     retention: float | None,
     gpus: str | None,
     metrics_dir: str | None,
+    keys: Any,
+    public_metrics: bool,
+    cors_origins: tuple[str, ...],
 ) -> None:
     import uvicorn
 
@@ -465,6 +543,9 @@ async def _serve(
         webhook_retry_delay=webhook_retry_delay,
         public_url=public_url,
         bentoml_wire=bentoml_wire,
+        api_keys=keys,
+        public_metrics=public_metrics,
+        cors_origins=cors_origins,
     )
 
     class Server(uvicorn.Server):
@@ -508,15 +589,16 @@ async def _serve(
                 shutil.rmtree(metrics_dir, ignore_errors=True)
             os._exit(1)
 
-    with _signals(on_signal):
+    with _signals(on_signal), _reload_keys_on_hangup(keys):
         logger.info(
-            "serving %s at http://%s:%d | broker %s | %d worker process(es) x concurrency %d",
+            "serving %s at http://%s:%d | broker %s | %d worker process(es) x concurrency %d | %s",
             service.name,
             host,
             port,
             queue.describe(),
             count,
             concurrency,
+            _access(keys),
         )
         if supervisor is not None:
             await supervisor.start()

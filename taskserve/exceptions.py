@@ -9,6 +9,7 @@ TaskserveError
 ├── ValidationFailed           arguments do not match the signature (HTTP 422)
 ├── PayloadTooLarge            request body over the limit (HTTP 413)
 ├── ClientError                the client could not talk to the server
+│   └── AuthenticationError    no API key, or one the server refuses (HTTP 401)
 ├── TaskNotReady               get() before the task finished
 ├── TaskFailed                 get() on a failed task; carries the remote error
 ├── TaskCancelled              get() on a cancelled task
@@ -93,6 +94,16 @@ class ClientError(TaskserveError):
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+class AuthenticationError(ClientError):
+    """The server wants an API key and got none, or one it does not accept (HTTP 401).
+
+    Give the client ``api_key=`` or set ``TASKSERVE_API_KEY``.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 401)
 
 
 class _TaskOutcomeError(TaskserveError):

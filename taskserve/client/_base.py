@@ -20,6 +20,7 @@ import pydantic_core
 from .._types import TaskStatus
 from .._wire import array_from_wire, array_to_npy, array_to_wire, is_ndarray, load_image
 from ..exceptions import (
+    AuthenticationError,
     ClientError,
     IdempotencyConflict,
     InvalidTransition,
@@ -154,6 +155,15 @@ def _save_result(content: bytes, ctype: str) -> pathlib.Path:
     return pathlib.Path(name)
 
 
+def auth_headers(headers: dict[str, str] | None, api_key: str | None) -> dict[str, str]:
+    """The client's headers with its API key (``api_key``, else ``TASKSERVE_API_KEY``) as a bearer token."""
+    key = api_key if api_key is not None else os.environ.get("TASKSERVE_API_KEY") or None
+    out = dict(headers or {})
+    if key is not None:
+        out["Authorization"] = f"Bearer {key}"
+    return out
+
+
 def error_message(response: httpx.Response) -> tuple[str, dict[str, Any]]:
     try:
         body = response.json()
@@ -171,6 +181,11 @@ def raise_for_response(response: httpx.Response, task: Any = None) -> None:
     message, body = error_message(response)
     code = response.status_code
     status = body.get("status")
+    if code == 401:
+        if not response.request.headers.get("authorization"):
+            message = f"The server at {response.request.url.host} needs an API key: give the client api_key= "
+            message += "or set TASKSERVE_API_KEY."
+        raise AuthenticationError(message)
     if code == 422:
         raise ValidationFailed(message, body.get("detail"))
     if code == 404:

@@ -21,6 +21,7 @@ from ._base import (
     EndpointInfo,
     SSEParser,
     TaskEvent,
+    auth_headers,
     decode_result,
     encode_arguments,
     encode_json_item,
@@ -293,6 +294,9 @@ class AsyncHTTPClient:
         transport: an httpx async transport, e.g. ``httpx.ASGITransport(app)`` in tests. By default
             aiohttp's (with ``taskserve[aiohttp]``), else ``AsyncPoolsTransport``: both keep their
             throughput when hundreds of coroutines share the client, which one httpx pool does not.
+        headers: sent with every request.
+        api_key: the server's API key, sent as ``Authorization: Bearer KEY``; by default
+            ``TASKSERVE_API_KEY`` from the environment. Without the right one, ``AuthenticationError``.
 
     Example:
         >>> async with taskserve.AsyncHTTPClient("http://localhost:3000") as client:
@@ -306,9 +310,11 @@ class AsyncHTTPClient:
         timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
         headers: dict[str, str] | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         transport = transport if transport is not None else default_async_transport()
+        headers = auth_headers(headers, api_key)
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport, headers=headers)
         self._endpoints: dict[str, EndpointInfo] | None = None
 
@@ -335,7 +341,12 @@ class AsyncHTTPClient:
         await self._http.aclose()
 
     async def __aenter__(self) -> AsyncHTTPClient:
-        await self.endpoints()
+        try:
+            await self.endpoints()
+        except BaseException:
+            # __aexit__ is not called when __aenter__ fails (a refused key, a server away): close here.
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:

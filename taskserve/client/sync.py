@@ -19,6 +19,7 @@ from ._base import (
     EndpointInfo,
     SSEParser,
     TaskEvent,
+    auth_headers,
     decode_result,
     encode_arguments,
     encode_json_item,
@@ -306,6 +307,9 @@ class SyncHTTPClient:
         timeout: seconds for each request (long polls add their own wait).
         transport: an httpx transport, for tests or embedding. By default ``PoolsTransport``,
             several small pools, so that one client shared by many threads keeps its throughput.
+        headers: sent with every request.
+        api_key: the server's API key, sent as ``Authorization: Bearer KEY``; by default
+            ``TASKSERVE_API_KEY`` from the environment. Without the right one, ``AuthenticationError``.
 
     Example:
         >>> with taskserve.SyncHTTPClient("http://localhost:3000") as client:
@@ -319,9 +323,11 @@ class SyncHTTPClient:
         timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
         headers: dict[str, str] | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         transport = transport if transport is not None else default_transport()
+        headers = auth_headers(headers, api_key)
         self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport, headers=headers)
         self._endpoints: dict[str, EndpointInfo] | None = None
 

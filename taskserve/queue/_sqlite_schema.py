@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from .._types import Event, NewTask, TaskRecord, TaskStatus, event_id
+from .._types import Event, NewTask, TaskRecord, TaskStatus, event_id, unscoped_key
 from ..exceptions import IdempotencyConflict, QueueFull
 from .base import Watch, queue_full_message
 
@@ -168,12 +168,23 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE tasks ADD COLUMN trace TEXT;
         """,
     ),
+    (
+        # Access control (SPEC §10): the owner of the API key that submitted the task (NULL on a
+        # server without keys). tasks_owner lists one owner's tasks newest first without reading
+        # anyone else's; an owner never changes, so the index costs one write per task, at submit.
+        # Idempotency keys stay unique per (route, stored key): the stored key carries the owner.
+        8,
+        """
+        ALTER TABLE tasks ADD COLUMN owner TEXT;
+        CREATE INDEX IF NOT EXISTS tasks_owner ON tasks (owner, id) WHERE owner IS NOT NULL;
+        """,
+    ),
 ]
 
 RECORD_COLUMNS = (
     "id, route, status, created_at, started_at, completed_at, attempts, max_attempts, error, worker, priority, timeout,"
     " run_at, errors, retry_of, tags, progress, idempotency_key, args_hash, batch_size, expires_at, deadline, purge_at,"
-    " webhook, webhook_state, webhook_attempts, webhook_error"
+    " webhook, webhook_state, webhook_attempts, webhook_error, owner"
 )
 STATUSES = tuple(s.value for s in TaskStatus)
 
@@ -197,7 +208,7 @@ def record(row: Sequence[Any]) -> TaskRecord:
         retry_of=row[14],
         tags={} if row[15] is None else json.loads(row[15]),
         progress=None if row[16] is None else json.loads(row[16]),
-        idempotency_key=row[17],
+        idempotency_key=unscoped_key(row[17]),
         args_hash=row[18],
         batch_size=row[19],
         expires_at=row[20],
@@ -207,6 +218,7 @@ def record(row: Sequence[Any]) -> TaskRecord:
         webhook_state=row[24],
         webhook_attempts=row[25],
         webhook_error=row[26],
+        owner=row[27],
     )
 
 
@@ -223,15 +235,23 @@ def read_events(conn: sqlite3.Connection, task_id: str) -> list[Event]:
 
 
 def list_rows(
-    conn: sqlite3.Connection, route: str | None, status: str | None, limit: int, before: str | None
+    conn: sqlite3.Connection,
+    route: str | None,
+    status: str | None,
+    limit: int,
+    before: str | None,
+    owner: str | None = None,
 ) -> tuple[list[TaskRecord], str | None]:
     """Newest first: through the primary key, the listing index of finished tasks, or for an
     active state its partial index (sorted, so the cost follows the backlog, not the store).
 
     A route without a status merges the states' slices; a finished state without a route
-    merges the slices of each route found in it (a skip-scan of the listing index).
+    merges the slices of each route found in it (a skip-scan of the listing index). One
+    owner's tasks are read through tasks_owner.
     """
     upper, bound = ("AND id < ?", [before]) if before else ("", [])
+    if owner is not None:
+        return _owner_rows(conn, owner, route, status, limit, upper, bound)
     if route is None and status is None:
         sql = f"SELECT {RECORD_COLUMNS} FROM tasks WHERE 1 {upper} ORDER BY id DESC LIMIT ?"
         rows = conn.execute(sql, (*bound, limit + 1)).fetchall()
@@ -259,6 +279,45 @@ def list_rows(
     return page, (page[-1].id if len(rows) > limit else None)
 
 
+def _owner_rows(
+    conn: sqlite3.Connection,
+    owner: str,
+    route: str | None,
+    status: str | None,
+    limit: int,
+    upper: str,
+    bound: list[str],
+) -> tuple[list[TaskRecord], str | None]:
+    """One owner's tasks. Unfiltered, a range of tasks_owner; with a route or status, the owner's
+    newest ``OWNER_WINDOW`` ids are looked at (the index is by age only) and the cursor goes on
+    from the last one looked at, as a tag filter does."""
+    if route is None and status is None:
+        sql = (
+            f"SELECT {RECORD_COLUMNS} FROM tasks INDEXED BY tasks_owner WHERE owner = ? {upper}"
+            " ORDER BY owner DESC, id DESC LIMIT ?"
+        )
+        rows = conn.execute(sql, (owner, *bound, limit + 1)).fetchall()
+        page = [record(r) for r in rows[:limit]]
+        return page, (page[-1].id if len(rows) > limit else None)
+    ids = [
+        i
+        for (i,) in conn.execute(
+            f"SELECT id FROM tasks INDEXED BY tasks_owner WHERE owner = ? {upper} ORDER BY owner DESC, id DESC LIMIT ?",
+            (owner, *bound, OWNER_WINDOW + 1),
+        )
+    ]
+    found: list[TaskRecord] = []
+    for n, task_id in enumerate(ids[:OWNER_WINDOW]):
+        row = conn.execute(f"SELECT {RECORD_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if row is None or (route is not None and row[1] != route) or (status is not None and row[2] != status):
+            continue
+        found.append(record(row))
+        if len(found) == limit:
+            return found, (task_id if n + 1 < len(ids) else None)
+    return found, (ids[OWNER_WINDOW - 1] if len(ids) > OWNER_WINDOW else None)
+
+
+OWNER_WINDOW = 5000  # ids of one owner a filtered page looks at
 ACTIVE_INDEX = {"pending": "tasks_due", "in_progress": "tasks_leases"}
 ROUTES_IN_STATE = """
     WITH RECURSIVE r(route) AS (
@@ -297,7 +356,7 @@ def count_finished(conn: sqlite3.Connection, ended: collections.Counter[tuple[st
 def task_row(t: NewTask, ts: float) -> tuple[Any, ...]:
     tags = json.dumps(t.tags) if t.tags else None
     return (t.id, t.route, t.priority, t.run_at, ts, t.max_attempts, t.timeout, t.args, tags, t.retry_of,
-            t.idempotency_key, t.args_hash, t.expires_at, t.deadline, t.webhook, t.trace)  # fmt: skip
+            t.stored_key, t.args_hash, t.expires_at, t.deadline, t.webhook, t.trace, t.owner)  # fmt: skip
 
 
 @dataclass
@@ -310,12 +369,16 @@ class Guards:
     """
 
     routes: list[str]  # the route of each row
-    keyed: list[tuple[int, str, str, str]]  # (row index, route, key, args hash)
+    keyed: list[tuple[int, str, str, str, str]]  # (row index, route, key, key as stored (per owner), args hash)
     limits: dict[str, int]  # route -> max_queue
 
     @classmethod
     def of(cls, tasks: Sequence[NewTask]) -> Guards | None:
-        keyed = [(i, t.route, t.idempotency_key, t.args_hash or "") for i, t in enumerate(tasks) if t.idempotency_key]
+        keyed = [
+            (i, t.route, t.idempotency_key, t.stored_key or "", t.args_hash or "")
+            for i, t in enumerate(tasks)
+            if t.idempotency_key
+        ]
         limits = {t.route: t.max_queue for t in tasks if t.max_queue is not None}
         if not keyed and not limits:
             return None
@@ -324,9 +387,9 @@ class Guards:
     def check(self, conn: sqlite3.Connection) -> dict[int, str]:
         """``{row index: id of the earlier task}`` for keys seen before; raises on a conflict or a full queue."""
         replays: dict[int, str] = {}
-        for i, route, key, digest in self.keyed:
+        for i, route, key, stored, digest in self.keyed:
             row = conn.execute(
-                "SELECT id, args_hash FROM tasks WHERE route = ? AND idempotency_key = ?", (route, key)
+                "SELECT id, args_hash FROM tasks WHERE route = ? AND idempotency_key = ?", (route, stored)
             ).fetchone()
             if row is not None:
                 if row[1] != digest:
@@ -351,8 +414,8 @@ def insert_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], guards: G
     replays = guards.check(conn) if guards is not None else {}
     conn.executemany(
         "INSERT INTO tasks (id, route, status, priority, run_at, created_at, max_attempts, timeout, args, tags,"
-        " retry_of, idempotency_key, args_hash, expires_at, deadline, webhook, trace)"
-        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " retry_of, idempotency_key, args_hash, expires_at, deadline, webhook, trace, owner)"
+        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [row for i, row in enumerate(rows) if i not in replays] if replays else rows,
     )
     return replays

@@ -145,7 +145,7 @@ class Queue(abc.ABC):
         lot with ``QueueFull``. Both are decided in the store's write, so racing submits agree.
         """
         ts = now()
-        keys = [(t.route, t.idempotency_key) for t in tasks if t.idempotency_key is not None]
+        keys = [(t.route, t.stored_key) for t in tasks if t.idempotency_key is not None]
         if len(keys) != len(set(keys)):
             raise ValueError("Two tasks of one enqueue_many carry the same idempotency key; give each its own.")
         for task in tasks:
@@ -174,6 +174,7 @@ class Queue(abc.ABC):
                 expires_at=t.expires_at,
                 deadline=t.deadline,
                 webhook=t.webhook,
+                owner=t.owner,
             )
             for t in tasks
         ]
@@ -186,19 +187,26 @@ class Queue(abc.ABC):
             records[i] = earlier
         return records
 
-    async def get(self, task_id: str, route: str | None = None) -> TaskRecord:
-        """The task's record; ``TaskNotFound`` if unknown, expired or of another route."""
+    async def get(self, task_id: str, route: str | None = None, owner: str | None = None) -> TaskRecord:
+        """The task's record; ``TaskNotFound`` if unknown, expired, of another route or another owner.
+
+        ``owner`` is the caller's API key owner (``None``: anyone's task, as for an admin key or
+        a server without keys). Another owner's task is answered exactly as an unknown one, so
+        a caller cannot even learn that an id exists.
+        """
         record = await self._get(task_id)
         if record is None or (route is not None and record.route != route):
+            raise TaskNotFound(task_id)
+        if owner is not None and record.owner != owner:
             raise TaskNotFound(task_id)
         return record
 
     async def get_result(self, task_id: str) -> Result | None:
         return await self._get_result(task_id)
 
-    async def cancel(self, task_id: str, route: str | None = None) -> TaskRecord:
+    async def cancel(self, task_id: str, route: str | None = None, owner: str | None = None) -> TaskRecord:
         """Cancel a pending or running task; ``InvalidTransition`` if it already ended."""
-        record = await self.get(task_id, route)
+        record = await self.get(task_id, route, owner)
         if record.status.is_terminal:
             raise InvalidTransition(
                 f"Task {task_id!r} has already ended ({record.status.value}) and cannot be cancelled.", record.status
@@ -219,14 +227,16 @@ class Queue(abc.ABC):
         *,
         max_queue: int | None = None,
         ttl: float | None = None,
+        owner: str | None = None,
     ) -> TaskRecord:
         """Submit a new task with the arguments of a finished one (or ``args``); the old one is unchanged.
 
         The new task keeps the old one's priority, time limit, tags and webhook, and names it
         in ``retry_of``; its deadline is not carried over (a moment in time), its ``ttl`` is
-        the route's, and the route's ``max_queue`` bounds it as any submit.
+        the route's, and the route's ``max_queue`` bounds it as any submit. It belongs to the
+        old task's owner (``owner``, the caller's, must be that one, or ``None`` for an admin).
         """
-        record = await self.get(task_id, route)
+        record = await self.get(task_id, route, owner)
         if not record.status.is_terminal:
             raise InvalidTransition(
                 f"Task {task_id!r} is still {record.status.value}; only a finished task can be retried.",
@@ -247,6 +257,7 @@ class Queue(abc.ABC):
             webhook=record.webhook,
             ttl=ttl,
             max_queue=max_queue,
+            owner=record.owner,
         )
         return await self.enqueue(new)
 
@@ -263,12 +274,14 @@ class Queue(abc.ABC):
             return None
         return await self._position(record, now())
 
-    async def wait(self, task_id: str, timeout: float, route: str | None = None) -> TaskRecord:
+    async def wait(
+        self, task_id: str, timeout: float, route: str | None = None, owner: str | None = None
+    ) -> TaskRecord:
         """Return the record once the task is terminal or ``timeout`` seconds have passed."""
         deadline = now() + timeout
         watch = self._watch(task_id)  # registered before the read, so no wake-up is missed
         try:
-            record = await self.get(task_id, route)
+            record = await self.get(task_id, route, owner)
             delay = 0.005
             while not record.status.is_terminal:
                 remaining = deadline - now()
@@ -276,7 +289,7 @@ class Queue(abc.ABC):
                     break
                 await watch.wait(min(delay, remaining))
                 delay = min(delay * 2, self.poll_cap)
-                record = await self.get(task_id, route)
+                record = await self.get(task_id, route, owner)
             return record
         finally:
             watch.close()
@@ -513,9 +526,11 @@ class Queue(abc.ABC):
 
     @abc.abstractmethod
     async def _list(
-        self, route: str | None, status: str | None, limit: int, before: str | None
+        self, route: str | None, status: str | None, limit: int, before: str | None, owner: str | None = None
     ) -> tuple[list[TaskRecord], str | None]:
         """Up to ``limit`` tasks with ids below ``before``, newest first, and where to go on from.
+
+        With ``owner``, only that owner's tasks, read through a per-owner index.
 
         A backend may return fewer than ``limit`` with a cursor (it bounds the work of one
         call); the cursor is ``None`` only when nothing older matches.
@@ -631,6 +646,7 @@ class Queue(abc.ABC):
         tag: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        owner: str | None = None,
     ) -> tuple[list[TaskRecord], str | None]:
         """Tasks newest first (finished ones too, until purged), a page at a time.
 
@@ -643,6 +659,9 @@ class Queue(abc.ABC):
                 is bounded the same way (its index is by age alone); on SQLite it is indexed.
             limit: the most tasks a page holds.
             cursor: ``next_cursor`` of the page before.
+            owner: only the tasks of this API key owner (``None``: everyone's). Read through a
+                per-owner index; a route or status filter on top looks at no more than
+                ``TAG_WINDOW`` of the owner's newest tasks per page.
 
         Returns:
             The page, and the cursor of the next one (``None`` at the end). Task ids are
@@ -655,12 +674,12 @@ class Queue(abc.ABC):
         limit = max(1, min(int(limit), 1000))
         state = None if status is None else TaskStatus(status).value
         if tag is None:
-            return await self._list(route, state, limit, cursor)
+            return await self._list(route, state, limit, cursor, owner)
         key, _, value = tag.partition(":")
         found: list[TaskRecord] = []
         looked = 0
         while looked < TAG_WINDOW:
-            page, cursor = await self._list(route, state, min(max(limit * 4, 200), TAG_WINDOW - looked), cursor)
+            page, cursor = await self._list(route, state, min(max(limit * 4, 200), TAG_WINDOW - looked), cursor, owner)
             looked += len(page)
             for record in page:
                 if record.tags.get(key) == value:

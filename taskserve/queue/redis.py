@@ -14,6 +14,7 @@ share one Redis):
     P:all               zset, all scores 0: every task id, lex order = age (listing, newest first)
     P:ix:ROUTE          the same for one route; ids of expired hashes leave on listing or sweep
     P:ixroutes          set of routes with a listing index (the sweep visits these)
+    P:ox:OWNER          the same for one API key owner's tasks (access control); P:oxowners names them
     P:sweep             hash index key -> the id the last sweep of it stopped after
     P:ready:ROUTE       zset of due tasks: score -priority, member "run_at|ID" (ties by run_at)
     P:delayed:ROUTE     zset of tasks not due yet, scored by run_at; claim promotes the due ones
@@ -22,7 +23,7 @@ share one Redis):
     P:c:TOKEN           the ids one claim call took, for a re-send of it; expires with the lease
     P:timers            zset of active tasks with a TTL or deadline, by the earlier of the two
     P:webhooks          zset of ended tasks whose webhook is pending, by when the next try is due
-    P:idem:ROUTE:KEY    the task an idempotency key names; expires with that task
+    P:idem:ROUTE:KEY    the task an idempotency key names (KEY is "OWNER\x1fKEY" for an owner's); expires with it
     P:routes            set of routes with tasks (recover and counts visit these only)
     P:finished          hash "STATUS:ROUTE" -> tasks that ended so, counted where they end
     P:workers           hash worker id -> "LAST_SEEN WorkerInfo-JSON" (the worker registry)
@@ -62,6 +63,7 @@ from .._types import (
     TaskStatus,
     WorkerInfo,
     event_id,
+    unscoped_key,
 )
 from ..exceptions import IdempotencyConflict, QueueError, QueueFull, QueueUnavailable
 from . import lifecycle
@@ -72,7 +74,7 @@ logger = logging.getLogger("taskserve.queue")
 RECORD_FIELDS = tuple(
     "route status created_at started_at completed_at attempts max_attempts error worker priority timeout run_at"
     " errors retry_of tags progress idempotency_key args_hash batch_size expires_at deadline purge_at webhook"
-    " webhook_state webhook_attempts webhook_error".split()
+    " webhook_state webhook_attempts webhook_error owner".split()
 )
 # A page of a listing filtered by status looks at no more ids than this (the index is by age only).
 LIST_WINDOW = 5000
@@ -132,7 +134,7 @@ def _record(task_id: str, values: Sequence[Any]) -> TaskRecord | None:
     """A hash written before a field existed reads back with that field's default."""
     (route, status, created, started, completed, attempts, max_attempts, error, worker, priority, timeout, run_at,
      errors, retry_of, tags, progress, key, args_hash, batch_size, expires_at, deadline, purge_at, webhook,
-     webhook_state, webhook_attempts, webhook_error) = (
+     webhook_state, webhook_attempts, webhook_error, owner) = (
         None if v is None else v.decode() for v in values
     )  # fmt: skip
     if route is None or status is None or created is None:
@@ -155,7 +157,7 @@ def _record(task_id: str, values: Sequence[Any]) -> TaskRecord | None:
         retry_of=retry_of,
         tags={} if tags is None else json.loads(tags),
         progress=None if progress is None else json.loads(progress),
-        idempotency_key=key,
+        idempotency_key=unscoped_key(key),
         args_hash=args_hash,
         batch_size=None if batch_size is None else int(batch_size),
         expires_at=_float(expires_at),
@@ -165,6 +167,7 @@ def _record(task_id: str, values: Sequence[Any]) -> TaskRecord | None:
         webhook_state=webhook_state,
         webhook_attempts=int(webhook_attempts or 0),
         webhook_error=webhook_error,
+        owner=owner,
     )
 
 
@@ -259,7 +262,7 @@ class RedisQueue(Queue):
                 raise QueueError(f"Task id {str(exc)[10:]!r} is already taken; give each task a new id.") from exc
             if str(exc).startswith("CONFLICT "):
                 _, task_id, key = str(exc).split(" ", 2)
-                raise IdempotencyConflict(key, task_id) from None
+                raise IdempotencyConflict(unscoped_key(key) or key, task_id) from None
             if str(exc).startswith("FULL "):
                 _, pending, cap, new, route = str(exc).split(" ", 4)
                 message = queue_full_message(route, int(pending), int(cap), int(new))
@@ -427,8 +430,8 @@ class RedisQueue(Queue):
             deadline = "" if t.deadline is None else repr(t.deadline - ts)
             tags = json.dumps(t.tags) if t.tags else ""
             args += [t.id, t.route, t.priority, repr(delay), t.max_attempts, timeout, t.args, tags]
-            args += [t.retry_of or "", t.idempotency_key or "", t.args_hash or "", expires, deadline]
-            args += [t.webhook or "", "" if t.max_queue is None else t.max_queue, t.trace or ""]
+            args += [t.retry_of or "", t.stored_key or "", t.args_hash or "", expires, deadline]
+            args += [t.webhook or "", "" if t.max_queue is None else t.max_queue, t.trace or "", t.owner or ""]
         reply = await self._run("enqueue", *args)
         return {i: earlier.decode() for i, earlier in enumerate(reply[1:]) if earlier}
 
@@ -451,9 +454,11 @@ class RedisQueue(Queue):
         ]
 
     async def _list(
-        self, route: str | None, status: str | None, limit: int, before: str | None
+        self, route: str | None, status: str | None, limit: int, before: str | None, owner: str | None = None
     ) -> tuple[list[TaskRecord], str | None]:
-        reply = await self._run("list", route or "", status or "", limit, before or "", LIST_WINDOW, *RECORD_FIELDS)
+        reply = await self._run(
+            "list", route or "", status or "", limit, before or "", LIST_WINDOW, owner or "", *RECORD_FIELDS
+        )
         width = len(RECORD_FIELDS) + 1
         records = []
         for i in range(1, len(reply), width):

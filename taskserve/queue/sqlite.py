@@ -357,9 +357,9 @@ class SQLiteQueue(Queue):
         return await self._quick_read(lambda c: read_events(c, task_id))
 
     async def _list(
-        self, route: str | None, status: str | None, limit: int, before: str | None
+        self, route: str | None, status: str | None, limit: int, before: str | None, owner: str | None = None
     ) -> tuple[list[TaskRecord], str | None]:
-        return await self._read(lambda c: list_rows(c, route, status, limit, before))
+        return await self._read(lambda c: list_rows(c, route, status, limit, before, owner))
 
     async def _get_args(self, task_id: str) -> bytes | None:
         row = await self._read(lambda c: c.execute("SELECT args FROM tasks WHERE id = ?", (task_id,)).fetchone())

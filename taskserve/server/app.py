@@ -7,13 +7,15 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio.to_thread
 import pydantic_core
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
@@ -28,6 +30,7 @@ from ..tracing import submit_span
 from ..webhooks import DEFAULT_RETRY_DELAY, DEFAULT_TRIES, Deliverer
 from . import bulk, events, openapi, tasks
 from ._errors import EXCEPTION_HANDLERS
+from .auth import AuthMiddleware, Keys, owner_filter, secure_document, submitter
 from .backpressure import DrainRate
 from .bentoml_wire import BentoWire, WireMode
 from .inputs import parse_json, read_arguments, read_body, read_many
@@ -108,7 +111,12 @@ class EndpointRoutes:
         return await read_arguments(request, self.codec, request.app.state.limits, self.max_body)
 
     def new_task(
-        self, args: bytes, options: SubmitOptions = NO_OPTIONS, item: int | None = None, trace: str | None = None
+        self,
+        args: bytes,
+        options: SubmitOptions = NO_OPTIONS,
+        item: int | None = None,
+        trace: str | None = None,
+        owner: str | None = None,
     ) -> NewTask:
         ep = self.endpoint
         task = NewTask(
@@ -120,6 +128,7 @@ class EndpointRoutes:
             ttl=ep.ttl,
             max_queue=self.max_queue,
             trace=trace,
+            owner=owner,
         )
         return options.apply(task, item)
 
@@ -130,7 +139,7 @@ class EndpointRoutes:
         options = read_options(request)
         args = await self.arguments(request)
         with submit_span(self.endpoint.name, request.headers) as trace:
-            record = await self.queue.enqueue(self.new_task(args, options, trace=trace))
+            record = await self.queue.enqueue(self.new_task(args, options, trace=trace, owner=submitter(request)))
         if record.replayed:
             return _replayed(record)
         self.metrics.submitted.labels(self.endpoint.name).inc()
@@ -142,7 +151,8 @@ class EndpointRoutes:
         args = await read_many(request, self.codec, request.app.state.limits, self.max_body)
         keyed = options.idempotency_key is not None
         with submit_span(self.endpoint.name, request.headers) as trace:
-            tasks = [self.new_task(a, options, i if keyed else None, trace) for i, a in enumerate(args)]
+            owner = submitter(request)
+            tasks = [self.new_task(a, options, i if keyed else None, trace, owner) for i, a in enumerate(args)]
             records = await self.queue.enqueue_many(tasks)
         self.metrics.submitted.labels(self.endpoint.name).inc(sum(1 for r in records if not r.replayed))
         body = {"tasks": [{"task_id": r.id, "status": r.status.value} for r in records]}
@@ -150,7 +160,7 @@ class EndpointRoutes:
         return JSONResponse(body, headers=replayed)
 
     async def status(self, request: Request) -> Response:
-        record = await self.queue.get(task_id_param(request), self.route)
+        record = await self.queue.get(task_id_param(request), self.route, owner_filter(request))
         return JSONResponse(await self.status_json(record))
 
     async def status_json(self, record: TaskRecord) -> dict[str, Any]:
@@ -168,7 +178,7 @@ class EndpointRoutes:
         return body
 
     async def get(self, request: Request) -> Response:
-        record = await self.queue.get(task_id_param(request), self.route)
+        record = await self.queue.get(task_id_param(request), self.route, owner_filter(request))
         return await self.result_response(record)
 
     async def result_response(self, record: TaskRecord, *, failure_code: int = 409) -> Response:
@@ -203,12 +213,12 @@ class EndpointRoutes:
                 raise ValueError
         except ValueError:
             raise HTTPException(400, f"timeout must be a number of seconds, got {raw!r}.") from None
-        record = await self.queue.wait(task_id, min(timeout, MAX_WAIT), self.route)
+        record = await self.queue.wait(task_id, min(timeout, MAX_WAIT), self.route, owner_filter(request))
         return JSONResponse(await self.status_json(record))
 
     async def preview(self, request: Request) -> Response:
         """The latest preview image the task reported with ``taskserve.progress(..., preview=image)``."""
-        record = await self.queue.get(task_id_param(request), self.route)
+        record = await self.queue.get(task_id_param(request), self.route, owner_filter(request))
         image = await self.queue.preview(record.id)
         if image is None:
             raise HTTPException(404, f"Task {record.id!r} has reported no preview (yet); its status says its progress.")
@@ -220,21 +230,24 @@ class EndpointRoutes:
         The merged arguments are validated as a submit's are (422 naming the bad one).
         """
         task_id = task_id_param(request)
+        owner = owner_filter(request)
         body = await read_body(request, self.max_body)
         args = None
         if body.strip():
             overrides = parse_json(body, dict, request.app.state.limits)
             if overrides:
-                record = await self.queue.get(task_id, self.route)
+                record = await self.queue.get(task_id, self.route, owner)
                 stored = pydantic_core.from_json(await self.queue.original_args(record.id))
                 merged = {**stored, **overrides}
                 args = await anyio.to_thread.run_sync(self.codec.validate, merged, request.app.state.limits)
-        record = await self.queue.retry(task_id, self.route, args, max_queue=self.max_queue, ttl=self.endpoint.ttl)
+        record = await self.queue.retry(
+            task_id, self.route, args, max_queue=self.max_queue, ttl=self.endpoint.ttl, owner=owner
+        )
         self.metrics.submitted.labels(self.endpoint.name).inc()
         return JSONResponse({"task_id": record.id, "status": record.status.value, "retry_of": record.retry_of})
 
     async def cancel(self, request: Request) -> Response:
-        record = await self.queue.cancel(task_id_param(request), self.route)
+        record = await self.queue.cancel(task_id_param(request), self.route, owner_filter(request))
         return JSONResponse({"task_id": record.id, "status": record.status.value})
 
     async def call(self, request: Request) -> Response:
@@ -247,7 +260,7 @@ class EndpointRoutes:
         options = read_options(request)
         args = await self.arguments(request)
         with submit_span(self.endpoint.name, request.headers) as trace:
-            task = self.new_task(args, options, trace=trace)
+            task = self.new_task(args, options, trace=trace, owner=submitter(request))
             record = await self.queue.enqueue(task)
         # A replayed key means another request made this task: waiting on it is fine, cancelling
         # it when this caller gives up is not (the one who made it may still want it).
@@ -351,6 +364,9 @@ def create_app(
     public_url: str | None = None,
     metrics_dir: str | None = None,
     bentoml_wire: WireMode = "auto",
+    api_keys: Keys | Sequence[str] | None = None,
+    public_metrics: bool = False,
+    cors_origins: Sequence[str] = (),
 ) -> Starlette:
     """The ASGI app serving ``service`` over ``queue``.
 
@@ -370,7 +386,13 @@ def create_app(
         metrics_dir: the local workers' ``PROMETHEUS_MULTIPROC_DIR``, whose metrics ``/metrics`` adds.
         bentoml_wire: who gets BentoML's wire format: ``auto`` (requests of BentoML's clients,
             by their User-Agent), ``always`` or ``never`` (docs/bentoml.md).
+        api_keys: the keys callers must send (``secret`` or ``name=secret``, or a ``Keys`` with admin
+            keys and a keys file); every route but ``/healthz``, ``/readyz`` and the dashboard then
+            answers 401 without one, and each key sees only its own tasks. None: open to all.
+        public_metrics: leave ``/metrics`` open to callers without a key (a Prometheus scraper).
+        cors_origins: the browser origins allowed to call this server (none by default).
     """
+    keys = api_keys if isinstance(api_keys, Keys) or api_keys is None else Keys(api_keys)
     metrics = Metrics({ep.route: ep.name for ep in service.endpoints}, metrics_dir)
     # Built now, so that a bad secret stops start-up rather than the first delivery.
     deliverer = Deliverer(
@@ -392,6 +414,8 @@ def create_app(
         routes.extend(handlers.routes())
     schema = openapi.service_schema(service)
     docs = openapi.openapi_document(service)
+    if keys is not None and keys.enabled:
+        docs = secure_document(docs, public_metrics)
 
     async def schema_json(request: Request) -> Response:
         return JSONResponse(schema)
@@ -421,7 +445,7 @@ def create_app(
 
     async def task_status(request: Request) -> Response:
         """The status of any task by id, for callers that do not know (or care about) its route."""
-        record = await queue.get(request.path_params["task_id"])
+        record = await queue.get(request.path_params["task_id"], owner=owner_filter(request))
         handlers = by_route.get(record.route)  # None: a task of another service on the same broker
         return JSONResponse(record.to_json() if handlers is None else await handlers.status_json(record))
 
@@ -475,11 +499,27 @@ def create_app(
             except asyncio.TimeoutError:
                 logger.warning("closing the broker connection took over %.0fs; leaving it", CLOSE_TIMEOUT)
 
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    middleware = []
+    if cors_origins:
+        # Outside the key check: a browser's preflight carries no key, and a 401 must still carry CORS headers.
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST", "PUT"],
+                allow_headers=["Authorization", "X-API-Key", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+                expose_headers=["X-Task-Id", "Idempotent-Replayed", "Retry-After", "WWW-Authenticate"],
+                max_age=600,
+            )
+        )
+    if keys is not None and keys.enabled:
+        middleware.append(Middleware(AuthMiddleware, keys=keys, public_metrics=public_metrics))
+    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan, middleware=middleware)
     app.router = LiteralRouter(routes=routes, lifespan=lifespan)
     if bentoml_wire != "never":
         app.add_middleware(BentoWire, service=service, mode=bentoml_wire)
     app.state.queue = queue
+    app.state.keys = keys
     app.state.limits = limits or InputLimits()
     app.state.service = service
     app.state.max_queue = max_queue

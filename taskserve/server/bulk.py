@@ -22,6 +22,7 @@ from .._types import Result, TaskRecord, TaskStatus, iso
 from ..exceptions import TaskNotFound, ValidationFailed
 from ..queue.base import Queue, Watch
 from ..queue.sqlite import SQLiteQueue
+from .auth import owner_filter
 from .inputs import parse_json, read_body
 
 if TYPE_CHECKING:
@@ -101,8 +102,8 @@ class _Watches:
         await asyncio.wait(self._tasks, timeout=1.0)
 
 
-async def _read(queue: Queue, ids: list[str], route: str) -> dict[str, TaskRecord | None]:
-    """The records of ``ids`` on ``route`` (None: unknown, expired or of another route).
+async def _read(queue: Queue, ids: list[str], route: str, owner: str | None) -> dict[str, TaskRecord | None]:
+    """The records of ``ids`` on ``route`` (None: unknown, expired, of another route or another owner).
 
     At most ``READ_AHEAD`` reads in flight: a broker's connection pool is finite (Redis answers
     "Too many connections" past it), and a few concurrent reads already hide the round trips.
@@ -110,7 +111,7 @@ async def _read(queue: Queue, ids: list[str], route: str) -> dict[str, TaskRecor
 
     async def one(task_id: str) -> TaskRecord | None:
         try:
-            return await queue.get(task_id, route)
+            return await queue.get(task_id, route, owner)
         except TaskNotFound:
             return None
 
@@ -118,7 +119,7 @@ async def _read(queue: Queue, ids: list[str], route: str) -> dict[str, TaskRecor
 
 
 async def wait_for(
-    queue: Queue, ids: list[str], route: str, timeout: float, min_done: int
+    queue: Queue, ids: list[str], route: str, timeout: float, min_done: int, owner: str | None = None
 ) -> tuple[dict[str, TaskRecord], list[str], list[str]]:
     """Wait until ``min_done`` of the tasks (all, if fewer) have ended, or ``timeout`` passes.
 
@@ -134,7 +135,7 @@ async def wait_for(
     last_scan = time.monotonic()
     try:
         while True:
-            for task_id, rec in (await _read(queue, to_read, route)).items():
+            for task_id, rec in (await _read(queue, to_read, route, owner)).items():
                 if rec is None:
                     missing.append(task_id)
                 elif rec.status.is_terminal:
@@ -199,7 +200,7 @@ async def wait_many(routes: EndpointRoutes, request: Request) -> Response:
     """``POST /{r}/wait_many``: see ``docs/clients.md``; an unknown id answers at once, listed in ``missing``."""
     ids, timeout, min_done, with_results, full = await parse_request(request)
     queue = routes.queue
-    done, open_ids, missing = await wait_for(queue, ids, routes.route, timeout, min_done)
+    done, open_ids, missing = await wait_for(queue, ids, routes.route, timeout, min_done, owner_filter(request))
     ended = [done[i] for i in ids if i in done]
     succeeded = [r.id for r in ended if r.status is TaskStatus.SUCCESS] if with_results else []
     results = await _results(queue, succeeded)

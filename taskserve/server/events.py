@@ -24,6 +24,7 @@ from starlette.responses import Response, StreamingResponse
 
 from .._types import TaskRecord, TaskStatus, event_id, event_seq, progress_json
 from ..exceptions import QueueUnavailable, TaskNotFound
+from .auth import owner_filter
 
 if TYPE_CHECKING:
     from .app import EndpointRoutes
@@ -56,7 +57,7 @@ async def events(routes: EndpointRoutes, request: Request) -> Response:
 
     task_id = task_id_param(request)
     cursor = parse_cursor(request.headers.get("last-event-id") or request.query_params.get("last_event_id"))
-    await routes.queue.get(task_id, routes.route)  # 404 now, before the stream starts
+    await routes.queue.get(task_id, routes.route, owner_filter(request))  # 404 now, before the stream starts
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(_stream(routes, request, task_id, cursor), media_type="text/event-stream", headers=headers)
 

@@ -15,6 +15,7 @@ from .._types import TaskStatus
 from ..exceptions import QueueUnavailable
 from ..queue.base import Queue
 from ..service import Service
+from .auth import owner_filter
 from .workers import WorkerView
 
 logger = logging.getLogger("taskserve.server")
@@ -51,7 +52,8 @@ async def list_tasks(request: Request) -> Response:
     if route is not None and not route.startswith("/"):
         route = "/" + route  # an endpoint's name is its default route
     queue: Queue = request.app.state.queue
-    records, cursor = await queue.list(route, status, tag, limit, query.get("cursor") or None)
+    cursor = query.get("cursor") or None
+    records, cursor = await queue.list(route, status, tag, limit, cursor, owner=owner_filter(request))
     return JSONResponse({"tasks": [r.to_json() for r in records], "next_cursor": cursor})
 
 

@@ -1,9 +1,9 @@
 -- ARGV: prefix, request id, then per task: id, route, priority, delay, max_attempts, timeout, args,
 -- tags JSON, retry_of, idempotency key, args hash, expires in, deadline in, webhook, max_queue,
--- trace context ('' where not given). Returns {number stored, then per task the id of the earlier task its
+-- trace context, owner ('' where not given). The idempotency key comes scoped by owner. Returns {number stored, then per task the id of the earlier task its
 -- idempotency key names, or ''}; errors DUPLICATE (task id taken), CONFLICT (key used with other
 -- arguments), FULL (a route holds max_queue pending tasks). Nothing is stored on an error.
-local W = 16
+local W = 17
 local req, seen, fresh, taken = ARGV[2], {}, 0, nil
 for i = 3, #ARGV, W do
   local id = ARGV[i]
@@ -58,6 +58,12 @@ for i = 3, #ARGV, W do
     if ARGV[i + 12] ~= '' then hset(id, 'deadline', stamp(now + tonumber(ARGV[i + 12]))) end
     if ARGV[i + 13] ~= '' then hset(id, 'webhook', ARGV[i + 13]) end
     if ARGV[i + 15] ~= '' then hset(id, 'trace', ARGV[i + 15]) end
+    if ARGV[i + 16] ~= '' then
+      -- One owner's listing index (access control): newest first, as P:all.
+      hset(id, 'owner', ARGV[i + 16])
+      redis.call('ZADD', rkey('ox', ARGV[i + 16]), 0, id)
+      redis.call('SADD', P .. ':oxowners', ARGV[i + 16])
+    end
     if ARGV[i + 9] ~= '' then redis.call('SET', P .. ':idem:' .. route .. ':' .. ARGV[i + 9], id) end
     redis.call('SADD', P .. ':routes', route)
     -- The listing indexes: ids are time-ordered, so equal scores and lex order list by age.

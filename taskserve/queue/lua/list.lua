@@ -1,9 +1,12 @@
--- ARGV: prefix, route ('' for all), status ('' for any), limit, before id ('' for the newest), window, fields...
--- Walks the listing index (P:all or P:ix:ROUTE) newest first, looking at no more than `window`
--- ids; drops ids whose task hash has expired. Returns the cursor to go on from ('' at the end),
--- then per task its id and its fields.
-local route, status, limit, window = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[6])
+-- ARGV: prefix, route ('' for all), status ('' for any), limit, before id ('' for the newest), window,
+-- owner ('' for anyone's), fields... (the first two 'route' and 'status').
+-- Walks the listing index (P:all, P:ix:ROUTE, or P:ox:OWNER) newest first, looking at no more than
+-- `window` ids; drops ids whose task hash has expired. Returns the cursor to go on from ('' at the
+-- end), then per task its id and its fields.
+local route, status, limit, window, owner = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[6]), ARGV[7]
 local key = route == '' and (P .. ':all') or rkey('ix', route)
+-- An owner's index holds every route: the route is then a filter, as the status is.
+if owner ~= '' then key = rkey('ox', owner) end
 local upper = ARGV[5] == '' and '+' or ('(' .. ARGV[5])
 local out, found, looked = {''}, 0, 0
 while found < limit and looked < window do
@@ -12,11 +15,11 @@ while found < limit and looked < window do
   for _, id in ipairs(ids) do
     looked = looked + 1
     upper = '(' .. id
-    local h = redis.call('HMGET', tkey(id), unpack(ARGV, 7))
+    local h = redis.call('HMGET', tkey(id), unpack(ARGV, 8))
     if not h[1] then
       redis.call('ZREM', key, id)
-      if route ~= '' then redis.call('ZREM', P .. ':all', id) end
-    elseif status == '' or h[2] == status then
+      if key ~= P .. ':all' then redis.call('ZREM', P .. ':all', id) end
+    elseif (status == '' or h[2] == status) and (owner == '' or route == '' or h[1] == route) then
       table.insert(out, id)
       for j = 1, #h do table.insert(out, h[j]) end
       found = found + 1
