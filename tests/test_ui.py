@@ -88,7 +88,7 @@ class Page:
 
     def __init__(self, browser: Any, server: Server) -> None:
         self.server = server
-        self.context = browser.new_context(viewport={"width": 1500, "height": 920}, color_scheme="light")
+        self.context = browser.new_context(viewport={"width": 1600, "height": 960}, color_scheme="light")
         self.page = self.context.new_page()
         self.page.set_default_timeout(TIMEOUT_MS)
         self.errors: list[str] = []
@@ -141,11 +141,14 @@ def seeded(studio: Server) -> Iterator[dict[str, str]]:
     submit(studio, "moderate", {"text": "a friendly note"})
     ids["long_image"] = submit(studio, "generate_image", {"prompt": "city at night", "steps": 300, "pause": 0.1})
     ids["long_call"] = submit(studio, "transcribe", {"audio_url": "s3://calls/board-meeting.wav", "seconds": 60})
+    ids["later"] = submit(studio, "transcribe", {"audio_url": "s3://calls/tomorrow.wav"}, delay=3600, tag="user:carol")
+    ids["cancelled"] = submit(studio, "generate_image", {"prompt": "a red bicycle", "steps": 300}, tag="team:vision")
+    httpx.post(f"{studio.url}/generate_image/cancel", params={"task_id": ids["cancelled"]}, timeout=10)
     for key in ("image0", "image1", "image2", "failed"):
         finished(studio, ids[key])
     wait_until(lambda: (status(studio, ids["long_image"]).get("progress") or {}).get("fraction"))
     yield ids
-    for route, key in (("generate_image", "long_image"), ("transcribe", "long_call")):
+    for route, key in (("generate_image", "long_image"), ("transcribe", "long_call"), ("transcribe", "later")):
         httpx.post(f"{studio.url}/{route}/cancel", params={"task_id": ids[key]}, timeout=10)
 
 
@@ -159,6 +162,7 @@ def test_the_page_shows_queues_workers_and_tasks(tab: Page, seeded: dict[str, st
     assert page.locator(f'#tasks a[href="#/task/{seeded["image0"]}"]').inner_text() == seeded["image0"]
     assert page.locator(f'#tasks tr[data-task-id="{seeded["failed"]}"] .pill').inner_text() == "failed"
     page.locator('#tasks tr .pill[data-status="in_progress"]').first.wait_for()
+    page.locator("#workers .running-ids a").first.wait_for()  # running ids come with the next heartbeat
     page.screenshot(path=str(shots / "dashboard.png"))
 
 
@@ -177,7 +181,7 @@ def test_filters_narrow_the_table(tab: Page, seeded: dict[str, str]) -> None:
     page = tab.open()
     page.locator("#f-status button", has_text="Failed").click()
     page.locator(f'#tasks tr[data-task-id="{seeded["failed"]}"]').wait_for()
-    wait_until(lambda: page.locator("#tasks tbody .pill").all_inner_texts() == ["failed"])
+    page.wait_for_function("() => [...document.querySelectorAll('#tasks tbody .pill')].every(p => p.textContent == 'failed')")
     page.select_option("#f-route", "/generate_image")
     page.locator("#tasks tr.empty").wait_for()
     assert "route=%2Fgenerate_image" in page.url and "status=failure" in page.url
@@ -219,7 +223,7 @@ def test_a_failure_shows_its_traceback_and_retry_makes_a_new_attempt(
     assert '"text": "please crash"' in page.locator("[data-role=arguments]").inner_text()
     page.screenshot(path=str(shots / "dashboard-failure.png"))
     page.click("#d-retry")
-    wait_until(lambda: "#/task/" in page.url and not page.url.endswith(failed))
+    page.wait_for_url(lambda url: "#/task/" in url and not url.endswith(failed))
     new_id = page.url.rsplit("/", 1)[-1]
     page.locator(f'#d-body a[href="#/task/{failed}"]').wait_for()  # "Retry of" links back
     page.locator('#d-status .pill[data-status="failure"]').wait_for()
@@ -227,19 +231,17 @@ def test_a_failure_shows_its_traceback_and_retry_makes_a_new_attempt(
     assert retried["retry_of"] == failed and retried["status"] == "failure" and retried["attempts"] == 1
 
 
-def _loaded(page: Any, selector: str) -> bool:
-    width: int = page.eval_on_selector(selector, "img => img.complete ? img.naturalWidth : 0")
-    return width > 0
+def wait_loaded(page: Any, selector: str) -> None:
+    """Until the picture has arrived and decoded, not only until its element exists."""
+    page.wait_for_function("s => (document.querySelector(s) || {}).naturalWidth > 0", arg=selector)
 
 
 def test_an_image_result_and_its_previews_are_shown_as_pictures(tab: Page, studio: Server, shots: Path) -> None:
     task_id = submit(studio, "generate_image", {"prompt": "a scenic mountain view", "steps": 25, "pause": 0.12})
     page = tab.open(f"#/task/{task_id}")
-    page.locator("img[data-role=preview]").wait_for()
-    wait_until(lambda: _loaded(page, "img[data-role=preview]"))
-    page.locator("img[data-role=result-image]").wait_for()
-    wait_until(lambda: _loaded(page, "img[data-role=result-image]"))
-    assert page.eval_on_selector("img[data-role=result-image]", "img => img.naturalWidth") == 192
+    wait_loaded(page, "img[data-role=preview]")
+    wait_loaded(page, "img[data-role=result-image]")
+    assert page.eval_on_selector("img[data-role=result-image]", "img => img.naturalWidth") == 256
     page.locator("#d-body h3", has_text="Arguments").scroll_into_view_if_needed()
     page.evaluate("document.getElementById('d-body').scrollTop = 0")
     page.screenshot(path=str(shots / "dashboard-task.png"))

@@ -108,6 +108,14 @@ function bar(fraction, status) {
   return h("span", { className: "bar", title: `${pct.toFixed(0)}%` }, fill);
 }
 
+/** What a pending task waits for: its time, when delayed, else its place in the queue. */
+function waiting(t) {
+  if (t.status !== "pending") return "";
+  const due = t.run_at ? (Date.parse(t.run_at) - Date.now()) / 1000 : 0;
+  if (due > 1) return `scheduled, due in ${seconds(due).replace(/\s*\d+s$/, "")}`;
+  return t.attempts ? "waiting to run again" : "waiting for a worker";
+}
+
 function number(n) {
   return n === null || n === undefined ? "" : Number(n).toLocaleString("en-US");
 }
@@ -220,16 +228,20 @@ function renderQueues() {
       h("td", { className: "route" }, q.route),
       countCell(q.counts.pending, "c-pending"),
       countCell(q.running, "c-in_progress"),
-      h("td", { className: "num" }, number(q.finished_last_minute)),
       h("td", { className: `num${q.oldest_pending_age > 60 ? " warn" : ""}` }, seconds(q.oldest_pending_age)),
+      h("td", { className: "num" }, number(q.finished_last_minute)),
+      h(
+        "td",
+        { className: "num finished" },
+        h("span", { className: q.counts.success ? "c-success" : "zero", title: "succeeded" }, number(q.counts.success)),
+        h("span", { className: q.counts.failure ? "c-failure" : "zero", title: "failed" }, number(q.counts.failure)),
+        h("span", { className: q.counts.cancelled ? "c-cancelled" : "zero", title: "cancelled" }, number(q.counts.cancelled)),
+      ),
       h("td", { className: `num${q.workers ? "" : " warn"}` }, number(q.workers)),
       h("td", { className: "num muted" }, cap),
-      countCell(q.counts.success, "c-success"),
-      countCell(q.counts.failure, "c-failure"),
-      countCell(q.counts.cancelled, "c-cancelled"),
     );
   });
-  replaceRows($("queues").tBodies[0], rows, "This service has no task routes.", 10);
+  replaceRows($("queues").tBodies[0], rows, "This service has no task routes.", 8);
 }
 
 function renderTiles() {
@@ -238,7 +250,7 @@ function renderTiles() {
     ["Pending", sum((q) => q.counts.pending), "c-pending"],
     ["Running", sum((q) => q.running), "c-in_progress"],
     ["Finished / min", sum((q) => q.finished_last_minute), ""],
-    ["Failed (kept)", sum((q) => q.counts.failure), "c-failure"],
+    ["Failed (stored)", sum((q) => q.counts.failure), "c-failure"],
     ["Workers", state.workers.length, ""],
   ];
   $("tiles").replaceChildren(
@@ -265,13 +277,12 @@ async function loadWorkers() {
 
 function renderWorkers() {
   const rows = state.workers.map((w) => {
-    const routes = w.routes.length > 3 ? [...w.routes.slice(0, 3), `+${w.routes.length - 3}`] : w.routes;
+    const routes = w.routes.length > 2 ? [...w.routes.slice(0, 2), `+${w.routes.length - 2}`] : w.routes;
     return h(
       "tr",
       {},
       h("td", { className: "mono" }, w.id),
-      h("td", {}, w.host),
-      h("td", { className: "num mono" }, w.pid),
+      h("td", { className: "mono" }, `${w.host} · ${w.pid}`),
       h("td", {}, h("span", { className: `state st-${w.state}` }, w.state)),
       h("td", { className: "routes", title: w.routes.join(" ") }, routes.join(" ")),
       h(
@@ -280,12 +291,16 @@ function renderWorkers() {
         w.running.length ? w.running.map((id) => h("a", { className: "mono", href: `#/task/${id}` }, id)) : h("span", { className: "muted" }, `0 / ${w.concurrency}`),
       ),
       h("td", { className: "mono" }, w.gpus.length ? w.gpus.join(",") : "–"),
-      h("td", { className: "num" }, number(w.done)),
-      h("td", { className: `num${w.failed ? " c-failure" : " zero"}` }, number(w.failed)),
+      h(
+        "td",
+        { className: "num finished" },
+        h("span", {}, number(w.done)),
+        h("span", { className: w.failed ? "c-failure" : "zero" }, number(w.failed)),
+      ),
       h("td", { className: "num" }, timeCell(w.last_seen)),
     );
   });
-  replaceRows($("workers").tBodies[0], rows, "No live worker reports to this broker.", 10);
+  replaceRows($("workers").tBodies[0], rows, "No live worker reports to this broker.", 8);
   $("workers-note").textContent = `${state.workers.length} live`;
 }
 
@@ -343,7 +358,7 @@ function renderTasks() {
         "td",
         { className: "progress-cell", title: progress.message || null },
         bar(fraction, t.status),
-        t.status === "failure" && t.error ? h("span", { className: "error-inline" }, t.error) : h("span", { className: "muted" }, progress.message || ""),
+        t.status === "failure" && t.error ? h("span", { className: "error-inline" }, t.error) : h("span", { className: "muted" }, progress.message || waiting(t)),
       ),
       h("td", {}, timeCell(t.created_at)),
       h("td", { className: "num" }, seconds(t.queue_time)),
@@ -517,6 +532,14 @@ function renderDetail() {
   if (s.status === "failure" && s.error) parts.push(h("div", { className: "callout callout-error", "data-role": "error" }, s.error));
   parts.push(h("dl", { className: "facts" }, facts));
 
+  if (state.detail.args !== undefined) {
+    parts.push(
+      section(
+        "Arguments",
+        state.detail.args === null ? h("div", { className: "muted" }, state.detail.argsError) : h("pre", { className: "code", "data-role": "arguments" }, shortJSON(state.detail.args)),
+      ),
+    );
+  }
   const p = s.progress;
   if (p) {
     const fraction = p.fraction === null || p.fraction === undefined ? null : p.fraction;
@@ -531,7 +554,7 @@ function renderDetail() {
           h("span", {}, p.message || ""),
           h("span", { className: "muted" }, p.at ? ` · ${ago(p.at)}` : ""),
         ),
-        state.detail.previewUrl ? h("img", { className: "picture", src: state.detail.previewUrl, alt: "Latest preview", "data-role": "preview" }) : null,
+        state.detail.previewUrl ? h("img", { className: "picture preview", src: state.detail.previewUrl, alt: "Latest preview", "data-role": "preview" }) : null,
       ),
     );
   }
@@ -569,14 +592,6 @@ function renderDetail() {
     parts.push(section(`Attempts and errors (${s.errors.length})`, items));
   }
 
-  if (state.detail.args !== undefined) {
-    parts.push(
-      section(
-        "Arguments",
-        state.detail.args === null ? h("div", { className: "muted" }, state.detail.argsError) : h("pre", { className: "code", "data-role": "arguments" }, shortJSON(state.detail.args)),
-      ),
-    );
-  }
   const body = $("d-body");
   const scroll = body.scrollTop;
   const open = [...body.querySelectorAll("details")].map((d) => d.open);
