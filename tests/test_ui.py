@@ -132,7 +132,9 @@ def seeded(studio: Server) -> Iterator[dict[str, str]]:
     """Tasks of every kind, as a service in use has: finished, failed, running, tagged."""
     ids = {}
     for i, prompt in enumerate(["a scenic mountain view", "a lighthouse at dusk", "snowy pines"]):
-        ids[f"image{i}"] = submit(studio, "generate_image", {"prompt": prompt, "steps": 4, "pause": 0.01}, tag="team:vision")
+        ids[f"image{i}"] = submit(
+            studio, "generate_image", {"prompt": prompt, "steps": 4, "pause": 0.01}, tag="team:vision"
+        )
     for i in range(4):
         submit(studio, "embed", {"texts": [f"document {i}", "another"]}, tag="batch:nightly")
     for i in range(2):
@@ -181,7 +183,9 @@ def test_filters_narrow_the_table(tab: Page, seeded: dict[str, str]) -> None:
     page = tab.open()
     page.locator("#f-status button", has_text="Failed").click()
     page.locator(f'#tasks tr[data-task-id="{seeded["failed"]}"]').wait_for()
-    page.wait_for_function("() => [...document.querySelectorAll('#tasks tbody .pill')].every(p => p.textContent == 'failed')")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#tasks tbody .pill')].every(p => p.textContent == 'failed')"
+    )
     page.select_option("#f-route", "/generate_image")
     page.locator("#tasks tr.empty").wait_for()
     assert "route=%2Fgenerate_image" in page.url and "status=failure" in page.url

@@ -41,7 +41,9 @@ class Studio:
     @taskserve.task(max_attempts=1)
     async def generate_image(self, prompt: str, steps: int = 12, pause: float = 0.05, size: int = 256) -> Image.Image:
         for i in range(steps):
-            taskserve.progress((i + 1) / steps, f"denoising step {i + 1}/{steps}", preview=_picture(prompt, size, i / steps))
+            taskserve.progress(
+                (i + 1) / steps, f"denoising step {i + 1}/{steps}", preview=_picture(prompt, size, i / steps)
+            )
             await asyncio.sleep(pause)
         return _picture(prompt, size, 1.0)
 

@@ -22,8 +22,8 @@ import logging
 import os
 import random
 import shutil
-import threading
 import sysconfig
+import threading
 import time
 import traceback
 from collections.abc import Callable
