@@ -260,11 +260,3 @@ def test_task_data_is_shown_as_text_never_as_markup(tab: Page, studio: Server) -
     assert html in page.locator("[data-role=error]").inner_text()
     assert page.evaluate("document.body.dataset.pwned") is None
     assert page.locator("#d-body img").count() == 0
-
-
-def test_arguments_of_a_task_are_served(studio: Server) -> None:
-    task_id = submit(studio, "embed", {"texts": ["one", "two"]})
-    response = httpx.get(f"{studio.url}/tasks/{task_id}/arguments", timeout=10)
-    assert response.status_code == 200 and response.json() == {"texts": ["one", "two"]}
-    missing = httpx.get(f"{studio.url}/tasks/{'0' * 32}/arguments", timeout=10)
-    assert missing.status_code == 404 and "error" in missing.json()
