@@ -138,7 +138,8 @@ class TaskRecord:
     """A task as the store holds it (everything but its arguments and result).
 
     ``error`` is the last failure as ``"Type: message"``; ``errors`` keeps one
-    ``{"attempt", "type", "message", "at"}`` per failed attempt. ``expires_at`` is the TTL
+    ``{"attempt", "type", "message", "at"}`` per failed attempt (and ``"traceback"`` where the
+    task's code raised). ``expires_at`` is the TTL
     deadline (``None`` without a ttl); ``purge_at`` is when retention deletes a
     finished task.
     """
@@ -315,6 +316,8 @@ class Outcome:
     error_message: str | None = None
     # How many items the call that ran this task held (batchable endpoints).
     batch_size: int | None = None
+    # The failure's traceback (the task's own frames), kept with the attempt in ``errors``.
+    traceback: str | None = None
 
     def __post_init__(self) -> None:
         if self.error is None and self.error_type is not None:

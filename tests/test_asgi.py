@@ -69,6 +69,19 @@ async def test_failure_then_retry_then_cancel(api: httpx.AsyncClient) -> None:
     assert (await api.put("/slow_async/cancel", params={"task_id": slow})).status_code == 409
 
 
+async def test_the_dashboard_is_served_from_the_package_with_its_security_headers(api: httpx.AsyncClient) -> None:
+    page = await api.get("/ui")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'src="ui/app.js"' in page.text and "<script>" not in page.text  # no inline script: the CSP forbids it
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    script = await api.get("/ui/app.js")
+    assert script.headers["content-type"].startswith("text/javascript") and "innerHTML" not in script.text
+    assert (await api.get("/ui/app.js", headers={"If-None-Match": script.headers["etag"]})).status_code == 304
+    assert (await api.get("/ui/")).headers["location"] == "../ui"
+    assert (await api.get("/ui/secrets.txt")).status_code == 404
+
+
 async def test_readyz_and_workers_see_the_in_process_worker(api: httpx.AsyncClient) -> None:
     for _ in range(100):
         ready = await api.get("/readyz")

@@ -41,6 +41,18 @@ def test_tasks_are_listed_newest_first_with_filters(served: Server) -> None:
     assert [t["task_id"] for t in listing(served, tag=tag, status="failure").json()["tasks"]] == [failed]
 
 
+def test_a_failed_attempt_keeps_its_traceback_and_the_arguments_are_served(served: Server) -> None:
+    task_id = submit(served, "/fail", {"message": "bad input"})
+    wait_until(lambda: httpx.get(f"{served.url}/tasks/{task_id}", timeout=10).json()["status"] == "failure")
+    [error] = httpx.get(f"{served.url}/tasks/{task_id}", timeout=10).json()["errors"]
+    assert error["type"] == "ValueError" and error["message"] == "bad input"
+    # From the task's own code on: the worker's frames above it are left out.
+    assert error["traceback"].startswith("Traceback") and "services.py" in error["traceback"]
+    assert "in fail" in error["traceback"] and "taskserve/worker" not in error["traceback"]
+    assert httpx.get(f"{served.url}/tasks/{task_id}/arguments", timeout=10).json() == {"message": "bad input"}
+    assert httpx.get(f"{served.url}/tasks/{'0' * 32}/arguments", timeout=10).status_code == 404
+
+
 @pytest.mark.parametrize(
     ("params", "parameter"),
     [({"status": "done"}, "status"), ({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"), ({"limit": "x"}, "limit")]

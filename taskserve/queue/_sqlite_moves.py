@@ -23,6 +23,10 @@ ADD_ERROR = (
     "errors = json_insert(coalesce(errors, '[]'), '$[#]',"
     " json_object('attempt', attempts, 'type', ?, 'message', ?, 'at', ?))"
 )
+ADD_ERROR_TRACEBACK = (
+    "errors = json_insert(coalesce(errors, '[]'), '$[#]',"
+    " json_object('attempt', attempts, 'type', ?, 'message', ?, 'at', ?, 'traceback', ?))"
+)
 
 
 @dataclass
@@ -57,6 +61,8 @@ def _compile(move: Move, task_id: str, ts: float, purge_at: float) -> tuple[str,
     error = move.error
     if error is not None:
         params += (move.error_text, error[0], error[1], ts)
+        if move.traceback is not None:
+            params.append(move.traceback)
     started, batch = move.started_at is not None, move.batch_size is not None
     if started:
         params.append(move.started_at)
@@ -68,8 +74,9 @@ def _compile(move: Move, task_id: str, ts: float, purge_at: float) -> tuple[str,
         params.append(move.token)
     if move.lapsed:
         params.append(ts)
-    shape = (to, move.held, fenced, move.lapsed, move.attempts_left, delayed, move.give_back_attempt, error is not None,
-             result, started, batch)  # fmt: skip
+    # error: 0 none, 1 an error, 2 an error with its traceback.
+    shape = (to, move.held, fenced, move.lapsed, move.attempts_left, delayed, move.give_back_attempt,
+             0 if error is None else 1 + (move.traceback is not None), result, started, batch)  # fmt: skip
     sql = _statements.get(shape)
     if sql is None:
         sql = _statements[shape] = _statement(*shape)
@@ -84,7 +91,7 @@ def _statement(
     attempts_left: bool,
     delayed: bool,
     give_back: bool,
-    error: bool,
+    error: int,
     result: bool,
     started: bool,
     batch: bool,
@@ -101,7 +108,7 @@ def _statement(
     if result:
         sets += ["result = ?", "content_type = ?", "error = NULL"]
     if error:
-        sets += ["error = ?", ADD_ERROR]
+        sets += ["error = ?", ADD_ERROR_TRACEBACK if error == 2 else ADD_ERROR]
     if started:
         sets.append("started_at = ?")
     if batch:

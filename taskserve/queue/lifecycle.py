@@ -56,6 +56,7 @@ class Move:
     give_back_attempt: bool = False  # the attempt did not count (handed back unstarted)
     error: tuple[str, str] | None = None  # (type, message), appended to the record's errors
     error_text: str | None = None  # the record's ``error``: the last failure as "Type: message"
+    traceback: str | None = None  # kept with the error in the record's errors
     result: bytes | None = None
     content_type: str | None = None
     started_at: float | None = None  # when the call really began (the claim time is kept without)
@@ -96,6 +97,7 @@ def finished(outcome: Outcome) -> list[Move]:
         stamp=token,
         error=o.error_parts(),
         error_text=o.error,
+        traceback=o.traceback,
         started_at=o.started_at,
         batch_size=o.batch_size,
     )

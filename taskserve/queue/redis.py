@@ -120,6 +120,8 @@ def _move_args(task_id: str, moves: list[lifecycle.Move], ts: float) -> list[Any
         fields.update((k, v) for k, v in optional.items() if v is not None)
         if m.error is not None:
             fields["etype"], fields["emsg"] = m.error
+            if m.traceback is not None:
+                fields["etb"] = m.traceback
         if m.result is not None:
             fields["result"], result = True, m.result
         encoded.append(fields)

@@ -28,7 +28,7 @@ from ..queue.base import Queue
 from ..service import Endpoint, Service
 from ..tracing import submit_span
 from ..webhooks import DEFAULT_RETRY_DELAY, DEFAULT_TRIES, Deliverer
-from . import bulk, events, openapi, tasks
+from . import bulk, events, openapi, tasks, ui
 from ._errors import EXCEPTION_HANDLERS
 from .auth import AuthMiddleware, Keys, owner_filter, secure_document, submitter
 from .backpressure import DrainRate
@@ -449,6 +449,11 @@ def create_app(
         handlers = by_route.get(record.route)  # None: a task of another service on the same broker
         return JSONResponse(record.to_json() if handlers is None else await handlers.status_json(record))
 
+    async def task_arguments(request: Request) -> Response:
+        """The arguments a task was submitted with, as stored (the dashboard shows them)."""
+        record = await queue.get(request.path_params["task_id"])
+        return Response(await queue.original_args(record.id), media_type="application/json")
+
     async def workers_json(request: Request) -> Response:
         return JSONResponse({"workers": [w.to_json() for w in await queue.workers()]})
 
@@ -469,8 +474,13 @@ def create_app(
             methods=["GET"],
         ),
         Route("/tasks/{task_id}", task_status, methods=["GET"]),
+        Route("/tasks/{task_id}/arguments", task_arguments, methods=["GET"]),
         Route("/metrics", metrics_text, methods=["GET"]),
     ]
+    if any(ui.is_public(ep.route) for ep in service.endpoints):
+        logger.warning("the dashboard is off: an endpoint of the service takes its path, /ui")
+    else:
+        routes += ui.Dashboard().routes()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -271,6 +271,10 @@ def openapi_document(service: Service) -> dict[str, Any]:
                             "type": {"type": "string"},
                             "message": {"type": "string"},
                             "at": {"type": "string", "format": "date-time"},
+                            "traceback": {
+                                "type": "string",
+                                "description": "Where the task's code raised: its frames, the worker's left out.",
+                            },
                         },
                     },
                 },
@@ -513,6 +517,25 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "404": _error("No such task (or it was purged after its retention)."),
                 "503": _error("Queue unavailable."),
             },
+        }
+    }
+    paths["/tasks/{task_id}/arguments"] = {
+        "get": {
+            "operationId": "task_arguments",
+            "summary": "The arguments a task was submitted with, as stored (files and images as base64)",
+            "parameters": [{"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {
+                "200": _json("The validated arguments, one member per parameter.", {"type": "object"}),
+                "404": _error("No such task (or it was purged after its retention)."),
+                "503": _error("Queue unavailable."),
+            },
+        }
+    }
+    paths["/ui"] = {
+        "get": {
+            "operationId": "dashboard",
+            "summary": "The dashboard: queues, workers and tasks in a browser (its files are under /ui/)",
+            "responses": {"200": {"description": "The dashboard's page.", "content": {"text/html": {}}}},
         }
     }
     paths["/workers"] = {

@@ -22,8 +22,10 @@ import logging
 import os
 import random
 import shutil
+import sysconfig
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +40,12 @@ from ..service import Endpoint
 from .report import FanOut, Reporter
 
 logger = logging.getLogger("taskserve.worker")
+
+MAX_TRACEBACK = 16 * 1024  # characters of a failure's traceback kept with the attempt (its end, where it raised)
+_TASKSERVE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_PATHS = sysconfig.get_paths()
+_STDLIB_DIR = _PATHS["stdlib"] + os.sep
+_PACKAGES_DIRS = (_PATHS["purelib"] + os.sep, _PATHS["platlib"] + os.sep)
 
 INLINE_ARGS = 64 * 1024  # stored arguments up to this size, all JSON, are decoded on the loop
 STOP_PATIENCE = 3.0  # seconds an interrupted sync call gets to stop before the process is recycled
@@ -186,6 +194,7 @@ class Executor:
             TaskStatus.FAILURE,
             error_type=type(exc).__name__,
             error_message=str(exc),
+            traceback=format_traceback(exc),
             retry=retry,
             retry_delay=retry_delay(endpoint, claim.attempts) if retry else 0.0,
         )
@@ -408,3 +417,20 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 def _binary(endpoint: Endpoint) -> bool:
     return any(p.kind in BINARY_KINDS or p.kind == "ndarray" for p in endpoint.codec.params)
+
+
+def format_traceback(exc: BaseException) -> str:
+    """The failure's traceback from the first frame of the task's own code, as the dashboard and
+    ``taskserve task ID`` show it: the worker's frames above it say nothing about the failure."""
+    tb = exc.__traceback__
+    while tb is not None and _workers_own(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb if tb is not None else exc.__traceback__))
+    return text if len(text) <= MAX_TRACEBACK else "...\n" + text[-MAX_TRACEBACK:]
+
+
+def _workers_own(filename: str) -> bool:
+    """A frame of taskserve or of the standard library (the thread pool, the event loop), not the task's."""
+    if filename.startswith(_TASKSERVE_DIR):
+        return True
+    return filename.startswith(_STDLIB_DIR) and not filename.startswith(_PACKAGES_DIRS)

@@ -1,6 +1,6 @@
 -- The state machine's one write (lifecycle.py): per task, the first move whose guards hold.
 -- ARGV: prefix, retention_ms, then per task: id, result ('' for none), its moves as JSON, each
--- {to, held = {statuses}, token?, lapsed?, left?, reason?, delay?, give?, etype?, emsg?, etext?,
+-- {to, held = {statuses}, token?, lapsed?, left?, reason?, delay?, give?, etype?, emsg?, etb?, etext?,
 -- result?, ctype?, age?, batch?, stamp?, tell?} (RedisQueue._move_args). Returns 1 per task where
 -- a move applied, or where an earlier send of the same move did (its stamp is on the task), else 0.
 local retention, out = ARGV[2], {}
@@ -28,7 +28,7 @@ local function apply(id, m, h, result)
   if m.batch then hset(id, 'batch_size', m.batch) end
   if m.etype then
     if m.etext then hset(id, 'error', m.etext) else hdel(id, 'error') end
-    add_error(id, h[5], m.etype, m.emsg or '')
+    add_error(id, h[5], m.etype, m.emsg or '', m.etb)
   end
   if m.to == 'success' then
     if m.result then hset(id, 'result', result, 'content_type', m.ctype or '') end

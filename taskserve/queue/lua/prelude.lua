@@ -56,8 +56,8 @@ local function status_event(id, status, reason, at)
   redis.call('XADD', P .. ':e:' .. id, '0-' .. seq, 'k', 'status', 'd', data, 'at', at or NOW)
 end
 -- One failed attempt, appended to the JSON list in the hash's 'errors' field.
-local function add_error(id, attempt, kind, message)
-  local entry = cjson.encode({attempt = tonumber(attempt), type = kind, message = message, at = now})
+local function add_error(id, attempt, kind, message, traceback)
+  local entry = cjson.encode({attempt = tonumber(attempt), type = kind, message = message, at = now, traceback = traceback})
   local errors = redis.call('HGET', tkey(id), 'errors')
   hset(id, 'errors', errors and (string.sub(errors, 1, -2) .. ',' .. entry .. ']') or ('[' .. entry .. ']'))
 end
