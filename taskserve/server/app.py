@@ -451,7 +451,7 @@ def create_app(
 
     async def task_arguments(request: Request) -> Response:
         """The arguments a task was submitted with, as stored (the dashboard shows them)."""
-        record = await queue.get(request.path_params["task_id"])
+        record = await queue.get(request.path_params["task_id"], owner=owner_filter(request))
         return Response(await queue.original_args(record.id), media_type="application/json")
 
     async def workers_json(request: Request) -> Response:
