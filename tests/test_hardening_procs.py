@@ -12,8 +12,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import httpx
 import pytest
+
+from taskserve.cli import ByteSize
 
 from .conftest import ServerFactory, wait_until
 
@@ -156,3 +159,16 @@ def test_readyz_answers_503_naming_the_directory_while_the_disk_is_full(
             reply = httpx.post(f"{server.url}/echo/submit", json={"text": "ok"}, timeout=10)
             assert result_of(server.url, "echo", reply.json()["task_id"]) == "ok"
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("0", 0), ("500000", 500_000), ("100MB", 100_000_000), ("1.5 GB", 1_500_000_000), ("512MiB", 2**29)],
+)
+def test_min_free_disk_takes_sizes_with_units(text: str, size: int) -> None:
+    assert ByteSize().convert(text, None, None) == size
+
+
+def test_a_size_that_is_not_one_is_refused_saying_what_to_write() -> None:
+    with pytest.raises(click.BadParameter, match="kB, MB, GB"):
+        ByteSize().convert("lots", None, None)
