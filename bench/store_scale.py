@@ -1,10 +1,14 @@
-"""Does the queue stay fast as the store grows? Times submit, claim+finish and status at sizes.
+"""Does the queue stay fast as the store grows? Times the worker's path and the operator's reads at sizes.
 
     python bench/store_scale.py [--broker sqlite:///tmp/scale.db] [--sizes 0,100000,1000000]
 
-Fills the store through the queue's own bulk path with finished tasks (a busy day within the
-retention time), then times single operations as an API server and a worker issue them.
-Prints medians per operation and size; nothing is asserted.
+Fills the store through the queue's own bulk path with finished tasks over two routes, one in
+a hundred failed (a busy day within the retention time), then times single operations as an
+API server and a worker issue them: submit, claim+finish, status, and what ``GET /tasks``,
+``GET /queues`` and ``GET /workers`` read (a page of the newest tasks, filtered by route, by
+status, by both, and the page after a cursor deep in the store; counts and waits per route;
+the worker registry). Prints medians per operation and size; nothing is asserted. A read that
+grew with the store would show here as a figure that grows with the size.
 """
 
 from __future__ import annotations
@@ -15,24 +19,58 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 
 from taskserve._types import NewTask, Outcome, TaskStatus
 from taskserve.queue import Queue
 
 ROUTE = "/noop"
+OTHER = "/other"
 
 
 async def fill(queue: Queue, n: int) -> None:
     """Add n finished tasks, in chunks, as workers would have left them."""
     chunk = 5000
     while n > 0:
-        batch = [NewTask(ROUTE, b'{"x":1}') for _ in range(min(chunk, n))]
+        batch = [NewTask(ROUTE if i % 2 else OTHER, b'{"x":1}') for i in range(min(chunk, n))]
         await queue.enqueue_many(batch)
-        claims = await queue.claim([ROUTE], "filler", limit=len(batch))
-        await queue.finish(
-            [Outcome(c.id, c.token, TaskStatus.SUCCESS, result=b"1", content_type="application/json") for c in claims]
-        )
+        claims = await queue.claim([ROUTE, OTHER], "filler", limit=len(batch))
+        await queue.finish([done(c.id, c.token, i % 100 == 0) for i, c in enumerate(claims)])
         n -= len(batch)
+
+
+def done(task_id: str, token: str, failed: bool) -> Outcome:
+    if failed:
+        return Outcome(task_id, token, TaskStatus.FAILURE, error="ValueError: bad input")
+    return Outcome(task_id, token, TaskStatus.SUCCESS, result=b"1", content_type="application/json")
+
+
+async def timed(op: Callable[[], Awaitable[object]], rounds: int = 30) -> float:
+    """The median of ``rounds`` runs of one read, in milliseconds."""
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        await op()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+async def reads(queue: Queue) -> dict[str, float]:
+    """What the operator's endpoints ask the store for, a page of 50 at a time."""
+    _, cursor = await queue.list(limit=1000)
+    for _ in range(20):  # a cursor some 20,000 tasks deep, as paging far back would hold
+        _, cursor = await queue.list(limit=1000, cursor=cursor)
+        if cursor is None:
+            break
+    return {
+        "list": await timed(lambda: queue.list(limit=50)),
+        "list route": await timed(lambda: queue.list(route=ROUTE, limit=50)),
+        "list failed": await timed(lambda: queue.list(status="failure", limit=50)),
+        "list route+ok": await timed(lambda: queue.list(route=OTHER, status="success", limit=50)),
+        "list deep": await timed(lambda: queue.list(limit=50, cursor=cursor)),
+        "queues": await timed(lambda: asyncio.gather(queue.counts(), queue.longest_waits([ROUTE, OTHER]))),
+        "workers": await timed(queue.workers),
+    }
 
 
 async def measure(queue: Queue, rounds: int = 300) -> dict[str, float]:
@@ -59,6 +97,9 @@ async def measure(queue: Queue, rounds: int = 300) -> dict[str, float]:
     }
 
 
+READS = ["list", "list route", "list failed", "list route+ok", "list deep", "queues", "workers"]
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--broker", default=None, help="default: a fresh SQLite file in a temp dir")
@@ -69,15 +110,17 @@ async def main() -> None:
     await queue.connect()
     stored = 0
     print(f"broker {queue.describe()}")
-    print(f"{'stored tasks':>13} | {'submit ms':>9} | {'claim+finish ms':>15} | {'status ms':>9} | fill s")
+    names = ["submit", "claim+finish", "status", *READS]
+    print("medians in ms")
+    print(f"{'stored tasks':>13} | " + " | ".join(f"{n:>{max(len(n), 6)}}" for n in names) + " | fill s")
     for size in (int(s) for s in args.sizes.split(",")):
         t = time.perf_counter()
         await fill(queue, size - stored)
         filled = time.perf_counter() - t
         stored = size
-        m = await measure(queue)
+        m = {**await measure(queue), **await reads(queue)}
         stored += 300
-        print(f"{size:>13,} | {m['submit']:>9.3f} | {m['claim+finish']:>15.3f} | {m['status']:>9.3f} | {filled:.0f}")
+        print(f"{size:>13,} | " + " | ".join(f"{m[n]:>{max(len(n), 6)}.3f}" for n in names) + f" | {filled:.0f}")
     if broker.startswith("sqlite"):
         path = broker.split("///", 1)[1]
         print(f"file size {os.path.getsize(path) / 1e6:.0f} MB for {stored:,} tasks")

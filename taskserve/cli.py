@@ -280,6 +280,14 @@ def cli() -> None:
     help="/readyz answers 503 while the store's directory, the runtime or the temp directory has less "
     "free space; 0: no check.",
 )
+@click.option(
+    "--bentoml-wire",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "always", "never"]),
+    help="Answer in BentoML's wire format: auto: requests of BentoML's clients (by User-Agent); "
+    "always; never (docs/bentoml.md).",
+)
 @_lock_timeout_option
 @_gpus_option
 def serve(target: str, host: str, port: int, workers: int | None, max_body_size: int, **options: Any) -> None:
@@ -467,6 +475,7 @@ async def _serve(
     busy_timeout: float,
     min_free_disk: int,
     lock_timeout: float,
+    bentoml_wire: Any,
     broker: str,
     concurrency: int,
     lease: float,
@@ -515,6 +524,7 @@ async def _serve(
         webhook_retry_delay=webhook_retry_delay,
         public_url=public_url,
         min_free_disk=min_free_disk,
+        bentoml_wire=bentoml_wire,
     )
 
     class Server(uvicorn.Server):

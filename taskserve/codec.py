@@ -334,10 +334,10 @@ class Codec:
         summary = "; ".join(f"{_where(d['loc'])}: {d['msg']}" for d in detail)
         return ValidationFailed(f"Invalid arguments for {self.name!r}: {summary}.", detail)
 
-    def form_value(self, name: str, value: str) -> Any:
-        """A multipart text field: raw for ``str`` parameters, else JSON if it parses."""
+    def form_value(self, name: str, value: str, json_text: bool = False) -> Any:
+        """A multipart text field: raw for ``str`` parameters (unless ``json_text``), else JSON if it parses."""
         param = self.by_name.get(name)
-        if param is None or param.is_text or param.kind in BINARY_KINDS:
+        if param is None or (param.is_text and not json_text) or param.kind in BINARY_KINDS:
             return value
         try:
             return pydantic_core.from_json(value, allow_inf_nan=False)

@@ -309,8 +309,12 @@ def service(cls: Any = None, *, name: str = "", workers: int = 1, resources: dic
     return wrap(cls) if cls is not None else wrap
 
 
-def load_service(target: str) -> Service:
-    """Import ``"module:Class"`` (from the working directory too, as uvicorn does) as a Service."""
+def load_service(target: str, *, warn: bool = True) -> Service:
+    """Import ``"module:Class"`` (from the working directory too, as uvicorn does) as a Service.
+
+    A BentoML service (``@bentoml.service``) is adapted (``taskserve._bentoml``); ``warn`` logs
+    which of its options have no counterpart here (the API process does, its workers need not).
+    """
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
         raise ServiceDefinitionError(f"Expected MODULE:Class, like examples.image_generation:Service; got {target!r}.")
@@ -335,4 +339,8 @@ def load_service(target: str) -> Service:
         return spec
     if isinstance(obj, type):
         return Service.from_class(obj)
+    from ._bentoml import from_bentoml, is_bentoml_service  # imports no bentoml
+
+    if is_bentoml_service(obj):
+        return from_bentoml(obj, warn=warn)
     raise ServiceDefinitionError(f"{target!r} is not a service class.")

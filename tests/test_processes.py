@@ -132,7 +132,8 @@ def test_stopping_with_the_broker_down_takes_the_grace_and_a_second(make_server:
         redis.stop()
     began = time.monotonic()
     server.stop()
-    assert time.monotonic() - began < 3.5
+    # The grace (1 s) and a second, with room for a loaded machine: not the 30 s of a broker timeout.
+    assert time.monotonic() - began < 8
     assert sum(line.endswith(": stopped") for line in server.log.read_text().splitlines()) == 1
 
 

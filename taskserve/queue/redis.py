@@ -290,7 +290,7 @@ class RedisQueue(Queue):
         await asyncio.gather(*tasks, return_exceptions=True)
         self._listener, self._subscriptions = None, {}
         with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8
         with contextlib.suppress(RedisError, OSError):
             await self._client.aclose()
 

@@ -29,6 +29,7 @@ from ..webhooks import DEFAULT_RETRY_DELAY, DEFAULT_TRIES, Deliverer
 from . import bulk, events, openapi, tasks
 from ._errors import EXCEPTION_HANDLERS
 from .backpressure import DrainRate
+from .bentoml_wire import BentoWire, WireMode
 from .diskspace import DEFAULT_MIN_FREE, DiskCheck
 from .inputs import parse_json, read_arguments, read_body, read_many
 from .metrics import Metrics
@@ -351,6 +352,7 @@ def create_app(
     public_url: str | None = None,
     metrics_dir: str | None = None,
     min_free_disk: int = DEFAULT_MIN_FREE,
+    bentoml_wire: WireMode = "auto",
 ) -> Starlette:
     """The ASGI app serving ``service`` over ``queue``.
 
@@ -370,6 +372,8 @@ def create_app(
         metrics_dir: the local workers' ``PROMETHEUS_MULTIPROC_DIR``, whose metrics ``/metrics`` adds.
         min_free_disk: bytes that must be free where the store and workers write, else ``/readyz``
             answers 503 (0: not checked).
+        bentoml_wire: who gets BentoML's wire format: ``auto`` (requests of BentoML's clients,
+            by their User-Agent), ``always`` or ``never`` (docs/bentoml.md).
     """
     metrics = Metrics({ep.route: ep.name for ep in service.endpoints}, metrics_dir)
     # Built now, so that a bad secret stops start-up rather than the first delivery.
@@ -482,6 +486,8 @@ def create_app(
 
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.router = LiteralRouter(routes=routes, lifespan=lifespan)
+    if bentoml_wire != "never":
+        app.add_middleware(BentoWire, service=service, mode=bentoml_wire)
     app.state.queue = queue
     app.state.limits = limits or InputLimits()
     app.state.service = service

@@ -27,6 +27,8 @@ INLINE_BODY = 64 * 1024  # larger bodies are validated in a thread
 MAX_BATCH = 10_000  # argument objects in one submit_many
 MAX_FORM_PARTS = 1000  # fields and files in one form
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+# Set in the scope of a request whose form text fields are all JSON, str ones too (BentoML's client writes them so).
+JSON_FORM_FIELDS = "taskserve.json_form_fields"
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -95,14 +97,17 @@ async def read_arguments(request: Request, codec: Codec, limits: InputLimits, ma
     body = await read_body(request, max_body)
     ctype = _media_type(request, body)
     content_type = request.headers.get("content-type", "")
+    json_text = request.scope.get(JSON_FORM_FIELDS, False)
     if _inline(body, codec):
-        return arguments(body, ctype, content_type, codec, limits)
-    return await anyio.to_thread.run_sync(arguments, body, ctype, content_type, codec, limits)
+        return arguments(body, ctype, content_type, codec, limits, json_text)
+    return await anyio.to_thread.run_sync(arguments, body, ctype, content_type, codec, limits, json_text)
 
 
-def arguments(body: bytes, ctype: str, content_type: str, codec: Codec, limits: InputLimits) -> bytes:
+def arguments(
+    body: bytes, ctype: str, content_type: str, codec: Codec, limits: InputLimits, json_text: bool = False
+) -> bytes:
     if ctype in FORM_TYPES:
-        return codec.validate(form_data(body, ctype, content_type, codec), limits)
+        return codec.validate(form_data(body, ctype, content_type, codec, json_text), limits)
     return codec.validate(parse_json(body, dict, limits), limits)
 
 
@@ -136,12 +141,15 @@ def many_arguments(body: bytes, codec: Codec, limits: InputLimits) -> list[bytes
 # -- forms ---------------------------------------------------------------------------------
 
 
-def form_data(body: bytes, ctype: str, content_type: str, codec: Codec) -> dict[str, Any]:
-    """A form's fields as arguments: files as ``FileArg``, text as ``Codec.form_value`` reads it."""
+def form_data(body: bytes, ctype: str, content_type: str, codec: Codec, json_text: bool = False) -> dict[str, Any]:
+    """A form's fields as arguments: files as ``FileArg``, text as ``Codec.form_value`` reads it.
+
+    ``json_text``: every text field is JSON (a ``str`` one too, quoted), as BentoML's client sends them.
+    """
     data: dict[str, Any] = {}
     parts = _urlencoded(body) if ctype == "application/x-www-form-urlencoded" else _multipart(body, content_type)
     for name, value in parts:
-        data[name] = value if isinstance(value, FileArg) else codec.form_value(name, value)
+        data[name] = value if isinstance(value, FileArg) else codec.form_value(name, value, json_text)
     return data
 
 

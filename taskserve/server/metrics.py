@@ -60,12 +60,6 @@ class Metrics:
             ["endpoint", "status"],
             registry=self.registry,
         )
-        self.requests = Counter(
-            "taskserve_http_requests",
-            "HTTP requests by endpoint and status code.",
-            ["path", "code"],
-            registry=self.registry,
-        )
         self.latency = Histogram(
             "taskserve_submit_seconds",
             "Time to validate and durably store a submitted task.",

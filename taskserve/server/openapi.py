@@ -9,6 +9,7 @@ from .. import __version__
 from .._wire import DEFAULT_MAX_JSON_DEPTH, SAFE_IMAGE_FORMATS
 from ..codec import ARRAY_SCHEMA
 from ..service import Endpoint, Service
+from . import bentoml_wire
 from .bulk import DEFAULT_WAIT, INLINE_BUDGET, INLINE_RESULT, MAX_IDS, MAX_WAIT
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -145,6 +146,8 @@ def service_schema(service: Service) -> dict[str, Any]:
             {"name": ep.name, "route": ep.route, "task": ep.is_task, **ep.codec.describe(), **_bulk(ep)}
             for ep in service.endpoints
         ],
+        # The same endpoints as BentoML's clients read them (docs/bentoml.md).
+        "routes": bentoml_wire.routes(service),
     }
 
 

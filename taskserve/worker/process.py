@@ -126,7 +126,7 @@ async def run_worker_process(
     """The body of one worker process: serve until SIGTERM/SIGINT or orphaned; returns the exit code."""
     from ..service import load_service
 
-    service = load_service(target)
+    service = load_service(target, warn=False)  # the process that started it warned already
     options: dict[str, Any] = {}
     if retention is not None:
         options["retention"] = retention
