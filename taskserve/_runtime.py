@@ -30,6 +30,7 @@ T = TypeVar("T")
 
 SCRATCH = "worker-"
 METRICS = "metrics-"  # a supervisor's PROMETHEUS_MULTIPROC_DIR, locked and swept as a scratch directory is
+LOCKS = "locks-"  # a supervisor's lock stamps (queue/_sqlite_lockstamps.py), the same way
 # A Unix socket's path holds at most 107 bytes: base + "/taskserve-UID-HASH/" + a socket's name.
 MAX_BASE = 50
 
@@ -140,7 +141,7 @@ def sweep(directory: str) -> int:
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(directory):
             path = os.path.join(directory, name)
-            if name.startswith((SCRATCH, METRICS)):
+            if name.startswith((SCRATCH, METRICS, LOCKS)):
                 fd = _lock(path)
                 if fd is None:
                     continue

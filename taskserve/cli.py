@@ -158,6 +158,40 @@ def _auth_options(fn: Any) -> Any:
     return fn
 
 
+def _lock_timeout_option(fn: Any) -> Any:
+    return click.option(
+        "--lock-timeout",
+        default=5.0,
+        show_default=True,
+        type=click.FloatRange(min=0),
+        help="SQLite: kill and replace a worker holding the store's write lock this many seconds "
+        "(frozen: every write waits on it); 0 never does.",
+    )(fn)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
+_SIZE_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30})
+
+
+class ByteSize(click.ParamType[int]):
+    """A number of bytes: 500000, 100MB, 1.5GB, 512MiB."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("kmgib")
+        unit = text[len(number) :]
+        try:
+            if unit not in _SIZE_UNITS or float(number) < 0:
+                raise ValueError
+            return int(float(number) * _SIZE_UNITS[unit])
+        except ValueError:
+            self.fail(f"{value!r} is not a size: write bytes, or a number with kB, MB, GB (or KiB, MiB, GiB).")
+
+
 def _worker_plan(service: Any, workers: int | None, gpus: str | None) -> tuple[int, list[list[str]] | None]:
     """How many workers to start and the GPU ids of each (None: leave CUDA_VISIBLE_DEVICES alone).
 
@@ -275,6 +309,22 @@ def cli() -> None:
     "(env TASKSERVE_PUBLIC_URL) [default: the path alone].",
 )
 @click.option(
+    "--busy-timeout",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="SQLite: seconds a submit (or other write) waits for the store's write lock before answering "
+    "503 with Retry-After.",
+)
+@click.option(
+    "--min-free-disk",
+    default="100MB",
+    show_default=True,
+    type=ByteSize(),
+    help="/readyz answers 503 while the store's directory, the runtime or the temp directory has less "
+    "free space; 0: no check.",
+)
+@click.option(
     "--bentoml-wire",
     default="auto",
     show_default=True,
@@ -283,6 +333,7 @@ def cli() -> None:
     "always; never (docs/bentoml.md).",
 )
 @_auth_options
+@_lock_timeout_option
 @_gpus_option
 def serve(target: str, host: str, port: int, workers: int | None, max_body_size: int, **options: Any) -> None:
     """Run the API server and worker processes for TARGET (module:Class)."""
@@ -328,6 +379,7 @@ def serve(target: str, host: str, port: int, workers: int | None, max_body_size:
     help="Serve these workers' Prometheus metrics at http://HOST:PORT/metrics [default: not served].",
 )
 @click.option("--metrics-host", default="0.0.0.0", show_default=True, help="The address --metrics-port listens on.")
+@_lock_timeout_option
 @_gpus_option
 def worker(target: str, workers: int | None, metrics_port: int | None, metrics_host: str, **options: Any) -> None:
     """Run worker processes only (for instance on another machine) for TARGET."""
@@ -390,11 +442,14 @@ def _metrics_dir(broker: str, wanted: bool) -> Generator[str | None, None, None]
         yield path
 
 
-def _open_queue(broker: str, retention: float | None) -> Any:
+def _open_queue(broker: str, retention: float | None, busy_timeout: float | None = None) -> Any:
     from .queue import Queue
 
+    options: dict[str, Any] = {} if retention is None else {"retention": retention}
+    if busy_timeout is not None and broker.startswith("sqlite:"):
+        options["busy_timeout"] = busy_timeout
     try:
-        return Queue.from_url(broker, **({"retention": retention} if retention is not None else {}))
+        return Queue.from_url(broker, **options)
     except (ValueError, ImportError) as exc:
         raise click.BadParameter(str(exc), param_hint="--broker") from None
     except PermissionError as exc:  # a runtime directory that is not ours (see _runtime)
@@ -492,6 +547,9 @@ async def _serve(
     webhook_tries: int,
     webhook_retry_delay: float,
     public_url: str | None,
+    busy_timeout: float,
+    min_free_disk: int,
+    lock_timeout: float,
     bentoml_wire: Any,
     broker: str,
     concurrency: int,
@@ -513,7 +571,7 @@ async def _serve(
 
     service = load_service(target)
     count, plan = _worker_plan(service, workers, gpus)
-    queue = _open_queue(broker, retention)  # connected by the app's lifespan
+    queue = _open_queue(broker, retention, busy_timeout)  # connected by the app's lifespan
     supervisor = None
     if count:
         supervisor = Supervisor(
@@ -527,6 +585,7 @@ async def _serve(
             retention=retention,
             devices=plan,
             metrics_dir=metrics_dir,
+            lock_timeout=lock_timeout or None,
         )
     app = create_app(
         service,
@@ -542,6 +601,7 @@ async def _serve(
         webhook_tries=webhook_tries,
         webhook_retry_delay=webhook_retry_delay,
         public_url=public_url,
+        min_free_disk=min_free_disk,
         bentoml_wire=bentoml_wire,
         api_keys=keys,
         public_metrics=public_metrics,
@@ -628,6 +688,7 @@ async def _workers_only(
     retention: float | None,
     gpus: str | None,
     metrics_dir: str | None,
+    lock_timeout: float,
 ) -> None:
     from .service import load_service
     from .supervisor import Supervisor
@@ -647,6 +708,7 @@ async def _workers_only(
         retention=retention,
         devices=plan,
         metrics_dir=metrics_dir,
+        lock_timeout=lock_timeout or None,
     )
     stop = asyncio.Event()
     with _signals(stop.set):

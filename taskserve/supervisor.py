@@ -8,6 +8,12 @@ Each worker gets, through its environment: the broker URL (never in its command 
 any user can read a password), this process's pid (it exits when we die, see
 ``worker.process.ParentWatch``) and an id of its own, unique across hosts and restarts, under
 which it holds its tasks: when it dies, its tasks are re-queued by that id at once.
+
+Two watches run beside the workers. On SQLite, a worker that has held the store's write lock
+longer than ``lock_timeout`` (it froze inside a transaction: every other process's writes
+wait on it, and nothing else can end it) is killed and replaced; see ``_sqlite_lockstamps``.
+And the store's runtime directory is swept when a worker dies and every ``SWEEP_EVERY``
+seconds, so the uploads a killed worker had written to its scratch directory do not outlive it.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ import socket
 import sys
 import time
 
+from . import _runtime
 from .devices import worker_env
 from .exceptions import QueueUnavailable
+from .queue._sqlite_lockstamps import ENV as LOCK_STAMPS, StampBoard
 from .queue.base import Queue
 from .worker import EXIT_RECYCLE
 from .worker.metrics import MULTIPROC_DIR, mark_dead
@@ -32,6 +40,8 @@ from .worker.process import SUPERVISOR_PID, WORKER_ID
 logger = logging.getLogger("taskserve.supervisor")
 
 KILL_AFTER = 1.0  # seconds past the grace a worker gets to hand its tasks back before SIGKILL
+DEFAULT_LOCK_TIMEOUT = 5.0  # seconds; our transactions take milliseconds
+SWEEP_EVERY = 30.0  # seconds between sweeps of the runtime directory (and at each worker's death)
 
 
 def worker_id() -> str:
@@ -51,6 +61,8 @@ class Supervisor:
             ``CUDA_VISIBLE_DEVICES``; None leaves the environment's as it is.
         metrics_dir: the workers' ``PROMETHEUS_MULTIPROC_DIR``, owned by the caller, which
             reads their metrics from it (None: they keep them to themselves).
+        lock_timeout: on a SQLite broker, kill (SIGKILL: a stopped process ignores SIGTERM) and
+            replace a worker that has held the store's write lock this many seconds; None: never.
     """
 
     def __init__(
@@ -66,8 +78,10 @@ class Supervisor:
         retention: float | None = None,
         devices: list[list[str]] | None = None,
         metrics_dir: str | None = None,
+        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
         self.metrics_dir = metrics_dir
+        self.lock_timeout = lock_timeout
         self.target = target
         self.devices = devices
         self.broker = broker
@@ -84,6 +98,11 @@ class Supervisor:
         self._stop_requested = asyncio.Event()
         self._force = False
         self.restarts = 0
+        self.lock_kills = 0
+        self._store = _runtime.store_key(broker)
+        self._files = contextlib.ExitStack()
+        self._board: StampBoard | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     def pids(self) -> list[int]:
         """Process ids of the live workers."""
@@ -97,11 +116,60 @@ class Supervisor:
         return cmd
 
     async def start(self) -> None:
+        if self.lock_timeout and self.broker.startswith("sqlite:"):
+            directory = self._files.enter_context(_runtime.scratch_dir(self._store, _runtime.LOCKS))
+            self._board = StampBoard(directory, self.workers)
+            self._files.callback(self._board.close)
         self._slots = [asyncio.create_task(self._keep(i)) for i in range(self.workers)]
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Kill workers frozen holding the write lock; sweep what dead processes left behind."""
+        every = 1.0 if not self.lock_timeout else min(0.5, self.lock_timeout / 4)
+        last_sweep = time.monotonic()
+        while True:
+            await asyncio.sleep(every)
+            if self._board is not None and self.lock_timeout:
+                self._kill_lock_holders(self._board, self.lock_timeout)
+            if time.monotonic() - last_sweep > SWEEP_EVERY:
+                last_sweep = time.monotonic()
+                await self._sweep()
+
+    def _kill_lock_holders(self, board: StampBoard, limit: float) -> None:
+        for slot, proc in list(self.processes.items()):
+            if proc.returncode is not None:
+                continue
+            held = board.held_for(slot)
+            if held > limit:
+                logger.error(
+                    "worker %d (pid %d) has held the SQLite write lock for %.1fs (over --lock-timeout %gs): it is "
+                    "frozen, and every write waits on it; killing it",
+                    slot,
+                    proc.pid,
+                    held,
+                    limit,
+                )
+                board.reset(slot)  # once: it dies with the lock, which SQLite then frees
+                self.lock_kills += 1
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+
+    async def _sweep(self) -> None:
+        """Remove what killed processes left in the store's runtime directory (their uploads)."""
+        try:
+            swept = await asyncio.to_thread(_runtime.sweep, _runtime.runtime_dir(self._store))
+        except OSError as exc:
+            logger.warning("cannot sweep the runtime directory: %s", exc)
+            return
+        if swept:
+            logger.info("removed %d file(s) or directories left by dead processes", swept)
 
     async def _spawn(self, slot: int) -> asyncio.subprocess.Process:
         wid = worker_id()
         env = {**os.environ, "TASKSERVE_BROKER": self.broker, SUPERVISOR_PID: str(os.getpid()), WORKER_ID: wid}
+        if self._board is not None:
+            self._board.reset(slot)
+            env[LOCK_STAMPS] = self._board.env(slot)
         if self.devices is not None:
             env.update(worker_env(self.devices[slot]))
         if self.metrics_dir is not None:
@@ -131,6 +199,7 @@ class Supervisor:
             else:
                 logger.error("worker %d (pid %d) died with exit code %s; restarting it", slot, proc.pid, code)
             await self._requeue(proc.pid)
+            await self._sweep()  # its scratch directory (uploads of the tasks it ran), now unlocked
             # A worker that dies at once (a broken service) is restarted ever more slowly.
             backoff = 0.5 if time.monotonic() - started > 30 else min(backoff * 2, 30.0)
             if code != EXIT_RECYCLE:
@@ -173,6 +242,11 @@ class Supervisor:
         for slot in self._slots:
             with contextlib.suppress(asyncio.CancelledError):
                 await slot
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        self._files.close()
 
     def _signal(self, proc: asyncio.subprocess.Process) -> None:
         if proc.returncode is None:

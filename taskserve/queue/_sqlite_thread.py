@@ -3,6 +3,10 @@
 sqlite3 calls block, so each connection lives in one thread and takes jobs from a queue;
 callers await a future. The writer's thread runs every job that queued up while it was busy
 in one transaction (group commit), each job in a savepoint so one failing job fails alone.
+
+A job waits for the write lock at most ``patience`` seconds from when it was queued, then
+fails with ``QueueUnavailable`` (the API answers 503): a process that froze holding the lock
+must cost callers a prompt error, not a hang (its supervisor ends it, see ``_sqlite_lockstamps``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..exceptions import QueueError, QueueUnavailable
+from ._sqlite_lockstamps import NO_STAMP, Stamp
 
 T = TypeVar("T")
 
@@ -41,8 +46,19 @@ def translate(exc: sqlite3.Error, path: str) -> QueueError:
 class ThreadedConnection:
     """One sqlite3 connection driven by its own thread; jobs return asyncio futures."""
 
-    def __init__(self, path: str, synchronous: str, *, batch_writes: bool, name: str) -> None:
+    def __init__(
+        self,
+        path: str,
+        synchronous: str,
+        *,
+        batch_writes: bool,
+        name: str,
+        patience: float = 10.0,
+        stamp: Stamp = NO_STAMP,
+    ) -> None:
         self.path = path
+        self.patience = patience
+        self.stamp = stamp
         self.synchronous = synchronous
         self.batch_writes = batch_writes
         self._jobs: thread_queue.SimpleQueue[Any] = thread_queue.SimpleQueue()
@@ -65,7 +81,7 @@ class ThreadedConnection:
             pass
         # The writer waits for the write lock itself (see _begin): SQLite's own busy handler
         # sleeps in steps of 1 ms and more, far longer than our transactions hold the lock.
-        timeout = 0.0 if self.batch_writes else 10.0
+        timeout = 0.0 if self.batch_writes else self.patience
         conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         configure(conn, self.synchronous)
@@ -96,7 +112,7 @@ class ThreadedConnection:
                     batch.append(nxt)
                 self._run_batch(conn, batch)
             else:
-                fn, fut, loop = job
+                fn, fut, loop, _ = job
                 self._resolve_call(conn, fn, fut, loop)
         conn.close()
 
@@ -110,54 +126,75 @@ class ThreadedConnection:
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
         """All jobs in one transaction, each in a savepoint so one failing job fails alone."""
+        batch = self._begin(conn, batch)
+        if not batch:
+            return
         outcomes: list[tuple[Any, BaseException | None]] = []
         try:
-            self._begin(conn)
-        except sqlite3.Error as exc:
-            for _, fut, loop in batch:
-                _settle(loop, fut, None, exc)
-            return
-        for fn, _, _ in batch:
-            conn.execute("SAVEPOINT job")
-            try:
-                outcomes.append((fn(conn), None))
-                conn.execute("RELEASE job")
-            except BaseException as exc:
-                outcomes.append((None, exc))
+            for fn, _, _, _ in batch:
+                conn.execute("SAVEPOINT job")
                 try:
-                    conn.execute("ROLLBACK TO job")
+                    outcomes.append((fn(conn), None))
                     conn.execute("RELEASE job")
+                except BaseException as exc:
+                    outcomes.append((None, exc))
+                    try:
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                    except sqlite3.Error:
+                        pass
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                try:
+                    conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            outcomes = [(None, exc)] * len(batch)
-        for (_, fut, loop), (value, error) in zip(batch, outcomes, strict=True):
+                outcomes = [(None, exc)] * len(batch)
+        finally:
+            self.stamp.end()
+        for (_, fut, loop, _), (value, error) in zip(batch, outcomes, strict=True):
             _settle(loop, fut, value, error)
 
-    @staticmethod
-    def _begin(conn: sqlite3.Connection, patience: float = 10.0) -> None:
-        deadline = time.monotonic() + patience
+    def _begin(self, conn: sqlite3.Connection, batch: list[Any]) -> list[Any]:
+        """Take the write lock for ``batch``; returns the jobs still wanting it (none: nothing to do).
+
+        SQLite's own busy handler sleeps in steps of 1 ms and more, far longer than our
+        transactions hold the lock, so we poll. A job that has waited ``patience`` since it was
+        queued is answered now, and the others wait on.
+        """
         delay = 0.00005
         while True:
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
-                    raise
+                self.stamp.begin()
+                return batch
+            except sqlite3.Error as exc:
+                if not isinstance(exc, sqlite3.OperationalError) or (
+                    "locked" not in str(exc) and "busy" not in str(exc)
+                ):
+                    for _, fut, loop, _ in batch:
+                        _settle(loop, fut, None, exc)
+                    return []
+            now = time.monotonic()
+            if any(now - queued > self.patience for _, _, _, queued in batch):
+                busy = QueueUnavailable(
+                    f"The task store is busy: another process has held the write lock of {self.path!r} "
+                    f"for over {self.patience:g}s; retry shortly."
+                )
+                for _, fut, loop, queued in batch:
+                    if now - queued > self.patience:
+                        _settle(loop, fut, None, busy)
+                batch = [job for job in batch if now - job[3] <= self.patience]
+                if not batch:
+                    return []
             time.sleep(delay)
             delay = min(delay * 2, 0.002)
 
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((fn, fut, loop))
+        self._jobs.put((fn, fut, loop, time.monotonic()))
         try:
             return await fut
         except sqlite3.Error as exc:

@@ -130,6 +130,10 @@ class Queue(abc.ABC):
         """Raise ``QueueUnavailable`` unless the store answers."""
         await self._ping()
 
+    def local_dirs(self) -> list[tuple[str, str]]:
+        """Directories of this machine the store writes to, each with what it is (for disk checks)."""
+        return []
+
     # -- producer side ---------------------------------------------------------------------
 
     async def enqueue(self, task: NewTask) -> TaskRecord:

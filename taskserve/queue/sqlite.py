@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlparse
 
 from .._types import Claim, Event, NewTask, Outcome, Result, TaskRecord, WorkerInfo
 from ..exceptions import QueueUnavailable
-from . import _sqlite_webhooks, _wake, lifecycle
+from . import _sqlite_lockstamps, _sqlite_webhooks, _wake, lifecycle
 from ._sqlite_moves import Moved, lapsed_ids, move_rows
 from ._sqlite_schema import (
     MIGRATIONS as MIGRATIONS,
@@ -73,10 +73,29 @@ def _numbered(first: int, values: list[str]) -> str:
 
 
 class SQLiteQueue(Queue):
-    """The default broker: ``sqlite:///tasks.db``. Shared by the processes of one machine."""
+    """The default broker: ``sqlite:///tasks.db``. Shared by the processes of one machine.
 
-    def __init__(self, url: str, *, retention: float = DEFAULT_RETENTION, synchronous: str | None = None) -> None:
+    Args:
+        url: ``sqlite:///path``, with ``?synchronous=full`` to survive power loss too.
+        retention: seconds finished tasks are kept.
+        synchronous: overrides the URL's synchronous mode.
+        busy_timeout: seconds a write waits for the store's write lock before it fails with
+            ``QueueUnavailable``; the API server sets it short (``--busy-timeout``), so that a
+            process frozen holding the lock costs clients a 503, not a hang.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        retention: float = DEFAULT_RETENTION,
+        synchronous: str | None = None,
+        busy_timeout: float = 10.0,
+    ) -> None:
         super().__init__(url, retention=retention)
+        self.busy_timeout = busy_timeout
+        # Where this process (a worker) tells its supervisor when it holds the write lock.
+        self._stamp_inline, self._stamp_writer = _sqlite_lockstamps.from_env()
         self.path = db_path(url)
         query = {k: v[-1] for k, v in parse_qs(urlparse(url).query).items()}
         sync = (synchronous or query.get("synchronous", "normal")).upper()
@@ -97,15 +116,23 @@ class SQLiteQueue(Queue):
     def describe(self) -> str:
         return f"sqlite:///{os.path.abspath(self.path)}"
 
+    def local_dirs(self) -> list[tuple[str, str]]:
+        return [(os.path.dirname(os.path.abspath(self.path)), "the SQLite store's directory")]
+
     async def connect(self) -> None:
         if self._writer is not None:
             return
         self._writer = ThreadedConnection(
-            self.path, self.synchronous, batch_writes=True, name="taskserve-sqlite-writer"
+            self.path,
+            self.synchronous,
+            batch_writes=True,
+            name="taskserve-sqlite-writer",
+            patience=self.busy_timeout,
+            stamp=self._stamp_writer,
         )
         await self._writer.call(migrate)
         self._reader = ThreadedConnection(
-            self.path, self.synchronous, batch_writes=False, name="taskserve-sqlite-reader"
+            self.path, self.synchronous, batch_writes=False, name="taskserve-sqlite-reader", patience=self.busy_timeout
         )
         self._checkpointer = asyncio.create_task(self._checkpoints())
 
@@ -198,6 +225,7 @@ class SQLiteQueue(Queue):
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
             return BUSY
+        self._stamp_inline.begin()
         try:
             result = fn(conn)
             conn.execute("COMMIT")
@@ -208,6 +236,8 @@ class SQLiteQueue(Queue):
             if isinstance(exc, sqlite3.Error):
                 raise QueueUnavailable(f"The SQLite queue at {self.path!r} failed: {exc}.") from exc
             raise
+        finally:
+            self._stamp_inline.end()
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._reader is None:
@@ -304,6 +334,7 @@ class SQLiteQueue(Queue):
                     functools.partial(pass_on, fut)
                 )
             return
+        self._stamp_inline.begin()
         outcomes: list[dict[int, str] | BaseException] = []
         try:
             if len(batch) == 1 and batch[0][1] is None:  # alone and unchecked: its failure rolls back the whole
@@ -330,6 +361,8 @@ class SQLiteQueue(Queue):
                     if not fut.done():
                         fut.set_exception(QueueUnavailable(f"The submit was interrupted: {exc!r}."))
                 raise
+        finally:
+            self._stamp_inline.end()
         if any(due for (_, _, due, _), out in zip(batch, outcomes, strict=True) if isinstance(out, dict)):
             self._waker.send(_wake.WORKER, b"w")
             self._waker.flush()  # now, not after the responses are written

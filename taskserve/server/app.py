@@ -33,6 +33,7 @@ from ._errors import EXCEPTION_HANDLERS
 from .auth import AuthMiddleware, Keys, owner_filter, secure_document, submitter
 from .backpressure import DrainRate
 from .bentoml_wire import BentoWire, WireMode
+from .diskspace import DEFAULT_MIN_FREE, DiskCheck
 from .inputs import parse_json, read_arguments, read_body, read_many
 from .metrics import Metrics
 from .options import NO_OPTIONS, SubmitOptions, read_options
@@ -363,6 +364,7 @@ def create_app(
     webhook_retry_delay: float = DEFAULT_RETRY_DELAY,
     public_url: str | None = None,
     metrics_dir: str | None = None,
+    min_free_disk: int = DEFAULT_MIN_FREE,
     bentoml_wire: WireMode = "auto",
     api_keys: Keys | Sequence[str] | None = None,
     public_metrics: bool = False,
@@ -384,6 +386,8 @@ def create_app(
         webhook_retry_delay: seconds before a webhook's first retry; each next waits 5 times longer.
         public_url: the server's base URL as clients reach it, making webhooks' ``result_url`` absolute.
         metrics_dir: the local workers' ``PROMETHEUS_MULTIPROC_DIR``, whose metrics ``/metrics`` adds.
+        min_free_disk: bytes that must be free where the store and workers write, else ``/readyz``
+            answers 503 (0: not checked).
         bentoml_wire: who gets BentoML's wire format: ``auto`` (requests of BentoML's clients,
             by their User-Agent), ``always`` or ``never`` (docs/bentoml.md).
         api_keys: the keys callers must send (``secret`` or ``name=secret``, or a ``Keys`` with admin
@@ -404,6 +408,7 @@ def create_app(
         on_try=lambda outcome: metrics.webhooks.labels(outcome).inc(),
     )
     workers = WorkerView(queue)
+    disk = DiskCheck.for_store(queue.local_dirs(), min_free_disk)
     throughput = tasks.Throughput(queue)
     routes: list[Route] = []
     by_route: dict[str, EndpointRoutes] = {}
@@ -427,8 +432,12 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        """Ready when the broker answers and live, ready workers (of any host) serve every route."""
+        """Ready when the broker answers, the disk has room and live, ready workers (of any host) serve every route."""
         await queue.ping()  # QueueUnavailable → 503
+        short = disk.short()
+        if short:
+            full = {"status": "disk_full", "error": disk.message(short), "disk": short, "broker": queue.describe()}
+            return JSONResponse(full, status_code=503)
         by_route = await workers.ready_by_route([ep.route for ep in service.endpoints])
         missing = [route for route, n in by_route.items() if n == 0]
         body: dict[str, Any] = {"status": "ready", "broker": queue.describe(), "workers": by_route}

@@ -116,6 +116,13 @@ FULL = {
         }
     },
 }
+UNAVAILABLE = {
+    "description": "Nothing was queued: the broker is unreachable, or the task store is busy (a process has "
+    "held SQLite's write lock past --busy-timeout; its supervisor replaces a worker frozen so). Retry after "
+    "the Retry-After header's seconds.",
+    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    "content": {"application/json": {"schema": ERROR}},
+}
 CONFLICT = "The idempotency key names a task of this route with other arguments (task_id says which)."
 IMAGE_TYPES = ", ".join(f"image/{f.lower()}" for f in SAFE_IMAGE_FORMATS)
 DESCRIPTION = (
@@ -359,7 +366,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                     "409": _error(CONFLICT),
                     "429": FULL,
                     "413": _error("The body is larger than --max-body-size."),
-                    "503": _error("Queue unavailable."),
+                    "503": UNAVAILABLE,
                 },
             }
         }
@@ -386,7 +393,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                     "422": invalid,
                     "409": _error(CONFLICT),
                     "429": FULL,
-                    "503": _error("Queue unavailable."),
+                    "503": UNAVAILABLE,
                 },
             }
         }
@@ -494,6 +501,8 @@ def openapi_document(service: Service) -> dict[str, Any]:
     counts = {"type": "object", "additionalProperties": {"type": "integer"}, "description": "Ready workers per route."}
     ready_fields: dict[str, Any] = {"status": {"type": "string"}, "broker": {"type": "string"}, "workers": counts}
     ready = {"type": "object", "properties": ready_fields}
+    short_dir = {"path": {"type": "string"}, "what": {"type": "string"}, "free_bytes": {"type": "integer"}}
+    disk_short = {"type": "array", "items": {"type": "object", "properties": short_dir}}
     paths["/readyz"] = {
         "get": {
             "operationId": "readyz",
@@ -501,8 +510,10 @@ def openapi_document(service: Service) -> dict[str, Any]:
             "responses": {
                 "200": _json("Ready; the worker count of each route.", ready),
                 "503": _json(
-                    "Not ready: the broker is away (error) or a route has no worker (status no_workers).",
-                    {**ready, "properties": {**ready_fields, "error": {"type": "string"}}},
+                    "Not ready: the broker is away (error), a route has no worker (status no_workers), or "
+                    "a directory the store writes to has less than --min-free-disk free (status disk_full; "
+                    "disk lists each: path, what, free_bytes).",
+                    {**ready, "properties": {**ready_fields, "error": {"type": "string"}, "disk": disk_short}},
                 ),
             },
         }
