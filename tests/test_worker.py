@@ -228,3 +228,16 @@ async def test_a_worker_makes_its_scratch_directory_when_it_runs_and_removes_it(
     await Worker(SERVICE, queue, name="w").run(burst=True)
     assert (await queue.get(record.id)).status is TaskStatus.SUCCESS
     assert list(scratch.iterdir()) == []
+
+
+async def test_a_worker_stopped_as_it_starts_ends_at_once(tmp_path: Path) -> None:
+    # Its first heartbeat's wake-up and the stop land together: the stop must not be lost
+    # (it was, on Python 3.11, for a whole heartbeat period: a server stopped 30 s late).
+    for delay in (0.0, 0.01, 0.1):
+        queue = Queue.from_url(f"sqlite:///{tmp_path}/tasks-{delay}.db")
+        worker = Worker(SERVICE, queue, concurrency=2, lease=2, name="quick")
+        running = asyncio.create_task(worker.run())
+        await asyncio.sleep(delay)
+        worker.stop()
+        await asyncio.wait_for(running, 5)
+        await queue.close()

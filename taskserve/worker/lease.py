@@ -44,11 +44,15 @@ class Keeper:
         self._beat_now.set()
 
     async def stop(self) -> None:
+        # Cancelled again until done: on Python 3.11, asyncio.wait_for swallows a cancel that
+        # lands as the event it waits on is set (as beat_soon() does at start-up), and the
+        # heartbeat loop then slept a whole HEARTBEAT before a worker stopped at once could end.
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.05)
+            if not task.cancelled() and task.exception() is not None:
+                logger.warning("worker %s: %s ended with %r", self.worker.name, task.get_name(), task.exception())
         self._tasks = []
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.worker.queue.forget_worker(self.worker.name), 1.0)
