@@ -230,6 +230,36 @@ def cli() -> None:
     help="This server's base URL as clients reach it, for absolute result_url links in webhooks "
     "(env TASKSERVE_PUBLIC_URL) [default: the path alone].",
 )
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="HOST",
+    help="Answer only requests whose Host is HOST (repeatable; *.example.com for subdomains); others get 400. "
+    "Set it when browsers can reach the server: without it a web page can reach it by DNS rebinding "
+    "[default: any host].",
+)
+@click.option(
+    "--header-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a client may take to send a request's line and headers; slower gets 408 and is closed.",
+)
+@click.option(
+    "--body-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a request body may stop arriving (between two reads) before the request gets 408.",
+)
+@click.option(
+    "--max-connections",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Open connections at most; a new one past it gets 503 with Retry-After (keep it under ulimit -n).",
+)
 @_gpus_option
 def serve(target: str, host: str, port: int, workers: int | None, max_body_size: int, **options: Any) -> None:
     """Run the API server and worker processes for TARGET (module:Class)."""
@@ -409,6 +439,10 @@ async def _serve(
     webhook_tries: int,
     webhook_retry_delay: float,
     public_url: str | None,
+    allowed_hosts: tuple[str, ...],
+    header_timeout: float,
+    body_timeout: float,
+    max_connections: int,
     broker: str,
     concurrency: int,
     lease: float,
@@ -421,6 +455,7 @@ async def _serve(
 
     from ._wire import InputLimits
     from .server import create_app
+    from .server._protocol import protocol_class
     from .service import load_service
     from .supervisor import Supervisor
 
@@ -455,6 +490,8 @@ async def _serve(
         webhook_tries=webhook_tries,
         webhook_retry_delay=webhook_retry_delay,
         public_url=public_url,
+        allowed_hosts=list(allowed_hosts) or None,
+        body_timeout=body_timeout,
     )
 
     class Server(uvicorn.Server):
@@ -474,6 +511,8 @@ async def _serve(
         lifespan="on",
         access_log=False,
         timeout_graceful_shutdown=SHUTDOWN_REQUESTS,
+        # The header timeout, the connection cap and JSON for uvicorn's own errors (server/_protocol.py).
+        http=protocol_class(header_timeout, max_connections),
     )
     server = Server(config)
     signals = 0

@@ -379,11 +379,18 @@ class Codec:
             value.save(buf, format="PNG")
             return buf.getvalue(), "image/png"
         if isinstance(value, os.PathLike):
+            # The name travels in the type, for the server's Content-Disposition; the server
+            # serves the file as an attachment, never as the type guessed here (server/surface.py).
             path = pathlib.Path(value)
-            return path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            name = (safe_filename(path.name) or "result.bin").replace("\\", "\\\\").replace('"', '\\"')
+            return (
+                path.read_bytes(),
+                f'{mimetypes.guess_type(path.name)[0] or "application/octet-stream"}; name="{name}"',
+            )
+
         if isinstance(value, (bytes, bytearray, memoryview)):
             return bytes(value), "application/octet-stream"
-        return pydantic_core.to_json(value, fallback=_json_fallback), "application/json"
+        return pydantic_core.to_json(value, fallback=_json_fallback, inf_nan_mode="null"), "application/json"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -401,7 +408,7 @@ def _yielded(annotation: Any) -> Any:
 
 def dump_item(value: Any) -> bytes:
     """One streamed item as JSON."""
-    return pydantic_core.to_json(value, fallback=_json_fallback)
+    return pydantic_core.to_json(value, fallback=_json_fallback, inf_nan_mode="null")
 
 
 def _pinned_dtype(name: str, pname: str, annotation: Any) -> Any:

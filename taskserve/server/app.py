@@ -29,9 +29,10 @@ from ..webhooks import DEFAULT_RETRY_DELAY, DEFAULT_TRIES, Deliverer
 from . import bulk, events, openapi, tasks
 from ._errors import EXCEPTION_HANDLERS
 from .backpressure import DrainRate
-from .inputs import parse_json, read_arguments, read_body, read_many
+from .inputs import DEFAULT_BODY_TIMEOUT, read_arguments, read_json, read_many
 from .metrics import Metrics
 from .options import NO_OPTIONS, SubmitOptions, read_options
+from .surface import App, result_headers
 from .workers import WorkerView
 
 logger = logging.getLogger("taskserve.server")
@@ -174,7 +175,8 @@ class EndpointRoutes:
         if record.status is TaskStatus.SUCCESS:
             result = await self.queue.get_result(record.id)
             if result is not None:
-                return Response(result.body, media_type=result.content_type, headers={"X-Task-Id": record.id})
+                media_type, headers = result_headers(result, self.codec.output_kind, record.id)
+                return Response(result.body, media_type=media_type, headers=headers)
         reason = {
             TaskStatus.PENDING: "is still pending; poll its status or wait",
             TaskStatus.IN_PROGRESS: "is still in progress; poll its status or wait",
@@ -219,15 +221,13 @@ class EndpointRoutes:
         The merged arguments are validated as a submit's are (422 naming the bad one).
         """
         task_id = task_id_param(request)
-        body = await read_body(request, self.max_body)
+        overrides = await read_json(request, dict, self.max_body, request.app.state.limits)
         args = None
-        if body.strip():
-            overrides = parse_json(body, dict, request.app.state.limits)
-            if overrides:
-                record = await self.queue.get(task_id, self.route)
-                stored = pydantic_core.from_json(await self.queue.original_args(record.id))
-                merged = {**stored, **overrides}
-                args = await anyio.to_thread.run_sync(self.codec.validate, merged, request.app.state.limits)
+        if overrides:
+            record = await self.queue.get(task_id, self.route)
+            stored = pydantic_core.from_json(await self.queue.original_args(record.id))
+            merged = {**stored, **overrides}
+            args = await anyio.to_thread.run_sync(self.codec.validate, merged, request.app.state.limits)
         record = await self.queue.retry(task_id, self.route, args, max_queue=self.max_queue, ttl=self.endpoint.ttl)
         self.metrics.submitted.labels(self.endpoint.name).inc()
         return JSONResponse({"task_id": record.id, "status": record.status.value, "retry_of": record.retry_of})
@@ -349,6 +349,8 @@ def create_app(
     webhook_retry_delay: float = DEFAULT_RETRY_DELAY,
     public_url: str | None = None,
     metrics_dir: str | None = None,
+    allowed_hosts: list[str] | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> Starlette:
     """The ASGI app serving ``service`` over ``queue``.
 
@@ -366,6 +368,9 @@ def create_app(
         webhook_retry_delay: seconds before a webhook's first retry; each next waits 5 times longer.
         public_url: the server's base URL as clients reach it, making webhooks' ``result_url`` absolute.
         metrics_dir: the local workers' ``PROMETHEUS_MULTIPROC_DIR``, whose metrics ``/metrics`` adds.
+        allowed_hosts: the only ``Host`` names answered (400 for others; ``*.example.com`` for
+            subdomains); ``None`` answers any (docs/hardening.md: DNS rebinding).
+        body_timeout: seconds a request body may stop arriving before the request gets 408.
     """
     metrics = Metrics({ep.route: ep.name for ep in service.endpoints}, metrics_dir)
     # Built now, so that a bad secret stops start-up rather than the first delivery.
@@ -471,10 +476,12 @@ def create_app(
             except asyncio.TimeoutError:
                 logger.warning("closing the broker connection took over %.0fs; leaving it", CLOSE_TIMEOUT)
 
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app = App(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app.allowed_hosts = allowed_hosts
     app.router = LiteralRouter(routes=routes, lifespan=lifespan)
     app.state.queue = queue
     app.state.limits = limits or InputLimits()
+    app.state.body_timeout = body_timeout
     app.state.service = service
     app.state.max_queue = max_queue
     app.state.metrics = metrics

@@ -22,7 +22,7 @@ from .._types import Result, TaskRecord, TaskStatus, iso
 from ..exceptions import TaskNotFound, ValidationFailed
 from ..queue.base import Queue, Watch
 from ..queue.sqlite import SQLiteQueue
-from .inputs import parse_json, read_body
+from .inputs import read_json
 
 if TYPE_CHECKING:
     from .app import EndpointRoutes
@@ -47,7 +47,7 @@ def _fail(field: str, message: str, kind: str = "value_error") -> ValidationFail
 
 async def parse_request(request: Request) -> tuple[list[str], float, int, bool, bool]:
     """The ids (deduplicated, in order), timeout, min_done, results and full_status of a request body."""
-    data = parse_json(await read_body(request, MAX_BODY), dict)
+    data = await read_json(request, dict, MAX_BODY)
     unknown = sorted(set(data) - FIELDS)
     if unknown:
         raise _fail(unknown[0], f"unknown field; expected {', '.join(sorted(FIELDS))}", "extra_forbidden")
