@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import functools
 import inspect
 import io
 import math
@@ -308,6 +309,9 @@ class Codec:
                 f"The arguments of {self.name!r} must be a JSON object of parameter names to values.",
                 [{"loc": [], "msg": "expected an object", "type": "object_type"}],
             )
+        mistyped = _mistyped(data, self.input_schema, self.input_schema.get("$defs", {}), [])
+        if mistyped is not None:
+            raise self._invalid([{"loc": mistyped[0], "msg": mistyped[1], "type": "type_error"}])
         try:
             model = self.model.model_validate(data, context={"limits": limits})
         except pydantic.ValidationError as exc:
@@ -329,6 +333,10 @@ class Codec:
         if fault is not None:
             raise self._invalid([{"loc": fault[0], "msg": fault[1], "type": fault[2]}])
         return stored
+
+    @functools.cached_property
+    def input_schema(self) -> dict[str, Any]:
+        return self.model.model_json_schema(by_alias=True)
 
     def _invalid(self, detail: list[dict[str, Any]]) -> ValidationFailed:
         summary = "; ".join(f"{_where(d['loc'])}: {d['msg']}" for d in detail)
@@ -446,6 +454,38 @@ def _fault(value: Any, depth: int, limit: int) -> tuple[list[str], str, str] | N
         if fault is not None:
             fault[0].insert(0, str(key))
             return fault
+    return None
+
+
+def _mistyped(value: Any, schema: Any, defs: dict[str, Any], loc: list[str]) -> tuple[list[str], str] | None:
+    """Where a JSON value is not the type its schema names though pydantic would convert it (``true``
+    or ``"1.5"`` for a number, ``1`` for a string): the published schema is the contract, and a
+    client generated from it must not find the server looser than it says. Only plain ``type``
+    keywords are judged; anything else (``anyOf``, formats, custom types) is left to pydantic.
+    """
+    if not isinstance(schema, dict):
+        return None
+    if "$ref" in schema:
+        return _mistyped(value, defs.get(schema["$ref"].rsplit("/", 1)[-1]), defs, loc)
+    kind = schema.get("type")
+    if kind in ("number", "integer") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        if value is not None:
+            return loc, f"expected a {kind}, got {type(value).__name__}"
+    elif kind == "string" and not isinstance(value, str) and value is not None and "format" not in schema:
+        return loc, f"expected a string, got {type(value).__name__}"
+    elif kind == "boolean" and not isinstance(value, bool) and value is not None:
+        return loc, f"expected true or false, got {type(value).__name__}"
+    elif kind == "object" and isinstance(value, dict):
+        for key, item in value.items():
+            sub = schema.get("properties", {}).get(key, schema.get("additionalProperties"))
+            found = _mistyped(item, sub, defs, [*loc, str(key)])
+            if found is not None:
+                return found
+    elif kind == "array" and isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _mistyped(item, schema.get("items"), defs, [*loc, str(index)])
+            if found is not None:
+                return found
     return None
 
 

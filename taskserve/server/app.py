@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from .._types import NewTask, TaskRecord, TaskStatus
 from .._wire import InputLimits
-from ..exceptions import InvalidTransition, QueueUnavailable
+from ..exceptions import InvalidTransition, QueueUnavailable, ValidationFailed
 from ..queue.base import Queue
 from ..service import Endpoint, Service
 from ..tracing import submit_span
@@ -31,6 +31,7 @@ from ._errors import EXCEPTION_HANDLERS
 from .backpressure import DrainRate
 from .inputs import DEFAULT_BODY_TIMEOUT, read_arguments, read_json, read_many
 from .metrics import Metrics
+from .openapi import DEFAULT_CALL_TIMEOUT, call_limit
 from .options import NO_OPTIONS, SubmitOptions, read_options
 from .surface import App, result_headers
 from .workers import WorkerView
@@ -39,7 +40,6 @@ logger = logging.getLogger("taskserve.server")
 
 DEFAULT_MAX_BODY = 100 * 1024 * 1024
 MAX_WAIT = 300.0
-DEFAULT_CALL_TIMEOUT = 300.0  # a direct call waits at most this (or its endpoint's timeout + 30 s)
 NO_WORKER_GRACE = 5.0  # a direct call waits this long for a worker to appear before it answers 503
 CLOSE_TIMEOUT = 5.0  # seconds closing the broker connection may take at shutdown
 
@@ -244,6 +244,13 @@ class EndpointRoutes:
         that a worker still starting up is waited for. Either way the task is cancelled.
         """
         options = read_options(request)
+        limit = call_limit(self.endpoint, self.call_timeout)
+        if options.run_at is not None and options.run_at - time.time() > limit:
+            raise ValidationFailed(
+                f"A direct call waits {limit:g}s for its result, and delay or run_at starts the task later; "
+                f"submit it instead (POST {self.route}/submit).",
+                [{"loc": ["query", "delay"], "msg": f"later than the call's {limit:g}s", "type": "less_than_equal"}],
+            )
         args = await self.arguments(request)
         with submit_span(self.endpoint.name, request.headers) as trace:
             task = self.new_task(args, options, trace=trace)
@@ -254,10 +261,10 @@ class EndpointRoutes:
         if owned:
             self.metrics.submitted.labels(self.endpoint.name).inc()
         task_id = record.id
-        # Long enough for the task's own time limit, with room to wait in the queue.
-        timeout = task.timeout
-        limit = self.call_timeout if timeout is None else max(self.call_timeout, timeout + 30)
-        started = time.monotonic()
+        # Long enough for the task's own time limit (the caller's timeout option included).
+        limit = self.call_timeout if task.timeout is None else max(self.call_timeout, task.timeout + 30)
+        # Counted from when the task may start: a delayed call waits its delay, then the limit.
+        started = time.monotonic() + max(0.0, (task.run_at or 0.0) - time.time())
         unserved_since: float | None = None
         try:
             while not record.status.is_terminal:
@@ -282,7 +289,7 @@ class EndpointRoutes:
                     await self.queue.cancel(task_id)
             raise
         self.metrics.finished.labels(self.endpoint.name, record.status.value).inc()
-        response = await self.result_response(record, failure_code=500)
+        response = await self.result_response(record, failure_code=409 if _callers_limit(record, options) else 500)
         if not owned:
             response.headers["Idempotent-Replayed"] = "true"
         return response
@@ -294,6 +301,13 @@ class EndpointRoutes:
             self.metrics.finished.labels(self.endpoint.name, "cancelled").inc()
         headers = {"Retry-After": "5"} if code == 503 else None
         return JSONResponse({"error": message, "task_id": task_id}, status_code=code, headers=headers)
+
+
+def _callers_limit(record: TaskRecord, options: SubmitOptions) -> bool:
+    """Whether a failed task was ended by a limit its caller set (a deadline, a ttl, a timeout option):
+    the call then answers 409 as ``get`` does, not 500, as nothing went wrong on the server."""
+    kind = (record.error or "").partition(":")[0]
+    return kind in ("DeadlineExceeded", "Expired") or (kind == "TimeoutError" and options.timeout is not None)
 
 
 def _replayed(record: TaskRecord) -> Response:
@@ -392,7 +406,7 @@ def create_app(
         )
         routes.extend(handlers.routes())
     schema = openapi.service_schema(service)
-    docs = openapi.openapi_document(service)
+    docs = openapi.openapi_document(service, call_timeout)
 
     async def schema_json(request: Request) -> Response:
         return JSONResponse(schema)

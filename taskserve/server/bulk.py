@@ -60,6 +60,8 @@ async def parse_request(request: Request) -> tuple[list[str], float, int, bool, 
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < math.inf:
         raise _fail("timeout", "must be a number of seconds, 0 or more", "float_type")
     min_done = data.get("min_done", 1)
+    if isinstance(min_done, float) and min_done.is_integer():
+        min_done = int(min_done)  # 3.0 is an integer to JSON Schema, as it is to the document
     if isinstance(min_done, bool) or not isinstance(min_done, int) or min_done < 1:
         raise _fail("min_done", "must be a whole number, 1 or more", "int_type")
     flags = {name: data.get(name, name == "results") for name in ("results", "full_status")}
