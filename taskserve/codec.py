@@ -321,7 +321,8 @@ class Codec:
             ]
             raise self._invalid(detail) from None
         try:
-            tree = model.model_dump(by_alias=True)
+            # Files are opaque to the check below: leaving them out spares a base64 copy of each.
+            tree = model.model_dump(by_alias=True, exclude=self.opaque or None)
             stored = model.model_dump_json(by_alias=True).encode()
         except pydantic_core.PydanticSerializationError as exc:  # e.g. a lone surrogate in a string
             raise self._invalid(
@@ -333,6 +334,10 @@ class Codec:
         if fault is not None:
             raise self._invalid([{"loc": fault[0], "msg": fault[1], "type": fault[2]}])
         return stored
+
+    @functools.cached_property
+    def opaque(self) -> set[str]:
+        return {p.name for p in self.params if p.kind in BINARY_KINDS}
 
     @functools.cached_property
     def input_schema(self) -> dict[str, Any]:

@@ -265,7 +265,12 @@ def test_a_manual_retry_takes_overrides_validated_like_a_submit(served: Server) 
         with pytest.raises(taskserve.ValidationFailed) as refused:
             first.retry(b="many")
         assert "b" in str(refused.value)
-    answer = httpx.post(f"{served.url}/add/retry", params={"task_id": first.id}, content=b"[1]")
+    answer = httpx.post(
+        f"{served.url}/add/retry",
+        params={"task_id": first.id},
+        content=b"[1]",
+        headers={"content-type": "application/json"},
+    )
     assert answer.status_code == 422 and "object" in answer.json()["error"]
 
 

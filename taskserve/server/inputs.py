@@ -39,9 +39,21 @@ async def read_body(request: Request, limit: int) -> bytes:
 
     A client that hangs up meanwhile raises starlette's ``ClientDisconnect``, answered quietly;
     one that stops sending for ``body_timeout`` seconds (the app's, ``--body-timeout``) gets 408.
-    Past ``SPOOL_AT`` bytes the body goes to an unnamed temporary file rather than a growing
-    list of chunks, so a large upload is held in memory once, not twice, and only when parsed.
     """
+    received = await _receive(request, limit)
+    if isinstance(received, bytes):
+        body = received
+    else:
+        with received:
+            body = received.read()
+    request._body = body  # lets request.form() parse what we already read
+    return body
+
+
+async def _receive(request: Request, limit: int) -> bytes | IO[bytes]:
+    """The body as bytes, or, past ``SPOOL_AT`` bytes, as an unnamed temporary file at its start
+    (the caller closes it): a large upload is never a growing list of chunks in memory, and a
+    multipart one is parsed from the file without ever being whole in memory."""
     length = request.headers.get("content-length")
     too_large = PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes; send a smaller one.")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -75,16 +87,14 @@ async def read_body(request: Request, limit: int) -> bytes:
                 f"The request body stopped arriving for {timeout:g}s; the request is abandoned. Send it again.",
                 headers={"Connection": "close"},
             )
-        if spool is not None:
-            spool.seek(0)
-            body = spool.read()
-        else:
-            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    finally:
+    except BaseException:
         if spool is not None:
             spool.close()
-    request._body = body  # lets request.form() parse what we already read
-    return body
+        raise
+    if spool is not None:
+        spool.seek(0)
+        return spool
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _content_type(request: Request) -> str:
@@ -173,12 +183,25 @@ async def read_arguments(request: Request, codec: Codec, limits: InputLimits, ma
     if not (_is_json(_content_type(request)) or _content_type(request) in FORM_TYPES):
         if request.headers.get("content-length", "0") != "0":
             raise _unsupported(_content_type(request), ACCEPTED)  # before reading what would be refused
+    content_type = request.headers.get("content-type", "")
+    if _content_type(request) == FORM_TYPES[0]:
+        # Straight from the spooled file, if it is one, to the parts; always in a thread (files).
+        source = await _receive(request, max_body)
+        return await anyio.to_thread.run_sync(_multipart_arguments, source, content_type, codec, limits)
     body = await read_body(request, max_body)
     ctype = _media_type(request, body)
-    content_type = request.headers.get("content-type", "")
     if _inline(body, codec):
         return arguments(body, ctype, content_type, codec, limits)
     return await anyio.to_thread.run_sync(arguments, body, ctype, content_type, codec, limits)
+
+
+def _multipart_arguments(source: bytes | IO[bytes], content_type: str, codec: Codec, limits: InputLimits) -> bytes:
+    try:
+        data = {n: v if isinstance(v, FileArg) else codec.form_value(n, v) for n, v in _multipart(source, content_type)}
+    finally:
+        if not isinstance(source, bytes):
+            source.close()
+    return codec.validate(data, limits)
 
 
 def arguments(body: bytes, ctype: str, content_type: str, codec: Codec, limits: InputLimits) -> bytes:
@@ -238,8 +261,12 @@ def _urlencoded(body: bytes) -> list[tuple[str, str]]:
         raise _invalid(f"The form has more than {MAX_FORM_PARTS} fields.", "too_large") from None
 
 
-def _multipart(body: bytes, content_type: str) -> list[tuple[str, str | FileArg]]:
-    """Parse a multipart body already in memory (it is bounded by the body limit) without an event loop."""
+def _multipart(source: bytes | IO[bytes], content_type: str) -> list[tuple[str, str | FileArg]]:
+    """Parse a multipart body (bytes, or the spooled file) without an event loop.
+
+    A file part over ``SPOOL_AT`` bytes goes to a temporary file of python-multipart's own, under
+    a random name (never the one the client gave), and is read from it once.
+    """
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if not boundary:
@@ -268,12 +295,14 @@ def _multipart(body: bytes, content_type: str) -> list[tuple[str, str | FileArg]
         filename = file.file_name.decode("utf-8", "replace") if file.file_name else None
         add(file.field_name, FileArg(data, filename, file.content_type))
 
-    # Files stay in memory: the body is, and is bounded, already.
-    parser = FormParser(
-        "multipart/form-data", on_field, on_file, boundary=boundary, config={"MAX_MEMORY_FILE_SIZE": len(body) + 1}
-    )
+    config = {"MAX_MEMORY_FILE_SIZE": SPOOL_AT, "UPLOAD_KEEP_FILENAME": False, "UPLOAD_KEEP_EXTENSIONS": False}
+    parser = FormParser("multipart/form-data", on_field, on_file, boundary=boundary, config=config)
     try:
-        parser.write(body)
+        if isinstance(source, bytes):
+            parser.write(source)
+        else:
+            while chunk := source.read(SPOOL_AT):
+                parser.write(chunk)
         parser.finalize()
     except (ValueError, OSError) as exc:
         if isinstance(exc, ValidationFailed):

@@ -37,8 +37,8 @@ def serve(directory: str, port: int) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "taskserve", "serve", SERVICE, "--port", str(port), "--workers", "1"]
     args += ["--broker", f"sqlite:///{directory}/tasks.db", "--call-timeout", "5", "--allowed-host", "127.0.0.1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    log = open(Path(directory) / "server.log", "wb")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(Path(directory) / "server.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
