@@ -13,8 +13,12 @@ import pytest
 
 pytest.importorskip("schemathesis")
 
+import pytest
+
 from .fuzz.run import fuzz
 
 
+@pytest.mark.timeout(240)  # about 50 s on an idle 2-core machine; more when the suite runs beside it
 def test_docs_json_holds_under_fuzzing() -> None:
-    assert fuzz(examples=5, seed=1, workers=1, max_time=None) == 0, "schemathesis found the findings printed above"
+    found = fuzz(examples=5, seed=1, workers=1, max_time=None, quick=True)
+    assert found == 0, "schemathesis found the findings printed above"

@@ -86,7 +86,8 @@ OPTION_PARAMS: list[dict[str, Any]] = [  # options of one submission (server/opt
         "in": "query",
         "description": "The same key on this route with the same arguments answers the same task "
         "(header Idempotent-Replayed: true); with other arguments 409. Kept as long as the task. "
-        "Or the header Idempotency-Key (the same rules; given both, they must be equal). "
+        "Or the header Idempotency-Key, not listed as a parameter here as a document cannot say that "
+        "given both they must be equal (else 422). "
         "On submit_many, item i is keyed KEY#i.",
         "schema": KEY_SCHEMA,
     },
