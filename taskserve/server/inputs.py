@@ -120,8 +120,9 @@ async def read_json(request: Request, expected: type, limit: int, limits: InputL
     lets such "simple" requests through), but never ``application/json``. An empty body needs none.
     """
     ctype = _content_type(request)
-    if not _is_json(ctype) and request.headers.get("content-length", "0") != "0":
-        raise _unsupported(ctype, "application/json")
+    length = request.headers.get("content-length", "0")
+    if not _is_json(ctype) and length != "0" and not (length.isdigit() and int(length) > limit):
+        raise _unsupported(ctype, "application/json")  # (a body over the limit is told that first: 413)
     body = await read_body(request, limit)
     if body and not _is_json(ctype):
         raise _unsupported(ctype, "application/json")
@@ -181,7 +182,8 @@ def _inline(body: bytes, codec: Codec) -> bool:
 async def read_arguments(request: Request, codec: Codec, limits: InputLimits, max_body: int) -> bytes:
     """The validated, storable arguments of a submit or a direct call."""
     if not (_is_json(_content_type(request)) or _content_type(request) in FORM_TYPES):
-        if request.headers.get("content-length", "0") != "0":
+        length = request.headers.get("content-length", "0")
+        if length != "0" and not (length.isdigit() and int(length) > max_body):  # 413 comes first
             raise _unsupported(_content_type(request), ACCEPTED)  # before reading what would be refused
     content_type = request.headers.get("content-type", "")
     if _content_type(request) == FORM_TYPES[0]:
