@@ -332,6 +332,36 @@ def cli() -> None:
     help="Answer in BentoML's wire format: auto: requests of BentoML's clients (by User-Agent); "
     "always; never (docs/bentoml.md).",
 )
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="HOST",
+    help="Answer only requests whose Host is HOST (repeatable; *.example.com for subdomains); others get 400. "
+    "Set it when browsers can reach the server: without it a web page can reach it by DNS rebinding "
+    "[default: any host].",
+)
+@click.option(
+    "--header-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a client may take to send a request's line and headers; slower gets 408 and is closed.",
+)
+@click.option(
+    "--body-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a request body may stop arriving (between two reads) before the request gets 408.",
+)
+@click.option(
+    "--max-connections",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Open connections at most; a new one past it gets 503 with Retry-After (keep it under ulimit -n).",
+)
 @_auth_options
 @_lock_timeout_option
 @_gpus_option
@@ -551,6 +581,10 @@ async def _serve(
     min_free_disk: int,
     lock_timeout: float,
     bentoml_wire: Any,
+    allowed_hosts: tuple[str, ...],
+    header_timeout: float,
+    body_timeout: float,
+    max_connections: int,
     broker: str,
     concurrency: int,
     lease: float,
@@ -566,6 +600,7 @@ async def _serve(
 
     from ._wire import InputLimits
     from .server import create_app
+    from .server._protocol import protocol_class
     from .service import load_service
     from .supervisor import Supervisor
 
@@ -606,6 +641,8 @@ async def _serve(
         api_keys=keys,
         public_metrics=public_metrics,
         cors_origins=cors_origins,
+        allowed_hosts=list(allowed_hosts) or None,
+        body_timeout=body_timeout,
     )
 
     class Server(uvicorn.Server):
@@ -625,6 +662,8 @@ async def _serve(
         lifespan="on",
         access_log=False,
         timeout_graceful_shutdown=SHUTDOWN_REQUESTS,
+        # The header timeout, the connection cap and JSON for uvicorn's own errors (server/_protocol.py).
+        http=protocol_class(header_timeout, max_connections),
     )
     server = Server(config)
     signals = 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import functools
 import inspect
 import io
 import math
@@ -308,6 +309,9 @@ class Codec:
                 f"The arguments of {self.name!r} must be a JSON object of parameter names to values.",
                 [{"loc": [], "msg": "expected an object", "type": "object_type"}],
             )
+        mistyped = _mistyped(data, self.input_schema, self.input_schema.get("$defs", {}), [])
+        if mistyped is not None:
+            raise self._invalid([{"loc": mistyped[0], "msg": mistyped[1], "type": "type_error"}])
         try:
             model = self.model.model_validate(data, context={"limits": limits})
         except pydantic.ValidationError as exc:
@@ -317,7 +321,8 @@ class Codec:
             ]
             raise self._invalid(detail) from None
         try:
-            tree = model.model_dump(by_alias=True)
+            # Files are opaque to the check below: leaving them out spares a base64 copy of each.
+            tree = model.model_dump(by_alias=True, exclude=self.opaque or None)
             stored = model.model_dump_json(by_alias=True).encode()
         except pydantic_core.PydanticSerializationError as exc:  # e.g. a lone surrogate in a string
             raise self._invalid(
@@ -329,6 +334,14 @@ class Codec:
         if fault is not None:
             raise self._invalid([{"loc": fault[0], "msg": fault[1], "type": fault[2]}])
         return stored
+
+    @functools.cached_property
+    def opaque(self) -> set[str]:
+        return {p.name for p in self.params if p.kind in BINARY_KINDS}
+
+    @functools.cached_property
+    def input_schema(self) -> dict[str, Any]:
+        return self.model.model_json_schema(by_alias=True)
 
     def _invalid(self, detail: list[dict[str, Any]]) -> ValidationFailed:
         summary = "; ".join(f"{_where(d['loc'])}: {d['msg']}" for d in detail)
@@ -379,11 +392,18 @@ class Codec:
             value.save(buf, format="PNG")
             return buf.getvalue(), "image/png"
         if isinstance(value, os.PathLike):
+            # The name travels in the type, for the server's Content-Disposition; the server
+            # serves the file as an attachment, never as the type guessed here (server/surface.py).
             path = pathlib.Path(value)
-            return path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            name = (safe_filename(path.name) or "result.bin").replace("\\", "\\\\").replace('"', '\\"')
+            return (
+                path.read_bytes(),
+                f'{mimetypes.guess_type(path.name)[0] or "application/octet-stream"}; name="{name}"',
+            )
+
         if isinstance(value, (bytes, bytearray, memoryview)):
             return bytes(value), "application/octet-stream"
-        return pydantic_core.to_json(value, fallback=_json_fallback), "application/json"
+        return pydantic_core.to_json(value, fallback=_json_fallback, inf_nan_mode="null"), "application/json"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -401,7 +421,7 @@ def _yielded(annotation: Any) -> Any:
 
 def dump_item(value: Any) -> bytes:
     """One streamed item as JSON."""
-    return pydantic_core.to_json(value, fallback=_json_fallback)
+    return pydantic_core.to_json(value, fallback=_json_fallback, inf_nan_mode="null")
 
 
 def _pinned_dtype(name: str, pname: str, annotation: Any) -> Any:
@@ -439,6 +459,38 @@ def _fault(value: Any, depth: int, limit: int) -> tuple[list[str], str, str] | N
         if fault is not None:
             fault[0].insert(0, str(key))
             return fault
+    return None
+
+
+def _mistyped(value: Any, schema: Any, defs: dict[str, Any], loc: list[str]) -> tuple[list[str], str] | None:
+    """Where a JSON value is not the type its schema names though pydantic would convert it (``true``
+    or ``"1.5"`` for a number, ``1`` for a string): the published schema is the contract, and a
+    client generated from it must not find the server looser than it says. Only plain ``type``
+    keywords are judged; anything else (``anyOf``, formats, custom types) is left to pydantic.
+    """
+    if not isinstance(schema, dict):
+        return None
+    if "$ref" in schema:
+        return _mistyped(value, defs.get(schema["$ref"].rsplit("/", 1)[-1]), defs, loc)
+    kind = schema.get("type")
+    if kind in ("number", "integer") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        if value is not None:
+            return loc, f"expected a {kind}, got {type(value).__name__}"
+    elif kind == "string" and not isinstance(value, str) and value is not None and "format" not in schema:
+        return loc, f"expected a string, got {type(value).__name__}"
+    elif kind == "boolean" and not isinstance(value, bool) and value is not None:
+        return loc, f"expected true or false, got {type(value).__name__}"
+    elif kind == "object" and isinstance(value, dict):
+        for key, item in value.items():
+            sub = schema.get("properties", {}).get(key, schema.get("additionalProperties"))
+            found = _mistyped(item, sub, defs, [*loc, str(key)])
+            if found is not None:
+                return found
+    elif kind == "array" and isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _mistyped(item, schema.get("items"), defs, [*loc, str(index)])
+            if found is not None:
+                return found
     return None
 
 

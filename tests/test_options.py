@@ -59,7 +59,8 @@ def test_options_apply_to_every_task_of_submit_many_and_to_a_direct_call(served:
         status = httpx.get(f"{served.url}/add/status", params={"task_id": item["task_id"]}).json()
         assert status["tags"] == {"batch": "nightly"} and status["priority"] == 2
     direct = httpx.post(f"{served.url}/slow_async", params={"timeout": "0.5"}, json={"seconds": 30}, timeout=60)
-    assert direct.status_code == 500 and "timeout" in direct.json()["error"].lower()
+    # Ended by the caller's own timeout option: 409 as get answers, not a server error.
+    assert direct.status_code == 409 and "timeout" in direct.json()["error"].lower()
 
 
 @pytest.mark.anyio
@@ -85,7 +86,6 @@ async def test_bad_options_are_refused_by_name_and_queue_nothing(tmp_path: Path)
         ({"delay": "-1"}, "delay"),
         ({"delay": "nan"}, "delay"),
         ({"run_at": "tomorrow"}, "run_at"),
-        ({"delay": "1", "run_at": "2030-01-01T00:00:00Z"}, "run_at"),
         ({"timeout": "0"}, "timeout"),
         ({"tag": "no-colon"}, "tag"),
         ({"prio": "1"}, "prio"),

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from .._types import NewTask, TaskRecord, TaskStatus
 from .._wire import InputLimits
-from ..exceptions import InvalidTransition, QueueUnavailable
+from ..exceptions import InvalidTransition, QueueUnavailable, ValidationFailed
 from ..queue.base import Queue
 from ..service import Endpoint, Service
 from ..tracing import submit_span
@@ -34,16 +34,17 @@ from .auth import AuthMiddleware, Keys, owner_filter, secure_document, submitter
 from .backpressure import DrainRate
 from .bentoml_wire import BentoWire, WireMode
 from .diskspace import DEFAULT_MIN_FREE, DiskCheck
-from .inputs import parse_json, read_arguments, read_body, read_many
+from .inputs import DEFAULT_BODY_TIMEOUT, read_arguments, read_json, read_many
 from .metrics import Metrics
+from .openapi import DEFAULT_CALL_TIMEOUT, call_limit
 from .options import NO_OPTIONS, SubmitOptions, read_options
+from .surface import App, result_headers
 from .workers import WorkerView
 
 logger = logging.getLogger("taskserve.server")
 
 DEFAULT_MAX_BODY = 100 * 1024 * 1024
 MAX_WAIT = 300.0
-DEFAULT_CALL_TIMEOUT = 300.0  # a direct call waits at most this (or its endpoint's timeout + 30 s)
 NO_WORKER_GRACE = 5.0  # a direct call waits this long for a worker to appear before it answers 503
 CLOSE_TIMEOUT = 5.0  # seconds closing the broker connection may take at shutdown
 
@@ -186,7 +187,8 @@ class EndpointRoutes:
         if record.status is TaskStatus.SUCCESS:
             result = await self.queue.get_result(record.id)
             if result is not None:
-                return Response(result.body, media_type=result.content_type, headers={"X-Task-Id": record.id})
+                media_type, headers = result_headers(result, self.codec.output_kind, record.id)
+                return Response(result.body, media_type=media_type, headers=headers)
         reason = {
             TaskStatus.PENDING: "is still pending; poll its status or wait",
             TaskStatus.IN_PROGRESS: "is still in progress; poll its status or wait",
@@ -232,15 +234,13 @@ class EndpointRoutes:
         """
         task_id = task_id_param(request)
         owner = owner_filter(request)
-        body = await read_body(request, self.max_body)
+        overrides = await read_json(request, dict, self.max_body, request.app.state.limits)
         args = None
-        if body.strip():
-            overrides = parse_json(body, dict, request.app.state.limits)
-            if overrides:
-                record = await self.queue.get(task_id, self.route, owner)
-                stored = pydantic_core.from_json(await self.queue.original_args(record.id))
-                merged = {**stored, **overrides}
-                args = await anyio.to_thread.run_sync(self.codec.validate, merged, request.app.state.limits)
+        if overrides:
+            record = await self.queue.get(task_id, self.route, owner)
+            stored = pydantic_core.from_json(await self.queue.original_args(record.id))
+            merged = {**stored, **overrides}
+            args = await anyio.to_thread.run_sync(self.codec.validate, merged, request.app.state.limits)
         record = await self.queue.retry(
             task_id, self.route, args, max_queue=self.max_queue, ttl=self.endpoint.ttl, owner=owner
         )
@@ -259,6 +259,13 @@ class EndpointRoutes:
         that a worker still starting up is waited for. Either way the task is cancelled.
         """
         options = read_options(request)
+        limit = call_limit(self.endpoint, self.call_timeout)
+        if options.run_at is not None and options.run_at - time.time() > limit:
+            raise ValidationFailed(
+                f"A direct call waits {limit:g}s for its result, and delay or run_at starts the task later; "
+                f"submit it instead (POST {self.route}/submit).",
+                [{"loc": ["query", "delay"], "msg": f"later than the call's {limit:g}s", "type": "less_than_equal"}],
+            )
         args = await self.arguments(request)
         with submit_span(self.endpoint.name, request.headers) as trace:
             task = self.new_task(args, options, trace=trace, owner=submitter(request))
@@ -269,10 +276,10 @@ class EndpointRoutes:
         if owned:
             self.metrics.submitted.labels(self.endpoint.name).inc()
         task_id = record.id
-        # Long enough for the task's own time limit, with room to wait in the queue.
-        timeout = task.timeout
-        limit = self.call_timeout if timeout is None else max(self.call_timeout, timeout + 30)
-        started = time.monotonic()
+        # Long enough for the task's own time limit (the caller's timeout option included).
+        limit = self.call_timeout if task.timeout is None else max(self.call_timeout, task.timeout + 30)
+        # Counted from when the task may start: a delayed call waits its delay, then the limit.
+        started = time.monotonic() + max(0.0, (task.run_at or 0.0) - time.time())
         unserved_since: float | None = None
         try:
             while not record.status.is_terminal:
@@ -297,7 +304,7 @@ class EndpointRoutes:
                     await self.queue.cancel(task_id)
             raise
         self.metrics.finished.labels(self.endpoint.name, record.status.value).inc()
-        response = await self.result_response(record, failure_code=500)
+        response = await self.result_response(record, failure_code=409 if _callers_limit(record, options) else 500)
         if not owned:
             response.headers["Idempotent-Replayed"] = "true"
         return response
@@ -309,6 +316,13 @@ class EndpointRoutes:
             self.metrics.finished.labels(self.endpoint.name, "cancelled").inc()
         headers = {"Retry-After": "5"} if code == 503 else None
         return JSONResponse({"error": message, "task_id": task_id}, status_code=code, headers=headers)
+
+
+def _callers_limit(record: TaskRecord, options: SubmitOptions) -> bool:
+    """Whether a failed task was ended by a limit its caller set (a deadline, a ttl, a timeout option):
+    the call then answers 409 as ``get`` does, not 500, as nothing went wrong on the server."""
+    kind = (record.error or "").partition(":")[0]
+    return kind in ("DeadlineExceeded", "Expired") or (kind == "TimeoutError" and options.timeout is not None)
 
 
 def _replayed(record: TaskRecord) -> Response:
@@ -369,6 +383,8 @@ def create_app(
     api_keys: Keys | Sequence[str] | None = None,
     public_metrics: bool = False,
     cors_origins: Sequence[str] = (),
+    allowed_hosts: list[str] | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> Starlette:
     """The ASGI app serving ``service`` over ``queue``.
 
@@ -395,6 +411,9 @@ def create_app(
             answers 401 without one, and each key sees only its own tasks. None: open to all.
         public_metrics: leave ``/metrics`` open to callers without a key (a Prometheus scraper).
         cors_origins: the browser origins allowed to call this server (none by default).
+        allowed_hosts: the only ``Host`` names answered (400 for others; ``*.example.com`` for
+            subdomains); ``None`` answers any (docs/hardening.md: DNS rebinding).
+        body_timeout: seconds a request body may stop arriving before the request gets 408.
     """
     keys = api_keys if isinstance(api_keys, Keys) or api_keys is None else Keys(api_keys)
     metrics = Metrics({ep.route: ep.name for ep in service.endpoints}, metrics_dir)
@@ -418,7 +437,7 @@ def create_app(
         )
         routes.extend(handlers.routes())
     schema = openapi.service_schema(service)
-    docs = openapi.openapi_document(service)
+    docs = openapi.openapi_document(service, call_timeout)
     if keys is not None and keys.enabled:
         docs = secure_document(docs, public_metrics)
 
@@ -533,13 +552,15 @@ def create_app(
         )
     if keys is not None and keys.enabled:
         middleware.append(Middleware(AuthMiddleware, keys=keys, public_metrics=public_metrics))
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan, middleware=middleware)
+    app = App(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan, middleware=middleware)
+    app.allowed_hosts = allowed_hosts
     app.router = LiteralRouter(routes=routes, lifespan=lifespan)
     if bentoml_wire != "never":
         app.add_middleware(BentoWire, service=service, mode=bentoml_wire)
     app.state.queue = queue
     app.state.keys = keys
     app.state.limits = limits or InputLimits()
+    app.state.body_timeout = body_timeout
     app.state.service = service
     app.state.max_queue = max_queue
     app.state.metrics = metrics

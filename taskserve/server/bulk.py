@@ -23,7 +23,7 @@ from ..exceptions import TaskNotFound, ValidationFailed
 from ..queue.base import Queue, Watch
 from ..queue.sqlite import SQLiteQueue
 from .auth import owner_filter
-from .inputs import parse_json, read_body
+from .inputs import read_json
 
 if TYPE_CHECKING:
     from .app import EndpointRoutes
@@ -48,7 +48,7 @@ def _fail(field: str, message: str, kind: str = "value_error") -> ValidationFail
 
 async def parse_request(request: Request) -> tuple[list[str], float, int, bool, bool]:
     """The ids (deduplicated, in order), timeout, min_done, results and full_status of a request body."""
-    data = parse_json(await read_body(request, MAX_BODY), dict)
+    data = await read_json(request, dict, MAX_BODY)
     unknown = sorted(set(data) - FIELDS)
     if unknown:
         raise _fail(unknown[0], f"unknown field; expected {', '.join(sorted(FIELDS))}", "extra_forbidden")
@@ -61,6 +61,8 @@ async def parse_request(request: Request) -> tuple[list[str], float, int, bool, 
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < math.inf:
         raise _fail("timeout", "must be a number of seconds, 0 or more", "float_type")
     min_done = data.get("min_done", 1)
+    if isinstance(min_done, float) and min_done.is_integer():
+        min_done = int(min_done)  # 3.0 is an integer to JSON Schema, as it is to the document
     if isinstance(min_done, bool) or not isinstance(min_done, int) or min_done < 1:
         raise _fail("min_done", "must be a whole number, 1 or more", "int_type")
     flags = {name: data.get(name, name == "results") for name in ("results", "full_status")}

@@ -14,6 +14,7 @@ streams any task, and a client that goes away costs one more read at most.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,8 @@ from .auth import owner_filter
 if TYPE_CHECKING:
     from .app import EndpointRoutes
 
+EVENT_ID_PATTERN = r"^([0-9]{1,18}(\.[0-9]{1,18})?)?$"  # as /docs.json states it
+EVENT_ID = re.compile(EVENT_ID_PATTERN)
 KEEP_ALIVE = 15.0  # seconds of silence before a comment line keeps proxies from closing the stream
 POLL_RUNNING = 0.1  # seconds between two looks at a running task (progress and output arrive so)
 POLL_WAITING = 0.5  # ... at a pending one, whose end a notification announces anyway
@@ -38,11 +41,11 @@ def parse_cursor(raw: str | None) -> tuple[int, int]:
     """``S.O`` from a Last-Event-ID; 400 for anything else."""
     if not raw:
         return 0, 0
-    status, _, outputs = raw.partition(".")
-    try:
-        s, o = event_seq(status), int(outputs or 0)
-    except ValueError:
+    if not EVENT_ID.fullmatch(raw):
         s = o = -1
+    else:
+        status, _, outputs = raw.partition(".")
+        s, o = event_seq(status), int(outputs or 0)
     if s < 0 or o < 0:
         raise HTTPException(400, f"Last-Event-ID {raw[:40]!r} is not an id this stream sent; reconnect without it.")
     return s, o

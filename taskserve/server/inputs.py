@@ -10,9 +10,11 @@ one costly request cannot stall every other one (and the health checks).
 
 from __future__ import annotations
 
-from typing import Any
+import tempfile
+from typing import IO, Any
 from urllib.parse import parse_qsl
 
+import anyio
 import anyio.to_thread
 import pydantic_core
 from python_multipart.multipart import Field, File, FormParser, parse_options_header
@@ -24,31 +26,109 @@ from ..codec import Codec, FileArg
 from ..exceptions import PayloadTooLarge, ValidationFailed
 
 INLINE_BODY = 64 * 1024  # larger bodies are validated in a thread
+SPOOL_AT = 1024 * 1024  # larger bodies are read into a temporary file, not a list of chunks
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds a body may stop arriving before the request gets 408
 MAX_BATCH = 10_000  # argument objects in one submit_many
 MAX_FORM_PARTS = 1000  # fields and files in one form
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 # Set in the scope of a request whose form text fields are all JSON, str ones too (BentoML's client writes them so).
 JSON_FORM_FIELDS = "taskserve.json_form_fields"
+ACCEPTED = "application/json, or multipart/form-data (files), or application/x-www-form-urlencoded"
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing more than ``limit`` bytes whether or not a length was sent.
 
-    A client that hangs up meanwhile raises starlette's ``ClientDisconnect``, answered quietly.
+    A client that hangs up meanwhile raises starlette's ``ClientDisconnect``, answered quietly;
+    one that stops sending for ``body_timeout`` seconds (the app's, ``--body-timeout``) gets 408.
     """
+    received = await _receive(request, limit)
+    if isinstance(received, bytes):
+        body = received
+    else:
+        with received:
+            body = received.read()
+    request._body = body  # lets request.form() parse what we already read
+    return body
+
+
+async def _receive(request: Request, limit: int) -> bytes | IO[bytes]:
+    """The body as bytes, or, past ``SPOOL_AT`` bytes, as an unnamed temporary file at its start
+    (the caller closes it): a large upload is never a growing list of chunks in memory, and a
+    multipart one is parsed from the file without ever being whole in memory."""
     length = request.headers.get("content-length")
     too_large = PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes; send a smaller one.")
     if length is not None and length.isdigit() and int(length) > limit:
         raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # lets request.form() parse what we already read
-    return body
+    timeout: float = getattr(request.app.state, "body_timeout", DEFAULT_BODY_TIMEOUT)
+    chunks: list[bytes] = []
+    size = 0
+    spool: IO[bytes] | None = None
+    try:
+        with anyio.CancelScope() as scope:
+            # One scope for the whole read, its deadline pushed on by each chunk: an idle timeout
+            # (a slow but steady upload is fine) for the price of one cancel scope per request.
+            scope.deadline = anyio.current_time() + timeout
+            async for chunk in request.stream():
+                scope.deadline = anyio.current_time() + timeout
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                if spool is not None:
+                    spool.write(chunk)
+                elif size > SPOOL_AT:
+                    spool = tempfile.TemporaryFile()  # no name on disk: nothing is left behind
+                    spool.writelines(chunks)
+                    spool.write(chunk)
+                    chunks.clear()
+                else:
+                    chunks.append(chunk)
+        if scope.cancelled_caught:
+            raise HTTPException(
+                408,
+                f"The request body stopped arriving for {timeout:g}s; the request is abandoned. Send it again.",
+                headers={"Connection": "close"},
+            )
+    except BaseException:
+        if spool is not None:
+            spool.close()
+        raise
+    if spool is not None:
+        spool.seek(0)
+        return spool
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _content_type(request: Request) -> str:
+    """The media type of the body, lower case, without parameters ("" when none was sent)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _is_json(ctype: str) -> bool:
+    return ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))
+
+
+def _unsupported(ctype: str, accepted: str) -> HTTPException:
+    sent = f"Content-Type {ctype!r}" if ctype else "no Content-Type"
+    hint = ""
+    if ctype in ("", "text/plain", "application/x-www-form-urlencoded"):
+        hint = " (with curl: -H 'content-type: application/json')"
+    return HTTPException(415, f"Send the body as {accepted}{hint}; it came with {sent}.")
+
+
+async def read_json(request: Request, expected: type, limit: int, limits: InputLimits | None = None) -> Any:
+    """A body that must be JSON: refused with 415 under any other Content-Type, as a web page
+    could send text or a form to this server from another origin without asking (CORS
+    lets such "simple" requests through), but never ``application/json``. An empty body needs none.
+    """
+    ctype = _content_type(request)
+    length = request.headers.get("content-length", "0")
+    if not _is_json(ctype) and length != "0" and not (length.isdigit() and int(length) > limit):
+        raise _unsupported(ctype, "application/json")  # (a body over the limit is told that first: 413)
+    body = await read_body(request, limit)
+    if body and not _is_json(ctype):
+        raise _unsupported(ctype, "application/json")
+    return parse_json(body, expected, limits)
 
 
 def _invalid(message: str, kind: str = "value_error") -> ValidationFailed:
@@ -80,12 +160,21 @@ def parse_json(body: bytes, expected: type, limits: InputLimits | None = None) -
 
 
 def _media_type(request: Request, body: bytes) -> str:
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if ctype == "application/x-www-form-urlencoded" and body.lstrip()[:1] == b"{":
-        return "application/json"  # curl -d '{...}' sends JSON under the form type
-    if ctype in FORM_TYPES or ctype in ("application/json", "", "text/plain") or ctype.endswith("+json"):
+    """How to read a body of arguments: JSON only under a JSON type, forms only as forms.
+
+    A text or form body is never read as JSON, even when it looks like JSON: a page of any
+    origin may POST one without asking. An empty body (an endpoint without arguments) needs no type.
+    """
+    ctype = _content_type(request)
+    if _is_json(ctype):
+        return "application/json"
+    if ctype in FORM_TYPES:
+        if ctype == FORM_TYPES[1] and body.lstrip()[:1] in (b"{", b"["):
+            raise _unsupported(ctype, ACCEPTED)  # curl -d '{...}' without a JSON Content-Type
         return ctype
-    raise HTTPException(415, f"Send arguments as application/json or multipart/form-data, not {ctype!r}.")
+    if not body.strip():
+        return "application/json"
+    raise _unsupported(ctype, ACCEPTED)
 
 
 def _inline(body: bytes, codec: Codec) -> bool:
@@ -94,13 +183,35 @@ def _inline(body: bytes, codec: Codec) -> bool:
 
 async def read_arguments(request: Request, codec: Codec, limits: InputLimits, max_body: int) -> bytes:
     """The validated, storable arguments of a submit or a direct call."""
-    body = await read_body(request, max_body)
-    ctype = _media_type(request, body)
+    if not (_is_json(_content_type(request)) or _content_type(request) in FORM_TYPES):
+        length = request.headers.get("content-length", "0")
+        if length != "0" and not (length.isdigit() and int(length) > max_body):  # 413 comes first
+            raise _unsupported(_content_type(request), ACCEPTED)  # before reading what would be refused
     content_type = request.headers.get("content-type", "")
     json_text = request.scope.get(JSON_FORM_FIELDS, False)
+    if _content_type(request) == FORM_TYPES[0]:
+        # Straight from the spooled file, if it is one, to the parts; always in a thread (files).
+        source = await _receive(request, max_body)
+        return await anyio.to_thread.run_sync(_multipart_arguments, source, content_type, codec, limits, json_text)
+    body = await read_body(request, max_body)
+    ctype = _media_type(request, body)
     if _inline(body, codec):
         return arguments(body, ctype, content_type, codec, limits, json_text)
     return await anyio.to_thread.run_sync(arguments, body, ctype, content_type, codec, limits, json_text)
+
+
+def _multipart_arguments(
+    source: bytes | IO[bytes], content_type: str, codec: Codec, limits: InputLimits, json_text: bool = False
+) -> bytes:
+    try:
+        data = {
+            n: v if isinstance(v, FileArg) else codec.form_value(n, v, json_text)
+            for n, v in _multipart(source, content_type)
+        }
+    finally:
+        if not isinstance(source, bytes):
+            source.close()
+    return codec.validate(data, limits)
 
 
 def arguments(
@@ -113,6 +224,9 @@ def arguments(
 
 async def read_many(request: Request, codec: Codec, limits: InputLimits, max_body: int) -> list[bytes]:
     """The validated arguments of each item of a submit_many, all or none."""
+    ctype = _content_type(request)
+    if not _is_json(ctype):
+        raise _unsupported(ctype, "a JSON array (application/json)")
     body = await read_body(request, max_body)
     if _inline(body, codec):
         return many_arguments(body, codec, limits)
@@ -162,8 +276,12 @@ def _urlencoded(body: bytes) -> list[tuple[str, str]]:
         raise _invalid(f"The form has more than {MAX_FORM_PARTS} fields.", "too_large") from None
 
 
-def _multipart(body: bytes, content_type: str) -> list[tuple[str, str | FileArg]]:
-    """Parse a multipart body already in memory (it is bounded by the body limit) without an event loop."""
+def _multipart(source: bytes | IO[bytes], content_type: str) -> list[tuple[str, str | FileArg]]:
+    """Parse a multipart body (bytes, or the spooled file) without an event loop.
+
+    A file part over ``SPOOL_AT`` bytes goes to a temporary file of python-multipart's own, under
+    a random name (never the one the client gave), and is read from it once.
+    """
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if not boundary:
@@ -192,12 +310,14 @@ def _multipart(body: bytes, content_type: str) -> list[tuple[str, str | FileArg]
         filename = file.file_name.decode("utf-8", "replace") if file.file_name else None
         add(file.field_name, FileArg(data, filename, file.content_type))
 
-    # Files stay in memory: the body is, and is bounded, already.
-    parser = FormParser(
-        "multipart/form-data", on_field, on_file, boundary=boundary, config={"MAX_MEMORY_FILE_SIZE": len(body) + 1}
-    )
+    config = {"MAX_MEMORY_FILE_SIZE": SPOOL_AT, "UPLOAD_KEEP_FILENAME": False, "UPLOAD_KEEP_EXTENSIONS": False}
+    parser = FormParser("multipart/form-data", on_field, on_file, boundary=boundary, config=config)
     try:
-        parser.write(body)
+        if isinstance(source, bytes):
+            parser.write(source)
+        else:
+            while chunk := source.read(SPOOL_AT):
+                parser.write(chunk)
         parser.finalize()
     except (ValueError, OSError) as exc:
         if isinstance(exc, ValidationFailed):

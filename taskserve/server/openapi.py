@@ -11,8 +11,13 @@ from ..codec import ARRAY_SCHEMA
 from ..service import Endpoint, Service
 from . import bentoml_wire
 from .bulk import DEFAULT_WAIT, INLINE_BUDGET, INLINE_RESULT, MAX_IDS, MAX_WAIT
+from .events import EVENT_ID_PATTERN
+from .options import MAX_DELAY, MAX_KEY, MAX_TAGS, MAX_TIMEOUT, MAX_URL, PRIORITY_RANGE, TAG_PATTERN, WEBHOOK_PATTERN
 
+DEFAULT_CALL_TIMEOUT = 300.0  # a direct call waits at most this (or its endpoint's timeout + 30 s)
 ERROR = {"$ref": "#/components/schemas/Error"}
+KEY_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_KEY, "pattern": "^[\\x20-\\x7e]+$"}
+TAG_SCHEMA = {"type": "string", "pattern": TAG_PATTERN}
 STATUS = {"$ref": "#/components/schemas/TaskStatus"}
 SUBMITTED = {"$ref": "#/components/schemas/Submitted"}
 WORKER = {
@@ -32,27 +37,37 @@ WORKER = {
         "failed": {"type": "integer"},
     },
 }
-TASK_ID_PARAM = {"name": "task_id", "in": "query", "required": True, "schema": {"type": "string"}}
-OPTION_PARAMS = [  # options of one submission (server/options.py)
-    {"name": "priority", "in": "query", "description": "Higher is claimed first.", "schema": {"type": "integer"}},
-    {"name": "delay", "in": "query", "description": "Seconds before it may start.", "schema": {"type": "number"}},
+TASK_ID_PARAM = {"name": "task_id", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1}}
+OPTION_PARAMS: list[dict[str, Any]] = [  # options of one submission (server/options.py)
+    {
+        "name": "priority",
+        "in": "query",
+        "description": "Higher is claimed first.",
+        "schema": {"type": "integer", "minimum": PRIORITY_RANGE[0], "maximum": PRIORITY_RANGE[1]},
+    },
+    {
+        "name": "delay",
+        "in": "query",
+        "description": "Seconds before it may start. With run_at as well: the later of the two.",
+        "schema": {"type": "number", "minimum": 0, "maximum": MAX_DELAY},
+    },
     {
         "name": "run_at",
         "in": "query",
-        "description": "Not started before this time (no offset: UTC). Not with delay.",
+        "description": "Not started before this time (no offset: UTC).",
         "schema": {"type": "string", "format": "date-time"},
     },
     {
         "name": "timeout",
         "in": "query",
         "description": "Seconds an attempt may run before it is stopped (TimeoutError).",
-        "schema": {"type": "number", "exclusiveMinimum": 0},
+        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT},
     },
     {
         "name": "ttl",
         "in": "query",
         "description": "Seconds it may wait to start once due; not started by then, it fails (Expired) unrun.",
-        "schema": {"type": "number", "exclusiveMinimum": 0},
+        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DELAY},
     },
     {
         "name": "deadline",
@@ -64,38 +79,45 @@ OPTION_PARAMS = [  # options of one submission (server/options.py)
     {
         "name": "Cancel-After",
         "in": "header",
-        "description": "Seconds from now: a deadline (not with the deadline option).",
-        "schema": {"type": "number", "exclusiveMinimum": 0},
+        "description": "Seconds from now: a deadline. With the deadline option as well: the earlier of the two.",
+        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT},
     },
     {
         "name": "idempotency_key",
         "in": "query",
         "description": "The same key on this route with the same arguments answers the same task "
         "(header Idempotent-Replayed: true); with other arguments 409. Kept as long as the task. "
-        "Or the header Idempotency-Key. On submit_many, item i is keyed KEY#i.",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-    },
-    {
-        "name": "Idempotency-Key",
-        "in": "header",
-        "description": "As the idempotency_key option.",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        "Or the header Idempotency-Key, not listed as a parameter here as a document cannot say that "
+        "given both they must be equal (else 422). "
+        "On submit_many, item i is keyed KEY#i.",
+        "schema": KEY_SCHEMA,
     },
     {
         "name": "webhook",
         "in": "query",
         "description": "An http(s) URL POSTed a signed task.completed message when the task ends (docs/webhooks.md).",
-        "schema": {"type": "string", "format": "uri"},
+        "schema": {"type": "string", "pattern": WEBHOOK_PATTERN, "maxLength": MAX_URL},
     },
     {
         "name": "tag",
         "in": "query",
-        "description": "KEY:VALUE labels, shown in the status.",
-        "schema": {"type": "array", "items": {"type": "string"}},
+        "description": "KEY:VALUE labels, shown in the status; each key once.",
+        "schema": {"type": "array", "items": TAG_SCHEMA, "maxItems": MAX_TAGS, "uniqueItems": True},
         "style": "form",
         "explode": True,
     },
 ]
+ATTACHMENT = {
+    "Content-Disposition": {
+        "description": "attachment, with the file's name: a file result is downloaded, never rendered.",
+        "schema": {"type": "string"},
+    }
+}
+SSE_EVENT = {
+    "type": "object",
+    "description": "One Server-Sent Event: status (the TaskStatus as JSON), progress, output, or end.",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}},
+}
 REPLAYED = {
     "Idempotent-Replayed": {
         "description": "true when an idempotency key named an earlier task, which is the one answered.",
@@ -123,6 +145,10 @@ UNAVAILABLE = {
     "headers": {"Retry-After": {"schema": {"type": "integer"}}},
     "content": {"application/json": {"schema": ERROR}},
 }
+UNSUPPORTED = (
+    "The body came with a Content-Type other than the request body's (a JSON body must be sent as "
+    "application/json; a text or form body is never read as JSON)."
+)
 CONFLICT = "The idempotency key names a task of this route with other arguments (task_id says which)."
 IMAGE_TYPES = ", ".join(f"image/{f.lower()}" for f in SAFE_IMAGE_FORMATS)
 DESCRIPTION = (
@@ -165,8 +191,13 @@ WAIT_MANY_REQUEST: dict[str, Any] = {
     "required": ["task_ids"],
     "additionalProperties": False,
     "properties": {
-        "task_ids": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_IDS},
-        "timeout": {"type": "number", "minimum": 0, "maximum": MAX_WAIT, "default": DEFAULT_WAIT},
+        "task_ids": {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_IDS},
+        "timeout": {
+            "type": "number",
+            "minimum": 0,
+            "default": DEFAULT_WAIT,
+            "description": f"Seconds to wait; more than {MAX_WAIT:g} waits {MAX_WAIT:g}.",
+        },
         "min_done": {"type": "integer", "minimum": 1, "default": 1},
         "results": {"type": "boolean", "default": True},
     },
@@ -208,9 +239,22 @@ def _result_response(ep: Endpoint) -> dict[str, Any]:
         content = {
             "application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}
         }
+        return {"description": "The result, as an attachment.", "content": content, "headers": ATTACHMENT}
     else:
-        content = {"application/json": {"schema": ep.codec.output_schema or {}}}
+        content = {"application/json": {"schema": _nullable_numbers(ep.codec.output_schema or {})}}
     return {"description": "The result.", "content": content}
+
+
+def _nullable_numbers(node: Any) -> Any:
+    """A result schema where each ``number`` may be ``null``: NaN and Infinity go out as null."""
+    if isinstance(node, list):
+        return [_nullable_numbers(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _nullable_numbers(v) for k, v in node.items()}
+    if out.get("type") == "number":
+        out["type"] = ["number", "null"]
+    return out
 
 
 def _encoding(ep: Endpoint) -> dict[str, Any]:
@@ -239,7 +283,23 @@ def _retarget(node: Any) -> Any:
     return node
 
 
-def openapi_document(service: Service) -> dict[str, Any]:
+def _call_params(limit: float) -> list[dict[str, Any]]:
+    """A direct call's options: those of a submit, but a start no later than the call waits.
+
+    ``run_at`` works too, within the same bound, but a time cannot carry that bound in a schema."""
+    params = [p for p in OPTION_PARAMS if p["name"] != "run_at"]
+    delay = next(p for p in params if p["name"] == "delay")
+    schema = {**delay["schema"], "maximum": limit}
+    described = f"{delay['description']} At most the call's time limit ({limit:g}s here)."
+    return [{**delay, "schema": schema, "description": described} if p is delay else p for p in params]
+
+
+def call_limit(ep: Endpoint, call_timeout: float) -> float:
+    """Seconds a direct call of ``ep`` waits for its result: long enough for the task's own time limit."""
+    return call_timeout if ep.timeout is None else max(call_timeout, ep.timeout + 30)
+
+
+def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> dict[str, Any]:
     components: dict[str, Any] = {
         "Error": {
             "type": "object",
@@ -330,15 +390,18 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "summary": f"Run {ep.name} and wait for its result",
                 "operationId": f"{ep.name}_call",
                 "tags": tag,
-                "parameters": OPTION_PARAMS,
+                "parameters": _call_params(call_limit(ep, call_timeout)),
                 "requestBody": body,
                 "responses": {
                     "200": _result_response(ep),
                     "422": invalid,
-                    "409": _error(CONFLICT),
+                    "409": _error(
+                        CONFLICT + " Or the task failed by a limit the caller set (deadline, Cancel-After, ttl, "
+                        "timeout): status and task_error say which."
+                    ),
                     "429": FULL,
                     "413": _error("The body is larger than --max-body-size."),
-                    "500": _error("The call failed."),
+                    "500": _error("The task failed (raised an error); task_error says how."),
                     "503": _error("Queue unavailable, or no worker is serving this route (the message says which)."),
                     "504": _error(
                         "The call did not finish within its time limit (the endpoint's timeout or --call-timeout)."
@@ -437,13 +500,13 @@ def openapi_document(service: Service) -> dict[str, Any]:
                         "name": "Last-Event-ID",
                         "in": "header",
                         "description": "Resume after this event id (S.O: status and output events seen).",
-                        "schema": {"type": "string"},
+                        "schema": {"type": "string", "pattern": EVENT_ID_PATTERN},
                     },
                 ],
                 "responses": {
                     "200": {
                         "description": "text/event-stream",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        "content": {"text/event-stream": {"schema": SSE_EVENT}},
                     },
                     "400": _error("A Last-Event-ID this stream did not send."),
                     "404": not_found,
@@ -461,7 +524,13 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 },
             }
         }
-        wait_params = [TASK_ID_PARAM, {"name": "timeout", "in": "query", "schema": {"type": "number", "default": 30}}]
+        wait_timeout = {
+            "type": "number",
+            "minimum": 0,
+            "default": 30,
+            "description": f"Seconds to wait; more than {MAX_WAIT:g} waits {MAX_WAIT:g}.",
+        }
+        wait_params = [TASK_ID_PARAM, {"name": "timeout", "in": "query", "schema": wait_timeout}]
         paths[f"{ep.route}/wait"] = {
             "get": {
                 "tags": tag,
@@ -470,10 +539,12 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "responses": {"200": _json("The status, once terminal or at the timeout.", STATUS), "404": not_found},
             }
         }
+        changes = {"type": "object", "properties": components[input_name].get("properties", {})}
+        changes["additionalProperties"] = False
         overrides = {
             "required": False,
             "description": "Arguments to change, merged over the original ones and validated as a submit's.",
-            "content": {"application/json": {"schema": {"type": "object"}}},
+            "content": {"application/json": {"schema": changes}},
         }
         for action, summary in (
             ("retry", "Queue a new task with the same arguments (or some changed); it names this one in retry_of"),
@@ -563,12 +634,26 @@ def openapi_document(service: Service) -> dict[str, Any]:
         }
     }
     paths.update(_operating_paths())
+    _common_errors(paths)
     return {
         "openapi": "3.1.0",
         "info": {"title": service.name, "version": __version__, "description": DESCRIPTION},
         "paths": paths,
         "components": {"schemas": components},
     }
+
+
+def _common_errors(paths: dict[str, Any]) -> None:
+    """The answers any operation may give before its handler runs, or while it reads a body."""
+    refused = _error("Refused before routing: a Host not in --allowed-host, or a task_id missing (?task_id=ID).")
+    for item in paths.values():
+        for op in item.values():
+            responses = op["responses"]
+            responses.setdefault("400", refused)
+            if "requestBody" in op:
+                responses.setdefault("408", _error("The body stopped arriving for --body-timeout seconds."))
+                responses.setdefault("413", _error("The body is larger than --max-body-size."))
+                responses.setdefault("415", _error(UNSUPPORTED))
 
 
 def _operating_paths() -> dict[str, Any]:
@@ -580,7 +665,7 @@ def _operating_paths() -> dict[str, Any]:
         {
             "name": "tag",
             "in": "query",
-            "schema": {"type": "string"},
+            "schema": {"type": "string", "pattern": ":"},
             "description": "KEY:VALUE; only tasks so labelled.",
         },
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}},

@@ -34,6 +34,10 @@ PRIORITY_RANGE = (-1_000_000, 1_000_000)
 MAX_TAGS = 32
 TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 MAX_TAG_VALUE = 256
+# The rules above as the OpenAPI document states them (JSON Schema patterns), read by the server too.
+TAG_PATTERN = rf"^[A-Za-z0-9_.\-]{{1,64}}:[\s\S]{{0,{MAX_TAG_VALUE}}}$"
+WEBHOOK_PATTERN = r"^https?://[A-Za-z0-9._~\-]+(:[0-9]{1,5})?([/?#][\x21-\x7e]*)?$"
+_WEBHOOK = re.compile(WEBHOOK_PATTERN)
 
 Bad = Callable[..., None]  # read_options's ``bad(name, message, kind="value_error")``
 
@@ -100,8 +104,6 @@ def read_options(request: Request) -> SubmitOptions:
     if delay is not None and not 0 <= delay <= MAX_DELAY:
         bad("delay", f"delay is seconds from now, 0 to {MAX_DELAY:.0f} (a year); got {delay:g}.")
     run_at = _instant(params.get("run_at"), "run_at", bad)
-    if delay is not None and run_at is not None:
-        bad("run_at", "Give delay or run_at, not both.")
     ttl = _number(params.get("ttl"), "ttl", bad)
     if ttl is not None and not 0 < ttl <= MAX_DELAY:
         bad("ttl", f"ttl is seconds above 0, at most {MAX_DELAY:.0f} (a year); got {ttl:g}.")
@@ -112,12 +114,9 @@ def read_options(request: Request) -> SubmitOptions:
     key = _key(params.get("idempotency_key"), headers.get("Idempotency-Key"), bad, where)
     webhook = _webhook(params.get("webhook"), bad, getattr(request.app.state, "webhook_allow", None))
     tags = _tags(params.getlist("tag"), bad)
-    when = time.time() + delay if delay is not None else run_at
-    if deadline is not None and when is not None and deadline <= when:
-        bad(
-            "Cancel-After" if "Cancel-After" in where else "deadline",
-            "The deadline comes before the task may start (delay or run_at): it could never run.",
-        )
+    # Each is a "not before": given both, both hold (and the deadline below, a "not after", likewise).
+    starts = [t for t in (None if delay is None else time.time() + delay, run_at) if t is not None]
+    when = max(starts) if starts else None
     if problems:
         message = "Invalid submit options: " + " ".join(msg for _, msg, _ in problems)
         detail = [{"loc": [where.get(n, "query"), n], "msg": m, "type": k} for n, m, k in problems]
@@ -135,20 +134,15 @@ def read_options(request: Request) -> SubmitOptions:
 
 
 def _deadline(raw: str | None, header: str | None, bad: Bad, where: dict[str, str]) -> float | None:
+    ts = _instant(raw, "deadline", bad)  # one already passed ends the task at once (DeadlineExceeded)
     if header is not None:
         where["Cancel-After"] = "header"
-        if raw is not None:
-            bad("Cancel-After", "Give the deadline option or the Cancel-After header, not both.")
-            return None
         seconds = _number(header.strip(), "Cancel-After", bad)
         if seconds is not None and not 0 < seconds <= MAX_TIMEOUT:
             bad("Cancel-After", f"Cancel-After is seconds above 0, at most {MAX_TIMEOUT:.0f} (a week); got {header!r}.")
             return None
-        return None if seconds is None else time.time() + seconds
-    ts = _instant(raw, "deadline", bad)
-    if ts is not None and ts <= time.time():
-        bad("deadline", f"deadline {raw!r} has already passed; give a time ahead, such as now plus a few minutes.")
-        return None
+        if seconds is not None:
+            ts = time.time() + seconds if ts is None else min(ts, time.time() + seconds)  # both: the earlier
     return ts
 
 
@@ -172,10 +166,11 @@ def _key(raw: str | None, header: str | None, bad: Bad, where: dict[str, str]) -
 def _webhook(raw: str | None, bad: Bad, allow: frozenset[str] | None) -> str | None:
     if raw is None:
         return None
-    parsed = urlsplit(raw)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname or len(raw) > MAX_URL:
+    if not _WEBHOOK.fullmatch(raw) or len(raw) > MAX_URL:
         bad("webhook", f"webhook must be an http:// or https:// URL of at most {MAX_URL} characters; got {raw[:80]!r}.")
         return None
+    parsed = urlsplit(raw)
+    assert parsed.hostname is not None  # the pattern requires one
     if allow is not None and parsed.hostname.lower() not in allow:
         # The operator's --webhook-allow: the server must not be made to POST to just any host.
         bad(
@@ -210,11 +205,8 @@ def _instant(raw: str | None, name: str, bad: Bad) -> float | None:
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)  # documented: a time without offset is UTC
-    ts = moment.timestamp()
-    if ts > time.time() + MAX_DELAY:
-        bad(name, f"{name} is more than a year ahead: {raw[:40]!r}.")
-        return None
-    return ts  # a run_at in the past means "now"
+    # Any time an ISO 8601 string can name (as /docs.json says): a run_at in the past means "now".
+    return moment.timestamp()
 
 
 def _tags(raw: list[str], bad: Bad) -> dict[str, str]:

@@ -34,18 +34,18 @@ async def list_tasks(request: Request) -> Response:
     """Tasks of every route newest first, a page at a time; the cursor is the last id looked at,
     so a page neither repeats nor skips tasks while others are submitted."""
     query = request.query_params
-    status = query.get("status") or None
+    status = query.get("status")
     if status is not None and status not in {s.value for s in TaskStatus}:
         states = ", ".join(s.value for s in TaskStatus)
         return _invalid("status", f"status must be one of {states}; got {status!r}.")
-    raw_limit = query.get("limit") or str(DEFAULT_LIMIT)
+    raw_limit = query.get("limit", str(DEFAULT_LIMIT))
     try:
         limit = int(raw_limit)
         if not 1 <= limit <= MAX_LIMIT:
             raise ValueError
     except ValueError:
         return _invalid("limit", f"limit must be a whole number from 1 to {MAX_LIMIT}; got {raw_limit!r}.")
-    tag = query.get("tag") or None
+    tag = query.get("tag")
     if tag is not None and ":" not in tag:
         return _invalid("tag", f"tag must be KEY:VALUE, as in tag=user:42; got {tag!r}.")
     route = query.get("route") or None
