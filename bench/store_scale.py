@@ -3,12 +3,13 @@
     python bench/store_scale.py [--broker sqlite:///tmp/scale.db] [--sizes 0,100000,1000000]
 
 Fills the store through the queue's own bulk path with finished tasks over two routes, one in
-a hundred failed (a busy day within the retention time), then times single operations as an
-API server and a worker issue them: submit, claim+finish, status, and what ``GET /tasks``,
-``GET /queues`` and ``GET /workers`` read (a page of the newest tasks, filtered by route, by
-status, by both, and the page after a cursor deep in the store; counts and waits per route;
-the worker registry). Prints medians per operation and size; nothing is asserted. A read that
-grew with the store would show here as a figure that grows with the size.
+a hundred failed and one in ten owned by an API key (a busy day within the retention time), then
+times single operations as an API server and a worker issue them: submit, claim+finish, status,
+and what ``GET /tasks``, ``GET /queues`` and ``GET /workers`` read (a page of the newest tasks,
+filtered by route, by status, by both, the page after a cursor deep in the store, and one key's
+own tasks; counts and waits per route; the worker registry). Prints medians per operation and
+size; nothing is asserted. A read that grew with the store would show as a figure growing with
+the size.
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ from taskserve.queue import Queue
 
 ROUTE = "/noop"
 OTHER = "/other"
+TENANT = "team-a"  # the owner (API key) of one task in ten, as on a server with keys
 
 
 async def fill(queue: Queue, n: int) -> None:
     """Add n finished tasks, in chunks, as workers would have left them."""
     chunk = 5000
     while n > 0:
-        batch = [NewTask(ROUTE if i % 2 else OTHER, b'{"x":1}') for i in range(min(chunk, n))]
+        batch = [
+            NewTask(ROUTE if i % 2 else OTHER, b'{"x":1}', owner=TENANT if i % 10 == 0 else None)
+            for i in range(min(chunk, n))
+        ]
         await queue.enqueue_many(batch)
         claims = await queue.claim([ROUTE, OTHER], "filler", limit=len(batch))
         await queue.finish([done(c.id, c.token, i % 100 == 0) for i, c in enumerate(claims)])
@@ -68,6 +73,7 @@ async def reads(queue: Queue) -> dict[str, float]:
         "list failed": await timed(lambda: queue.list(status="failure", limit=50)),
         "list route+ok": await timed(lambda: queue.list(route=OTHER, status="success", limit=50)),
         "list deep": await timed(lambda: queue.list(limit=50, cursor=cursor)),
+        "list owner": await timed(lambda: queue.list(owner=TENANT, limit=50)),
         "queues": await timed(lambda: asyncio.gather(queue.counts(), queue.longest_waits([ROUTE, OTHER]))),
         "workers": await timed(queue.workers),
     }
@@ -97,7 +103,7 @@ async def measure(queue: Queue, rounds: int = 300) -> dict[str, float]:
     }
 
 
-READS = ["list", "list route", "list failed", "list route+ok", "list deep", "queues", "workers"]
+READS = ["list", "list route", "list failed", "list route+ok", "list deep", "list owner", "queues", "workers"]
 
 
 async def main() -> None:

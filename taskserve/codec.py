@@ -475,7 +475,7 @@ def _mistyped(value: Any, schema: Any, defs: dict[str, Any], loc: list[str]) -> 
     kind = schema.get("type")
     if kind in ("number", "integer") and (isinstance(value, bool) or not isinstance(value, (int, float))):
         if value is not None:
-            return loc, f"expected a {kind}, got {type(value).__name__}"
+            return loc, f"expected {'an integer' if kind == 'integer' else 'a number'}, got {type(value).__name__}"
     elif kind == "string" and not isinstance(value, str) and value is not None and "format" not in schema:
         return loc, f"expected a string, got {type(value).__name__}"
     elif kind == "boolean" and not isinstance(value, bool) and value is not None:

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 import taskserve
 from taskserve.cli import cli
+from taskserve.exceptions import ValidationFailed
 from taskserve.queue.sqlite import MIGRATIONS
 from taskserve.service import Endpoint, Service, load_service
 
@@ -37,7 +38,10 @@ def test_a_service_can_be_built_without_decorators() -> None:
             return 2 * x
 
     spec = Service(Plain, [Endpoint(Plain.double, route="/twice", timeout=5)])
-    assert spec.by_route["/twice"].codec.validate({"x": "3"}) == b'{"x":3}'
+    assert spec.by_route["/twice"].codec.validate({"x": 3}) == b'{"x":3}'
+    # The published schema is the contract: "3" is not an integer there, so it is not one here.
+    with pytest.raises(ValidationFailed, match="x: expected an integer, got str"):
+        spec.by_route["/twice"].codec.validate({"x": "3"})
 
 
 def test_a_decorated_method_stays_an_ordinary_method() -> None:

@@ -401,7 +401,10 @@ class Worker:
         """Write outcomes in batches: whatever piled up while the last write was under way."""
         loop = asyncio.get_running_loop()
         while True:
-            await self._outbox_ready.wait()
+            # Closing: write what is left until nothing is, without waiting for a wake-up that a
+            # batch written just before the close may already have consumed (it hung the stop).
+            if not self._closing:
+                await self._outbox_ready.wait()
             self._outbox_ready.clear()
             # While quick tasks are lined up, let their outcomes pile up for a few ms: one
             # commit for many. With nothing lined up the outcome is written at once.
