@@ -207,6 +207,16 @@ def _worker_plan(service: Any, workers: int | None, gpus: str | None) -> tuple[i
         count = service.workers if workers is None else workers
         return count, None if gpus is None else [devices.discover(gpus)[0]] * count
     found, source = devices.discover(gpus)
+    if not found and getattr(service, "runs_without_gpus", False):
+        count = service.workers if workers is None else workers
+        logger.warning(
+            "The service asks for %g GPU(s) per worker, but no GPU was found (from %s): "
+            "its %d worker(s) run without one, as BentoML's would.",
+            per_worker,
+            source,
+            count,
+        )
+        return count, None
     try:
         plan = devices.assign(per_worker, found, workers, source)
     except devices.DeviceError as exc:

@@ -93,6 +93,24 @@ def test_async_client_runs_the_whole_task_workflow(async_seen: dict[str, Any]) -
     assert seen["count_bytes"] == {"label": "doc", "bytes": 11, "name": "notes.txt"}
     assert seen["story"] == "once once once"
     assert seen["story_direct"] == "twice twice"
+    # A Path returned from ctx.temp_dir outlives the call until it is sent (BentoML deletes it after).
+    assert seen["reverse_file"] == "rahc nevele"
+
+
+def test_async_client_streams_a_generator_as_it_yields(async_seen: dict[str, Any]) -> None:
+    """``async for chunk in client.tokens(...)``: chunks arrive while the generator still runs."""
+    assert async_seen["tokens"] == "w0 w1 w2 "
+    assert async_seen["tokens_spread"] > 0.3  # yielded 0.4 s apart: not all at the end
+
+
+def test_batchable_api_with_bentomls_default_latency_answers_at_once(async_seen: dict[str, Any]) -> None:
+    # BentoML's max_latency_ms (60 s by default) bounds a request, it is not a wait for more items.
+    assert async_seen["double"] == [2.0, 4.0]
+    assert async_seen["double_seconds"] < 5
+
+
+def test_bad_arguments_are_bentomls_400(async_seen: dict[str, Any]) -> None:
+    assert async_seen["bad_input"][1] == 400
 
 
 def test_async_client_sees_failures_retries_and_cancels(async_seen: dict[str, Any]) -> None:
@@ -124,6 +142,7 @@ def test_sync_client(studio: Server, tmp_path: Path) -> None:
         "story": "sync sync",
         "story_retry": "completed",
         "scale_direct": [0.5, 1.0, 1.5],
+        "tokens": "s0 s1 ",
         "explode_status": "failed",
         "explode_get": 500,
     }
@@ -180,6 +199,8 @@ def test_service_options_map_or_are_warned_about(studio: Server) -> None:
     for option in ("max_concurrency", "memory", "bentoml.depends", "ASGI apps", "envs=", "shutdown hook", "batch_dim"):
         assert option in warned
     assert "resources 'cpu' is ignored" in studio.log.read_text()
+    assert "ContentType(content_type='text/plain') is not checked" in studio.log.read_text()
+    assert gateway["plan_without_gpus"] == [1, None]  # one worker, CUDA_VISIBLE_DEVICES left alone
 
 
 # -- the wire of any taskserve service, in this process (no bentoml needed) ----------------

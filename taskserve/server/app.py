@@ -32,7 +32,7 @@ from . import bulk, events, openapi, tasks, ui
 from ._errors import EXCEPTION_HANDLERS
 from .auth import AuthMiddleware, Keys, owner_filter, secure_document, submitter
 from .backpressure import DrainRate
-from .bentoml_wire import BentoWire, WireMode
+from .bentoml_wire import STREAM_CALL, BentoWire, WireMode, streamed
 from .diskspace import DEFAULT_MIN_FREE, DiskCheck
 from .inputs import parse_json, read_arguments, read_body, read_many
 from .metrics import Metrics
@@ -274,11 +274,15 @@ class EndpointRoutes:
         limit = self.call_timeout if timeout is None else max(self.call_timeout, timeout + 30)
         started = time.monotonic()
         unserved_since: float | None = None
+        # BentoML's client reads a generator's items as they come (bentoml_wire.streamed).
+        streams = self.codec.streams and request.scope.get(STREAM_CALL, False)
         try:
             while not record.status.is_terminal:
-                record = await self.queue.wait(task_id, 1.0)
+                record = await self.queue.wait(task_id, 0.1 if streams else 1.0)
                 if record.status.is_terminal:
                     break
+                if streams and record.status is TaskStatus.IN_PROGRESS:
+                    return streamed(self, request, task_id, owned)
                 if await request.is_disconnected():
                     raise asyncio.CancelledError
                 now = time.monotonic()
@@ -297,6 +301,8 @@ class EndpointRoutes:
                     await self.queue.cancel(task_id)
             raise
         self.metrics.finished.labels(self.endpoint.name, record.status.value).inc()
+        if streams and record.status is TaskStatus.SUCCESS:
+            return streamed(self, request, task_id, owned)
         response = await self.result_response(record, failure_code=500)
         if not owned:
             response.headers["Idempotent-Replayed"] = "true"
