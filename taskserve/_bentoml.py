@@ -191,7 +191,16 @@ def _endpoint(name: str, method: Any, timeout: Any) -> Endpoint:
     except ServiceDefinitionError as exc:
         raise ServiceDefinitionError(f"BentoML method {name!r}: {exc}") from None
     endpoint.codec.dump_result = _releasing(endpoint.codec.dump_result)  # type: ignore[method-assign,assignment]
+    endpoint.codec.root = _root_input(method)
     return endpoint
+
+
+def _root_input(method: Any) -> str | None:
+    """The name of BentoML's root input: a method's one parameter, positional-only (``def f(self, x, /)``)."""
+    params = [p for p in list(inspect.signature(method.func).parameters.values())[1:] if p.name != method.ctx_param]
+    if len(params) == 1 and params[0].kind is inspect.Parameter.POSITIONAL_ONLY:
+        return params[0].name
+    return None
 
 
 def _callable(method: Any) -> Callable[..., Any]:
@@ -216,7 +225,9 @@ def _callable(method: Any) -> Callable[..., Any]:
             annotation = Annotated[annotation, default]
             default = _field_default(default)
         annotations[param.name] = annotation
-        params.append(param.replace(annotation=annotation, default=default))
+        # Positional-only (BentoML's root input): taken by name here, passed by position below.
+        kind = param.POSITIONAL_OR_KEYWORD if param.kind is param.POSITIONAL_ONLY else param.kind
+        params.append(param.replace(annotation=annotation, default=default, kind=kind))
     if "return" in hints:
         annotations["return"] = hints["return"]
     defaults = {p.name: p.default for p in params[1:] if p.default is not inspect.Parameter.empty}
@@ -224,8 +235,10 @@ def _callable(method: Any) -> Callable[..., Any]:
     route = method.route
 
     names = [p.name for p in params[1:]]
+    declared = list(inspect.signature(func).parameters.values())[1:]
+    positional_only = [p.name for p in declared if p.kind is p.POSITIONAL_ONLY]
 
-    def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         # Positional: a batchable function is called with its list of items so.
         given = set(names[: len(args)])
         for key, value in defaults.items():
@@ -233,33 +246,39 @@ def _callable(method: Any) -> Callable[..., Any]:
                 kwargs.setdefault(key, value)
         if ctx_param is not None:
             kwargs[ctx_param] = worker_context()
-        return kwargs
+        if positional_only and len(args) < len(positional_only):
+            args = (*args, *(kwargs.pop(name) for name in positional_only[len(args) :] if name in kwargs))
+        return args, kwargs
 
     wrapper: Callable[..., Any]
     if inspect.isasyncgenfunction(func):
 
         async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             with _in_request(ctx_param, route):
-                async for item in func(self, *args, **call(args, kwargs)):
+                args, kwargs = call(args, kwargs)
+                async for item in func(self, *args, **kwargs):
                     yield item
 
     elif inspect.isgeneratorfunction(func):
 
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             with _in_request(ctx_param, route):
-                yield from func(self, *args, **call(args, kwargs))
+                args, kwargs = call(args, kwargs)
+                yield from func(self, *args, **kwargs)
 
     elif inspect.iscoroutinefunction(func):
 
         async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             with _in_request(ctx_param, route) as keep:
-                return keep(await func(self, *args, **call(args, kwargs)))
+                args, kwargs = call(args, kwargs)
+                return keep(await func(self, *args, **kwargs))
 
     else:
 
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             with _in_request(ctx_param, route) as keep:
-                return keep(func(self, *args, **call(args, kwargs)))
+                args, kwargs = call(args, kwargs)
+                return keep(func(self, *args, **kwargs))
 
     adapted: Any = functools.update_wrapper(wrapper, func, updated=())
     del adapted.__wrapped__  # inspect must see the signature below, not func's

@@ -575,11 +575,15 @@ async def _serve(
     import uvicorn
 
     from ._wire import InputLimits
+    from .exceptions import ServiceDefinitionError
     from .server import create_app
     from .service import load_service
     from .supervisor import Supervisor
 
-    service = load_service(target)
+    try:
+        service = load_service(target)
+    except ServiceDefinitionError as exc:
+        raise click.ClickException(str(exc)) from None
     count, plan = _worker_plan(service, workers, gpus)
     queue = _open_queue(broker, retention, busy_timeout)  # connected by the app's lifespan
     supervisor = None
@@ -700,10 +704,14 @@ async def _workers_only(
     metrics_dir: str | None,
     lock_timeout: float,
 ) -> None:
+    from .exceptions import ServiceDefinitionError
     from .service import load_service
     from .supervisor import Supervisor
 
-    service = load_service(target)  # fail here, clearly, rather than in every child
+    try:
+        service = load_service(target)  # fail here, clearly, rather than in every child
+    except ServiceDefinitionError as exc:
+        raise click.ClickException(str(exc)) from None
     count, plan = _worker_plan(service, workers, gpus)  # as `serve` does
     queue = _open_queue(broker, retention)
     await _connect(queue)

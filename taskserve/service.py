@@ -312,7 +312,8 @@ def service(cls: Any = None, *, name: str = "", workers: int = 1, resources: dic
 def load_service(target: str, *, warn: bool = True) -> Service:
     """Import ``"module:Class"`` (from the working directory too, as uvicorn does) as a Service.
 
-    A BentoML service (``@bentoml.service``) is adapted (``taskserve._bentoml``); ``warn`` logs
+    ``"path/to/file.py:Class"`` imports the file by its name from its folder, as BentoML's CLI
+    takes it. A BentoML service (``@bentoml.service``) is adapted (``taskserve._bentoml``); ``warn`` logs
     which of its options have no counterpart here (the API process does, its workers need not).
     """
     module_name, _, attr = target.partition(":")
@@ -320,6 +321,10 @@ def load_service(target: str, *, warn: bool = True) -> Service:
         raise ServiceDefinitionError(f"Expected MODULE:Class, like examples.image_generation:Service; got {target!r}.")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if module_name.endswith(".py"):
+        folder, module_name = os.path.split(os.path.abspath(module_name[:-3]))
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

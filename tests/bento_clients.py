@@ -87,6 +87,7 @@ async def run_async(url: str, workdir: Path) -> dict[str, Any]:
         reversed_file = await client.reverse_file(document=document)
         seen["reverse_file"] = Path(reversed_file).read_text()
         seen["bad_input"] = await _error(client.shout(text="x", times="many"))
+        seen["total"] = await client.total([1.0, 2.5])
     return seen
 
 

@@ -111,6 +111,10 @@ class Studio:
             yield f"{prompt}{i} "
 
     @bentoml.api
+    def total(self, values: list[float], /) -> float:  # BentoML's root input: the body is the list
+        return sum(values)
+
+    @bentoml.api
     def reverse_file(self, document: Path, ctx: bentoml.Context) -> Path:
         out = Path(ctx.temp_dir) / "reversed.txt"
         out.write_bytes(document.read_bytes()[::-1])

@@ -32,7 +32,7 @@ from .conftest import ROOT, SERVICE as TASKSERVE_SERVICE, Server, assert_none_le
 
 VENV = Path(os.environ.get("TASKSERVE_BENTOML_VENV", ROOT / ".venv-bentoml"))
 PYTHON = VENV / "bin" / "python"
-SERVICE = "tests.bento_service:Studio"
+SERVICE = "tests/bento_service.py:Studio"  # a file path, as BentoML's CLI takes it
 CLIENTS = str(ROOT / "tests" / "bento_clients.py")
 
 
@@ -111,6 +111,25 @@ def test_batchable_api_with_bentomls_default_latency_answers_at_once(async_seen:
 
 def test_bad_arguments_are_bentomls_400(async_seen: dict[str, Any]) -> None:
     assert async_seen["bad_input"][1] == 400
+
+
+def test_root_input_takes_the_whole_body(studio: Server, async_seen: dict[str, Any]) -> None:
+    """``def total(self, values: list[float], /)``: BentoML's curl examples send the list itself."""
+    assert async_seen["total"] == 3.5
+    assert httpx.post(f"{studio.url}/total", json=[1, 2.5]).json() == 3.5
+    assert httpx.post(f"{studio.url}/total", json={"values": [4]}).json() == 4.0  # taskserve's own form
+    refused = httpx.post(f"{studio.url}/total", json={"value": [4]})
+    assert refused.status_code == 422 and "values" in refused.json()["error"]
+
+
+def test_serve_names_a_bad_target_without_a_traceback() -> None:
+    from click.testing import CliRunner
+
+    from taskserve.cli import cli
+
+    result = CliRunner().invoke(cli, ["serve", "tests/no_such_service.py:Svc", "--workers", "0"])
+    assert result.exit_code == 1
+    assert "Cannot import module 'no_such_service'" in result.output and "Traceback" not in result.output
 
 
 def test_async_client_sees_failures_retries_and_cancels(async_seen: dict[str, Any]) -> None:
