@@ -29,6 +29,10 @@ C = TypeVar("C", bound=type)
 ENDPOINT_ATTR = "__taskserve_endpoint__"
 MAX_BOUND = 2**31 - 1  # the largest concurrency or max_queue (a store's integer, with room)
 SERVICE_ATTR = "__taskserve_service__"
+# The server's own paths (server/app.py): an endpoint there would never be reached.
+SERVER_ROUTES = frozenset(
+    {"/schema.json", "/docs.json", "/healthz", "/readyz", "/workers", "/tasks", "/queues", "/metrics"}
+)
 
 
 @dataclass
@@ -87,6 +91,11 @@ class Endpoint:
         self.route = "/" + route.strip("/")
         if self.route == "/":
             raise ServiceDefinitionError(f"Endpoint {self.name!r} needs a route other than '/'.")
+        if self.route in SERVER_ROUTES:
+            raise ServiceDefinitionError(
+                f"Endpoint {self.name!r} cannot have the route {self.route!r}: the server answers there "
+                "(docs/api.md). Give it another, as in @task(route='/my-tasks')."
+            )
         if self.max_attempts < 1:
             raise ServiceDefinitionError(f"max_attempts of {self.name!r} must be at least 1, got {self.max_attempts}.")
         if self.timeout is not None and self.timeout <= 0:

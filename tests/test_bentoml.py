@@ -287,3 +287,16 @@ def test_schema_routes_describe_any_service_as_bentoml_reads_them() -> None:
     assert routes["transpose"]["input"]["properties"]["matrix"]["type"] == "tensor"
     midpoint = routes["midpoint"]["input"]["properties"]["a"]  # a pydantic model, inlined (no $ref)
     assert midpoint["type"] == "object" and set(midpoint["properties"]) == {"x", "y"}
+
+
+def test_an_endpoint_on_a_server_path_is_refused_at_start() -> None:
+    """A method named ``tasks`` (or ``metrics``, ``workers``, ...) would never be reached: say so."""
+    from taskserve.exceptions import ServiceDefinitionError
+    from taskserve.service import Endpoint
+
+    def tasks(self: Any, text: str) -> str:
+        return text
+
+    with pytest.raises(ServiceDefinitionError, match="cannot have the route '/tasks'"):
+        Endpoint(fn=tasks)
+    assert Endpoint(fn=tasks, route="/my-tasks").route == "/my-tasks"
