@@ -300,9 +300,9 @@ class EndpointRoutes:
                 with contextlib.suppress(InvalidTransition, QueueUnavailable, Exception):
                     await self.queue.cancel(task_id)
             raise
-        self.metrics.finished.labels(self.endpoint.name, record.status.value).inc()
         if streams and record.status is TaskStatus.SUCCESS:
-            return streamed(self, request, task_id, owned)
+            return streamed(self, request, task_id, owned)  # counts it finished once streamed
+        self.metrics.finished.labels(self.endpoint.name, record.status.value).inc()
         response = await self.result_response(record, failure_code=500)
         if not owned:
             response.headers["Idempotent-Replayed"] = "true"

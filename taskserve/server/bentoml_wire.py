@@ -299,6 +299,7 @@ async def _items(routes: EndpointRoutes, request: Request, task_id: str, owned: 
                 sent = items[-1][0]
             if record.status.is_terminal and len(items) < 10_000:  # 10,000: the most one read returns
                 ended = True
+                routes.metrics.finished.labels(routes.endpoint.name, record.status.value).inc()
                 return
             if not items and await request.is_disconnected():
                 return
