@@ -16,6 +16,8 @@ import functools
 import importlib
 import inspect
 import logging
+import os
+import shutil
 import typing
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
@@ -29,6 +31,9 @@ logger = logging.getLogger("taskserve.bentoml")
 _MAPPED_CONFIG = frozenset({"name", "workers", "traffic", "resources"})
 # Set by BentoML itself whenever a service has tasks; nothing a user chose.
 _TRAFFIC_DEFAULTS = {"external_queue": True}
+# BentoML's max_latency_ms bounds a request's whole wait (60 s unless set); taskserve's is how long
+# a worker waits for more items. A tenth of the bound, at most this, leaves the rest for the call.
+MAX_BATCH_WAIT_MS = 100.0
 
 
 def is_bentoml_service(obj: Any) -> bool:
@@ -52,6 +57,9 @@ class BentoService(Service):
     """A BentoML service class run by taskserve workers: built once per worker, then its startup hooks run."""
 
     startup_hooks: list[str]
+    # BentoML starts a service asking for GPUs on a host without any (its workers run on the CPU),
+    # so a file written on a GPU box runs on a laptop; taskserve's own services stop instead.
+    runs_without_gpus = True
 
     def instantiate(self) -> Any:
         instance = self.cls()
@@ -101,8 +109,6 @@ def _workers(value: Any) -> int:
     if isinstance(value, int) and value >= 1:
         return value
     if value == "cpu_count":
-        import os
-
         return os.cpu_count() or 1
     raise ServiceDefinitionError(f"workers={value!r} of a BentoML service: taskserve takes a number of processes.")
 
@@ -140,8 +146,30 @@ def _ignored(svc: Any, config: dict[str, Any], traffic: dict[str, Any], resource
         if method.batchable and tuple(method.batch_dim) != (0, 0):
             out.append(f"{name}: batch_dim={method.batch_dim} is ignored; batches join along axis 0.")
         if getattr(method, "is_stream", False):
-            out.append(f"{name}: a generator runs as a task whose result is the list of what it yielded.")
+            out.append(
+                f"{name}: a generator streams to BentoML's clients only; others get the list of what it yielded."
+            )
+        out += [f"{name}: {what}" for what in _unchecked(method)]
     return out
+
+
+def _unchecked(method: Any) -> list[str]:
+    """The ``bentoml.validators`` of the method's parameters that taskserve does not enforce."""
+    out = []
+    for param, hint in typing.get_type_hints(method.func, include_extras=True).items():
+        if typing.get_origin(hint) is not Annotated:
+            continue
+        base, *extras = typing.get_args(hint)
+        for extra in extras:
+            kind = type(extra).__name__
+            if not type(extra).__module__.startswith("_bentoml_sdk") or (kind == "DType" and _is_ndarray(base)):
+                continue
+            out.append(f"{param!r}: the validator {extra!r} is not checked (only DType of an ndarray is).")
+    return out
+
+
+def _is_ndarray(annotation: Any) -> bool:
+    return getattr(annotation, "__module__", "") == "numpy" and getattr(annotation, "__name__", "") == "ndarray"
 
 
 def _has_tasks(svc: Any) -> bool:
@@ -156,11 +184,23 @@ def _endpoint(name: str, method: Any, timeout: Any) -> Endpoint:
     if not method.is_task:
         options.update(max_attempts=1, priority=10)
     if method.batchable:
-        options.update(batchable=True, max_batch_size=method.max_batch_size, max_latency_ms=method.max_latency_ms)
+        wait = min(method.max_latency_ms / 10, MAX_BATCH_WAIT_MS)
+        options.update(batchable=True, max_batch_size=method.max_batch_size, max_latency_ms=wait)
     try:
-        return Endpoint(fn=fn, **options)
+        endpoint = Endpoint(fn=fn, **options)
     except ServiceDefinitionError as exc:
         raise ServiceDefinitionError(f"BentoML method {name!r}: {exc}") from None
+    endpoint.codec.dump_result = _releasing(endpoint.codec.dump_result)  # type: ignore[method-assign,assignment]
+    endpoint.codec.root = _root_input(method)
+    return endpoint
+
+
+def _root_input(method: Any) -> str | None:
+    """The name of BentoML's root input: a method's one parameter, positional-only (``def f(self, x, /)``)."""
+    params = [p for p in list(inspect.signature(method.func).parameters.values())[1:] if p.name != method.ctx_param]
+    if len(params) == 1 and params[0].kind is inspect.Parameter.POSITIONAL_ONLY:
+        return params[0].name
+    return None
 
 
 def _callable(method: Any) -> Callable[..., Any]:
@@ -185,7 +225,9 @@ def _callable(method: Any) -> Callable[..., Any]:
             annotation = Annotated[annotation, default]
             default = _field_default(default)
         annotations[param.name] = annotation
-        params.append(param.replace(annotation=annotation, default=default))
+        # Positional-only (BentoML's root input): taken by name here, passed by position below.
+        kind = param.POSITIONAL_OR_KEYWORD if param.kind is param.POSITIONAL_ONLY else param.kind
+        params.append(param.replace(annotation=annotation, default=default, kind=kind))
     if "return" in hints:
         annotations["return"] = hints["return"]
     defaults = {p.name: p.default for p in params[1:] if p.default is not inspect.Parameter.empty}
@@ -193,8 +235,10 @@ def _callable(method: Any) -> Callable[..., Any]:
     route = method.route
 
     names = [p.name for p in params[1:]]
+    declared = list(inspect.signature(func).parameters.values())[1:]
+    positional_only = [p.name for p in declared if p.kind is p.POSITIONAL_ONLY]
 
-    def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         # Positional: a batchable function is called with its list of items so.
         given = set(names[: len(args)])
         for key, value in defaults.items():
@@ -202,33 +246,39 @@ def _callable(method: Any) -> Callable[..., Any]:
                 kwargs.setdefault(key, value)
         if ctx_param is not None:
             kwargs[ctx_param] = worker_context()
-        return kwargs
+        if positional_only and len(args) < len(positional_only):
+            args = (*args, *(kwargs.pop(name) for name in positional_only[len(args) :] if name in kwargs))
+        return args, kwargs
 
     wrapper: Callable[..., Any]
     if inspect.isasyncgenfunction(func):
 
         async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             with _in_request(ctx_param, route):
-                async for item in func(self, *args, **call(args, kwargs)):
+                args, kwargs = call(args, kwargs)
+                async for item in func(self, *args, **kwargs):
                     yield item
 
     elif inspect.isgeneratorfunction(func):
 
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             with _in_request(ctx_param, route):
-                yield from func(self, *args, **call(args, kwargs))
+                args, kwargs = call(args, kwargs)
+                yield from func(self, *args, **kwargs)
 
     elif inspect.iscoroutinefunction(func):
 
         async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-            with _in_request(ctx_param, route):
-                return await func(self, *args, **call(args, kwargs))
+            with _in_request(ctx_param, route) as keep:
+                args, kwargs = call(args, kwargs)
+                return keep(await func(self, *args, **kwargs))
 
     else:
 
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-            with _in_request(ctx_param, route):
-                return func(self, *args, **call(args, kwargs))
+            with _in_request(ctx_param, route) as keep:
+                args, kwargs = call(args, kwargs)
+                return keep(func(self, *args, **kwargs))
 
     adapted: Any = functools.update_wrapper(wrapper, func, updated=())
     del adapted.__wrapped__  # inspect must see the signature below, not func's
@@ -260,7 +310,7 @@ def _pinned(annotation: Any) -> Any:
         return annotation
     base, *extras = typing.get_args(annotation)
     dtype = next((getattr(x, "dtype", None) for x in extras if type(x).__name__ == "DType"), None)
-    if not (isinstance(dtype, str) and getattr(base, "__module__", "") == "numpy" and base.__name__ == "ndarray"):
+    if not (isinstance(dtype, str) and _is_ndarray(base)):
         return annotation
     import numpy as np
 
@@ -282,20 +332,58 @@ def _field_default(field: Any) -> Any:
 
 
 _context: Any = None
+# Result files written under ``ctx.temp_dir``, by path: the request's temp dir is kept past the
+# call, until the worker has read the file as the task's result (``_releasing``).
+_held: dict[str, str] = {}
+
+
+def _keep_nothing(result: Any) -> Any:
+    return result
 
 
 @contextlib.contextmanager
-def _in_request(ctx_param: str | None, route: str) -> Iterator[None]:
-    """Makes ``ctx.request`` answer during the call: a stand-in POST to the route, without the client's headers."""
+def _in_request(ctx_param: str | None, route: str) -> Iterator[Callable[[Any], Any]]:
+    """Makes ``ctx.request`` answer during the call: a stand-in POST to the route, without the client's headers.
+
+    Yields ``keep(result)``: a ``Path`` result inside ``ctx.temp_dir`` (BentoML's way to return a
+    file it wrote) keeps that directory until the result is encoded; BentoML's context would
+    delete it as the call returns.
+    """
     if ctx_param is None:
-        yield
+        yield _keep_nothing
         return
     from starlette.requests import Request
 
     scope: dict[str, Any] = {"type": "http", "method": "POST", "path": route, "root_path": "", "scheme": "http"}
     scope.update(headers=[], query_string=b"", server=None, client=None)
-    with worker_context().in_request(Request(scope)):
-        yield
+    request = Request(scope)
+
+    def keep(result: Any) -> Any:
+        temp_dir = getattr(request.state, "temp_dir", None)
+        if isinstance(result, os.PathLike) and temp_dir is not None:
+            path = os.path.abspath(os.fspath(result))
+            if path.startswith(os.path.join(os.path.abspath(temp_dir), "")):
+                del request.state.temp_dir  # BentoML releases (empties) only what the request still holds
+                _held[path] = temp_dir
+        return result
+
+    with worker_context().in_request(request):
+        yield keep
+
+
+def _releasing(dump: Callable[[Any], tuple[bytes, str]]) -> Callable[[Any], tuple[bytes, str]]:
+    """``dump_result`` that then deletes the request temp dir a result file was kept in."""
+
+    def dump_result(value: Any) -> tuple[bytes, str]:
+        try:
+            return dump(value)
+        finally:
+            if isinstance(value, os.PathLike):
+                temp_dir = _held.pop(os.path.abspath(os.fspath(value)), None)
+                if temp_dir is not None:
+                    shutil.rmtree(temp_dir, ignore_errors=True)
+
+    return dump_result
 
 
 def worker_context() -> Any:

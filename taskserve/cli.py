@@ -207,6 +207,16 @@ def _worker_plan(service: Any, workers: int | None, gpus: str | None) -> tuple[i
         count = service.workers if workers is None else workers
         return count, None if gpus is None else [devices.discover(gpus)[0]] * count
     found, source = devices.discover(gpus)
+    if not found and getattr(service, "runs_without_gpus", False):
+        count = service.workers if workers is None else workers
+        logger.warning(
+            "The service asks for %g GPU(s) per worker, but no GPU was found (from %s): "
+            "its %d worker(s) run without one, as BentoML's would.",
+            per_worker,
+            source,
+            count,
+        )
+        return count, None
     try:
         plan = devices.assign(per_worker, found, workers, source)
     except devices.DeviceError as exc:
@@ -599,12 +609,16 @@ async def _serve(
     import uvicorn
 
     from ._wire import InputLimits
+    from .exceptions import ServiceDefinitionError
     from .server import create_app
     from .server._protocol import protocol_class
     from .service import load_service
     from .supervisor import Supervisor
 
-    service = load_service(target)
+    try:
+        service = load_service(target)
+    except ServiceDefinitionError as exc:
+        raise click.ClickException(str(exc)) from None
     count, plan = _worker_plan(service, workers, gpus)
     queue = _open_queue(broker, retention, busy_timeout)  # connected by the app's lifespan
     supervisor = None
@@ -729,10 +743,14 @@ async def _workers_only(
     metrics_dir: str | None,
     lock_timeout: float,
 ) -> None:
+    from .exceptions import ServiceDefinitionError
     from .service import load_service
     from .supervisor import Supervisor
 
-    service = load_service(target)  # fail here, clearly, rather than in every child
+    try:
+        service = load_service(target)  # fail here, clearly, rather than in every child
+    except ServiceDefinitionError as exc:
+        raise click.ClickException(str(exc)) from None
     count, plan = _worker_plan(service, workers, gpus)  # as `serve` does
     queue = _open_queue(broker, retention)
     await _connect(queue)

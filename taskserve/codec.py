@@ -230,6 +230,10 @@ class Param:
 class Codec:
     """The input model and output encoding of one endpoint, derived from its signature."""
 
+    # A parameter whose value may be the whole JSON body rather than a field of it: BentoML's
+    # "root input" (a method's one positional-only parameter); set by taskserve._bentoml.
+    root: str | None = None
+
     def __init__(self, fn: Any, name: str) -> None:
         self.name = name
         try:

@@ -29,6 +29,10 @@ C = TypeVar("C", bound=type)
 ENDPOINT_ATTR = "__taskserve_endpoint__"
 MAX_BOUND = 2**31 - 1  # the largest concurrency or max_queue (a store's integer, with room)
 SERVICE_ATTR = "__taskserve_service__"
+# The server's own paths (server/app.py): an endpoint there would never be reached.
+SERVER_ROUTES = frozenset(
+    {"/schema.json", "/docs.json", "/healthz", "/readyz", "/workers", "/tasks", "/queues", "/metrics"}
+)
 
 
 @dataclass
@@ -87,6 +91,11 @@ class Endpoint:
         self.route = "/" + route.strip("/")
         if self.route == "/":
             raise ServiceDefinitionError(f"Endpoint {self.name!r} needs a route other than '/'.")
+        if self.route in SERVER_ROUTES:
+            raise ServiceDefinitionError(
+                f"Endpoint {self.name!r} cannot have the route {self.route!r}: the server answers there "
+                "(docs/api.md). Give it another, as in @task(route='/my-tasks')."
+            )
         if self.max_attempts < 1:
             raise ServiceDefinitionError(f"max_attempts of {self.name!r} must be at least 1, got {self.max_attempts}.")
         if self.timeout is not None and self.timeout <= 0:
@@ -312,7 +321,8 @@ def service(cls: Any = None, *, name: str = "", workers: int = 1, resources: dic
 def load_service(target: str, *, warn: bool = True) -> Service:
     """Import ``"module:Class"`` (from the working directory too, as uvicorn does) as a Service.
 
-    A BentoML service (``@bentoml.service``) is adapted (``taskserve._bentoml``); ``warn`` logs
+    ``"path/to/file.py:Class"`` imports the file by its name from its folder, as BentoML's CLI
+    takes it. A BentoML service (``@bentoml.service``) is adapted (``taskserve._bentoml``); ``warn`` logs
     which of its options have no counterpart here (the API process does, its workers need not).
     """
     module_name, _, attr = target.partition(":")
@@ -320,6 +330,10 @@ def load_service(target: str, *, warn: bool = True) -> Service:
         raise ServiceDefinitionError(f"Expected MODULE:Class, like examples.image_generation:Service; got {target!r}.")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if module_name.endswith(".py"):
+        folder, module_name = os.path.split(os.path.abspath(module_name[:-3]))
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,18 @@ async def run_async(url: str, workdir: Path) -> dict[str, Any]:
         seen["lengths"] = [await _result(task) for task in tasks]
         seen["lengths_ids"] = [task.id for task in tasks]
         seen["lengths_direct"] = await client.lengths(texts=["xy", "z"])
+        started = time.monotonic()
+        seen["double"] = (await client.double(values=np.array([1.0, 2.0]))).tolist()
+        seen["double_seconds"] = time.monotonic() - started
+        arrivals = []
+        async for chunk in client.tokens(prompt="w", n=3, pause=0.4):
+            arrivals.append([chunk, time.monotonic()])
+        seen["tokens"] = "".join(chunk for chunk, _ in arrivals)
+        seen["tokens_spread"] = arrivals[-1][1] - arrivals[0][1]  # the first came before the last was made
+        reversed_file = await client.reverse_file(document=document)
+        seen["reverse_file"] = Path(reversed_file).read_text()
+        seen["bad_input"] = await _error(client.shout(text="x", times="many"))
+        seen["total"] = await client.total([1.0, 2.5])
     return seen
 
 
@@ -114,6 +127,7 @@ def run_sync(url: str, workdir: Path) -> dict[str, Any]:
         seen["story"] = task.get()
         seen["story_retry"] = _wait_sync(task.retry()).value
         seen["scale_direct"] = client.scale(values=np.array([1, 2, 3]), factor=0.5).tolist()
+        seen["tokens"] = "".join(client.tokens(prompt="s", n=2))
         task = client.explode.submit(reason="sync")
         seen["explode_status"] = _wait_sync(task).value
         try:
@@ -153,6 +167,11 @@ def define() -> dict[str, Any]:
             "inputs": {ep.name: [p.name for p in ep.codec.params] for ep in service.endpoints},
             "warnings": list(warnings),
         }
+    # Gateway asks for a GPU a worker; on a host without one it runs on the CPU, as under BentoML.
+    from taskserve.cli import _worker_plan
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    out["Gateway"]["plan_without_gpus"] = _worker_plan(load_service("tests.bento_service:Gateway"), None, None)
     return out
 
 

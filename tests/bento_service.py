@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
 import numpy as np
-from bentoml.validators import DType
+from bentoml.validators import ContentType, DType
 from PIL import Image as PILImage
 from PIL.Image import Image
 from pydantic import BaseModel, Field
@@ -65,7 +66,7 @@ class Studio:
         return inverted
 
     @bentoml.task
-    def count_bytes(self, document: Path, label: str) -> dict[str, int | str]:
+    def count_bytes(self, document: Annotated[Path, ContentType("text/plain")], label: str) -> dict[str, int | str]:
         return {"label": label, "bytes": document.stat().st_size, "name": document.name}
 
     @bentoml.task
@@ -97,6 +98,27 @@ class Studio:
     @bentoml.task(batchable=True, max_batch_size=8, max_latency_ms=200)
     def lengths(self, texts: list[str]) -> list[int]:
         return [len(t) for t in texts]
+
+    @bentoml.api(batchable=True)  # BentoML's default max_latency_ms: 60 s
+    def double(self, values: np.ndarray) -> np.ndarray:
+        return values * 2
+
+    @bentoml.api
+    async def tokens(self, prompt: str, n: int = 3, pause: float = 0.0) -> AsyncGenerator[str, None]:
+        for i in range(n):
+            if i:
+                await asyncio.sleep(pause)
+            yield f"{prompt}{i} "
+
+    @bentoml.api
+    def total(self, values: list[float], /) -> float:  # BentoML's root input: the body is the list
+        return sum(values)
+
+    @bentoml.api
+    def reverse_file(self, document: Path, ctx: bentoml.Context) -> Path:
+        out = Path(ctx.temp_dir) / "reversed.txt"
+        out.write_bytes(document.read_bytes()[::-1])
+        return out
 
 
 def _health(scope, receive, send):  # a bare ASGI app, mounted below

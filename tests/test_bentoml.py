@@ -32,7 +32,7 @@ from .conftest import ROOT, SERVICE as TASKSERVE_SERVICE, Server, assert_none_le
 
 VENV = Path(os.environ.get("TASKSERVE_BENTOML_VENV", ROOT / ".venv-bentoml"))
 PYTHON = VENV / "bin" / "python"
-SERVICE = "tests.bento_service:Studio"
+SERVICE = "tests/bento_service.py:Studio"  # a file path, as BentoML's CLI takes it
 CLIENTS = str(ROOT / "tests" / "bento_clients.py")
 
 
@@ -93,6 +93,43 @@ def test_async_client_runs_the_whole_task_workflow(async_seen: dict[str, Any]) -
     assert seen["count_bytes"] == {"label": "doc", "bytes": 11, "name": "notes.txt"}
     assert seen["story"] == "once once once"
     assert seen["story_direct"] == "twice twice"
+    # A Path returned from ctx.temp_dir outlives the call until it is sent (BentoML deletes it after).
+    assert seen["reverse_file"] == "rahc nevele"
+
+
+def test_async_client_streams_a_generator_as_it_yields(async_seen: dict[str, Any]) -> None:
+    """``async for chunk in client.tokens(...)``: chunks arrive while the generator still runs."""
+    assert async_seen["tokens"] == "w0 w1 w2 "
+    assert async_seen["tokens_spread"] > 0.3  # yielded 0.4 s apart: not all at the end
+
+
+def test_batchable_api_with_bentomls_default_latency_answers_at_once(async_seen: dict[str, Any]) -> None:
+    # BentoML's max_latency_ms (60 s by default) bounds a request, it is not a wait for more items.
+    assert async_seen["double"] == [2.0, 4.0]
+    assert async_seen["double_seconds"] < 5
+
+
+def test_bad_arguments_are_bentomls_400(async_seen: dict[str, Any]) -> None:
+    assert async_seen["bad_input"][1] == 400
+
+
+def test_root_input_takes_the_whole_body(studio: Server, async_seen: dict[str, Any]) -> None:
+    """``def total(self, values: list[float], /)``: BentoML's curl examples send the list itself."""
+    assert async_seen["total"] == 3.5
+    assert httpx.post(f"{studio.url}/total", json=[1, 2.5]).json() == 3.5
+    assert httpx.post(f"{studio.url}/total", json={"values": [4]}).json() == 4.0  # taskserve's own form
+    refused = httpx.post(f"{studio.url}/total", json={"value": [4]})
+    assert refused.status_code == 422 and "values" in refused.json()["error"]
+
+
+def test_serve_names_a_bad_target_without_a_traceback() -> None:
+    from click.testing import CliRunner
+
+    from taskserve.cli import cli
+
+    result = CliRunner().invoke(cli, ["serve", "tests/no_such_service.py:Svc", "--workers", "0"])
+    assert result.exit_code == 1
+    assert "Cannot import module 'no_such_service'" in result.output and "Traceback" not in result.output
 
 
 def test_async_client_sees_failures_retries_and_cancels(async_seen: dict[str, Any]) -> None:
@@ -124,6 +161,7 @@ def test_sync_client(studio: Server, tmp_path: Path) -> None:
         "story": "sync sync",
         "story_retry": "completed",
         "scale_direct": [0.5, 1.0, 1.5],
+        "tokens": "s0 s1 ",
         "explode_status": "failed",
         "explode_get": 500,
     }
@@ -180,6 +218,8 @@ def test_service_options_map_or_are_warned_about(studio: Server) -> None:
     for option in ("max_concurrency", "memory", "bentoml.depends", "ASGI apps", "envs=", "shutdown hook", "batch_dim"):
         assert option in warned
     assert "resources 'cpu' is ignored" in studio.log.read_text()
+    assert "ContentType(content_type='text/plain') is not checked" in studio.log.read_text()
+    assert gateway["plan_without_gpus"] == [1, None]  # one worker, CUDA_VISIBLE_DEVICES left alone
 
 
 # -- the wire of any taskserve service, in this process (no bentoml needed) ----------------
@@ -247,3 +287,16 @@ def test_schema_routes_describe_any_service_as_bentoml_reads_them() -> None:
     assert routes["transpose"]["input"]["properties"]["matrix"]["type"] == "tensor"
     midpoint = routes["midpoint"]["input"]["properties"]["a"]  # a pydantic model, inlined (no $ref)
     assert midpoint["type"] == "object" and set(midpoint["properties"]) == {"x", "y"}
+
+
+def test_an_endpoint_on_a_server_path_is_refused_at_start() -> None:
+    """A method named ``tasks`` (or ``metrics``, ``workers``, ...) would never be reached: say so."""
+    from taskserve.exceptions import ServiceDefinitionError
+    from taskserve.service import Endpoint
+
+    def tasks(self: Any, text: str) -> str:
+        return text
+
+    with pytest.raises(ServiceDefinitionError, match="cannot have the route '/tasks'"):
+        Endpoint(fn=tasks)
+    assert Endpoint(fn=tasks, route="/my-tasks").route == "/my-tasks"

@@ -32,7 +32,7 @@ from . import bulk, events, openapi, tasks, ui
 from ._errors import EXCEPTION_HANDLERS
 from .auth import AuthMiddleware, Keys, owner_filter, secure_document, submitter
 from .backpressure import DrainRate
-from .bentoml_wire import BentoWire, WireMode
+from .bentoml_wire import STREAM_CALL, BentoWire, WireMode, streamed
 from .diskspace import DEFAULT_MIN_FREE, DiskCheck
 from .inputs import DEFAULT_BODY_TIMEOUT, read_arguments, read_json, read_many
 from .metrics import Metrics
@@ -281,11 +281,15 @@ class EndpointRoutes:
         # Counted from when the task may start: a delayed call waits its delay, then the limit.
         started = time.monotonic() + max(0.0, (task.run_at or 0.0) - time.time())
         unserved_since: float | None = None
+        # BentoML's client reads a generator's items as they come (bentoml_wire.streamed).
+        streams = self.codec.streams and request.scope.get(STREAM_CALL, False)
         try:
             while not record.status.is_terminal:
-                record = await self.queue.wait(task_id, 1.0)
+                record = await self.queue.wait(task_id, 0.1 if streams else 1.0)
                 if record.status.is_terminal:
                     break
+                if streams and record.status is TaskStatus.IN_PROGRESS:
+                    return streamed(self, request, task_id, owned)
                 if await request.is_disconnected():
                     raise asyncio.CancelledError
                 now = time.monotonic()
@@ -303,6 +307,8 @@ class EndpointRoutes:
                 with contextlib.suppress(InvalidTransition, QueueUnavailable, Exception):
                     await self.queue.cancel(task_id)
             raise
+        if streams and record.status is TaskStatus.SUCCESS:
+            return streamed(self, request, task_id, owned)  # counts it finished once streamed
         self.metrics.finished.labels(self.endpoint.name, record.status.value).inc()
         response = await self.result_response(record, failure_code=409 if _callers_limit(record, options) else 500)
         if not owned:

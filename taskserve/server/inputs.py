@@ -219,6 +219,12 @@ def arguments(
 ) -> bytes:
     if ctype in FORM_TYPES:
         return codec.validate(form_data(body, ctype, content_type, codec, json_text), limits)
+    if codec.root is not None and body.strip():
+        # Root input: the body is the value itself, unless it is the object of that one argument.
+        value = parse_json(body, object, limits)
+        if not (isinstance(value, dict) and set(value) == {codec.root}):
+            value = {codec.root: value}
+        return codec.validate(value, limits)
     return codec.validate(parse_json(body, dict, limits), limits)
 
 
