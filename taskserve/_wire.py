@@ -16,7 +16,7 @@ import re
 import sys
 import unicodedata
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
@@ -282,7 +282,7 @@ def is_ndarray(value: Any) -> bool:
 # -- images --------------------------------------------------------------------------------
 
 
-def open_image(data: bytes, max_pixels: int | None = None) -> Image:
+def open_image(data: bytes | IO[bytes], max_pixels: int | None = None) -> Image:
     """An image opened from its header only, in a safe format and under the pixel limit; ``load()`` decodes it.
 
     Raises ``InputTooLarge`` over ``max_pixels`` and ``ValueError`` for anything that is not an
@@ -294,7 +294,8 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Image:
         Image.MAX_IMAGE_PIXELS = max_pixels  # ours is the limit that holds; Pillow's would refuse first
     formats = ", ".join(SAFE_IMAGE_FORMATS)
     try:
-        img = Image.open(io.BytesIO(data), formats=SAFE_IMAGE_FORMATS)
+        source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data  # a file is read in place
+        img = Image.open(source, formats=SAFE_IMAGE_FORMATS)
     except Image.DecompressionBombError:
         limit = max_pixels or Image.MAX_IMAGE_PIXELS
         raise InputTooLarge(f"the image has more pixels than the limit of {limit} (--max-image-pixels)") from None
@@ -310,7 +311,7 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Image:
     return img
 
 
-def verify_image(data: bytes, max_pixels: int | None) -> None:
+def verify_image(data: bytes | IO[bytes], max_pixels: int | None) -> None:
     """Check an image without decoding its pixels (PNG checksums and structure)."""
     img = open_image(data, max_pixels)
     try:

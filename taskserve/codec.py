@@ -20,6 +20,7 @@ import math
 import mimetypes
 import os
 import pathlib
+import tempfile
 import types
 import typing
 from collections.abc import Callable
@@ -31,6 +32,7 @@ import pydantic_core
 from pydantic import ConfigDict, Field, PlainSerializer, PlainValidator, ValidationInfo, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
+from . import _splice
 from ._wire import (
     ARRAY_DTYPES,
     SAFE_IMAGE_FORMATS,
@@ -58,6 +60,25 @@ class FileArg:
     data: bytes
     filename: str | None = None
     content_type: str | None = None
+
+
+@dataclass
+class SpooledFileArg(FileArg):
+    """An uploaded file too large to read into memory: its bytes stay in ``file`` (``data`` is empty).
+
+    The API's multipart reader makes these; ``Codec.validate`` splices them into the stored
+    arguments from the file, and the reader closes the file afterwards.
+    """
+
+    file: typing.IO[bytes] | None = None
+    size: int = 0
+
+
+@dataclass
+class _Placeholder(FileArg):
+    """What pydantic sees of a large value, already checked: its token is dumped in place of its base64."""
+
+    token: str = ""
 
 
 def _optional_inner(annotation: Any) -> tuple[Any, bool]:
@@ -121,6 +142,8 @@ def _guarded(fn: Validator) -> Validator:
 
 
 def _to_file(value: Any, info: ValidationInfo | None = None) -> FileArg:
+    if isinstance(value, _Placeholder):
+        return value
     if isinstance(value, FileArg):
         return FileArg(value.data, safe_filename(value.filename), _content_type(value.content_type))
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -143,6 +166,8 @@ def _content_type(value: Any) -> str | None:
 
 
 def _to_image_file(value: Any, info: ValidationInfo) -> FileArg:
+    if isinstance(value, _Placeholder):
+        return value  # checked as an image before it became one
     file = _to_file(value)
     limits = _limits(info)
     if limits is not None:  # the worker opens it again, with the safe formats only, in load()
@@ -151,6 +176,8 @@ def _to_image_file(value: Any, info: ValidationInfo) -> FileArg:
 
 
 def _dump_file(file: FileArg) -> dict[str, Any]:
+    if isinstance(file, _Placeholder):
+        return {"data": file.token, "filename": file.filename, "content_type": file.content_type}
     return {"data": base64.b64encode(file.data).decode(), "filename": file.filename, "content_type": file.content_type}
 
 
@@ -313,6 +340,11 @@ class Codec:
                 f"The arguments of {self.name!r} must be a JSON object of parameter names to values.",
                 [{"loc": [], "msg": "expected an object", "type": "object_type"}],
             )
+        # Large files, images and bytes are checked on their own and spliced into what is stored
+        # (taskserve/_splice.py); small arguments never leave the plain path below.
+        deferred: list[_splice.Deferred] = []
+        if self.opaque:
+            data = self._defer(data, limits, deferred)
         mistyped = _mistyped(data, self.input_schema, self.input_schema.get("$defs", {}), [])
         if mistyped is not None:
             raise self._invalid([{"loc": mistyped[0], "msg": mistyped[1], "type": "type_error"}])
@@ -337,7 +369,26 @@ class Codec:
         fault = _fault(tree, 1, limits.max_json_depth)
         if fault is not None:
             raise self._invalid([{"loc": fault[0], "msg": fault[1], "type": fault[2]}])
-        return stored
+        return _splice.splice(stored, deferred) if deferred else stored
+
+    def _defer(self, data: dict[str, Any], limits: InputLimits, deferred: list[_splice.Deferred]) -> dict[str, Any]:
+        """``data`` with each large binary value, once checked, replaced by a placeholder (added to ``deferred``)."""
+        replaced: dict[str, Any] | None = None
+        for param in self.params:
+            if param.kind not in BINARY_KINDS:
+                continue
+            try:
+                found = _large(param.kind, data.get(param.name), limits)
+            except InputTooLarge as exc:
+                raise self._invalid([{"loc": [param.name], "msg": str(exc), "type": "too_large"}]) from None
+            except (ValueError, OSError) as exc:
+                message = str(exc) if isinstance(exc, ValueError) else f"cannot read the value ({type(exc).__name__})"
+                raise self._invalid([{"loc": [param.name], "msg": message, "type": "value_error"}]) from None
+            if found is not None:
+                replaced = replaced if replaced is not None else dict(data)
+                replaced[param.name] = found[0]
+                deferred.append(found[1])
+        return data if replaced is None else replaced
 
     @functools.cached_property
     def opaque(self) -> set[str]:
@@ -415,6 +466,48 @@ class Codec:
             "output": {"kind": self.output_kind, "schema": self.output_schema},
             "files": [p.name for p in self.params if p.kind in BINARY_KINDS],
         }
+
+
+def _large(kind: Kind, value: Any, limits: InputLimits) -> tuple[_Placeholder, _splice.Deferred] | None:
+    """A placeholder and the deferred value for a file, image or bytes value over ``SPLICE_AT``; None for any other.
+
+    Checked as pydantic would check it (base64 as strictly, an image opened from its header and
+    verified), without a whole copy of it: an image sent as base64 is decoded to a temporary file.
+    """
+    text: Any = None
+    filename: Any = None
+    content_type: Any = None
+    if isinstance(value, SpooledFileArg) and value.file is not None:
+        if kind == "image":
+            _verify_image_file(value.file, limits)
+        deferred = _splice.from_file(value.file, value.size)
+        filename, content_type = value.filename, value.content_type
+    elif isinstance(value, FileArg) and not isinstance(value, _Placeholder) and len(value.data) > _splice.SPLICE_AT:
+        if kind == "image":
+            verify_image(value.data, limits.max_image_pixels)
+        deferred = _splice.from_bytes(value.data)
+        filename, content_type = value.filename, value.content_type
+    else:
+        if isinstance(value, dict) and isinstance(value.get("data"), str):
+            text, filename, content_type = value["data"], value.get("filename"), value.get("content_type")
+        elif isinstance(value, str):
+            text = value
+        if text is None or len(text) <= _splice.SPLICE_AT:
+            return None
+        if kind == "image":
+            with tempfile.TemporaryFile() as decoded:
+                deferred = _splice.from_base64(text, decoded)
+                _verify_image_file(decoded, limits)
+        else:
+            deferred = _splice.from_base64(text)
+    return _Placeholder(b"", safe_filename(filename), _content_type(content_type), deferred.token), deferred
+
+
+def _verify_image_file(file: typing.IO[bytes], limits: InputLimits) -> None:
+    """Check an image in a file, which stays open: Pillow closes the file it read, so it reads a duplicate."""
+    with os.fdopen(os.dup(file.fileno()), "rb") as duplicate:
+        duplicate.seek(0)
+        verify_image(duplicate, limits.max_image_pixels)
 
 
 def _yielded(annotation: Any) -> Any:

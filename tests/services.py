@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import pathlib
 import time
@@ -84,6 +85,11 @@ class TestService:
     @taskserve.task
     def file_info(self, upload: pathlib.Path) -> dict[str, object]:
         return {"name": upload.name, "size": upload.stat().st_size, "head": upload.read_bytes()[:5].decode()}
+
+    @taskserve.task
+    def checksum(self, upload: pathlib.Path | None = None, data: bytes | None = None) -> dict[str, object]:
+        digest = hashlib.sha256(upload.read_bytes() if upload is not None else data or b"").hexdigest()
+        return {"sha256": digest, "name": upload.name if upload is not None else None}
 
     @taskserve.task
     def reverse_bytes(self, data: bytes) -> bytes:

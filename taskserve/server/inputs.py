@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from .._wire import InputLimits
-from ..codec import Codec, FileArg
+from ..codec import Codec, FileArg, SpooledFileArg
 from ..exceptions import PayloadTooLarge, ValidationFailed
 
 INLINE_BODY = 64 * 1024  # larger bodies are validated in a thread
@@ -203,15 +203,20 @@ async def read_arguments(request: Request, codec: Codec, limits: InputLimits, ma
 def _multipart_arguments(
     source: bytes | IO[bytes], content_type: str, codec: Codec, limits: InputLimits, json_text: bool = False
 ) -> bytes:
+    kept: list[File] = []
     try:
-        data = {
-            n: v if isinstance(v, FileArg) else codec.form_value(n, v, json_text)
-            for n, v in _multipart(source, content_type)
-        }
+        try:
+            data = {
+                n: v if isinstance(v, FileArg) else codec.form_value(n, v, json_text)
+                for n, v in _multipart(source, content_type, kept)
+            }
+        finally:
+            if not isinstance(source, bytes):
+                source.close()
+        return codec.validate(data, limits)
     finally:
-        if not isinstance(source, bytes):
-            source.close()
-    return codec.validate(data, limits)
+        for file in kept:  # large file parts, read from their files by validate
+            file.close()
 
 
 def arguments(
@@ -282,12 +287,17 @@ def _urlencoded(body: bytes) -> list[tuple[str, str]]:
         raise _invalid(f"The form has more than {MAX_FORM_PARTS} fields.", "too_large") from None
 
 
-def _multipart(source: bytes | IO[bytes], content_type: str) -> list[tuple[str, str | FileArg]]:
+def _multipart(
+    source: bytes | IO[bytes], content_type: str, kept: list[File] | None = None
+) -> list[tuple[str, str | FileArg]]:
     """Parse a multipart body (bytes, or the spooled file) without an event loop.
 
     A file part over ``SPOOL_AT`` bytes goes to a temporary file of python-multipart's own, under
-    a random name (never the one the client gave), and is read from it once.
+    a random name (never the one the client gave), and is read from it once; or, given ``kept``,
+    is left there as a ``SpooledFileArg`` (its file added to ``kept``, for the caller to close).
     """
+    keep_files = kept is not None
+    kept = kept if kept is not None else []
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if not boundary:
@@ -310,10 +320,15 @@ def _multipart(source: bytes | IO[bytes], content_type: str) -> list[tuple[str, 
             ) from None
 
     def on_file(file: File) -> None:
+        filename = file.file_name.decode("utf-8", "replace") if file.file_name else None
+        if keep_files and not file.in_memory:
+            # Left in its file, which Codec.validate encodes from in chunks; the caller closes it.
+            kept.append(file)
+            add(file.field_name, SpooledFileArg(b"", filename, file.content_type, file.file_object, file.size))
+            return
         file.file_object.seek(0)
         data = file.file_object.read()
         file.close()
-        filename = file.file_name.decode("utf-8", "replace") if file.file_name else None
         add(file.field_name, FileArg(data, filename, file.content_type))
 
     config = {"MAX_MEMORY_FILE_SIZE": SPOOL_AT, "UPLOAD_KEEP_FILENAME": False, "UPLOAD_KEEP_EXTENSIONS": False}
