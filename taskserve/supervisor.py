@@ -29,6 +29,7 @@ import sys
 import time
 
 from . import _runtime
+from ._aio import wait_event
 from .devices import worker_env
 from .exceptions import QueueUnavailable
 from .queue._sqlite_lockstamps import ENV as LOCK_STAMPS, StampBoard
@@ -203,8 +204,7 @@ class Supervisor:
             # A worker that dies at once (a broken service) is restarted ever more slowly.
             backoff = 0.5 if time.monotonic() - started > 30 else min(backoff * 2, 30.0)
             if code != EXIT_RECYCLE:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop_requested.wait(), backoff)
+                await wait_event(self._stop_requested, backoff)
 
     async def _requeue(self, pid: int) -> None:
         wid = self.ids.pop(pid, None)

@@ -217,16 +217,22 @@ class Server:
     def stop(self) -> None:
         for client in self.clients:
             client.close()
+        hung = False
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
+                hung = True
                 self.kill()
         for p in self.extra:
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+        if hung:  # a stop that hangs is a bug users meet at every deploy: never let it pass silently
+            raise AssertionError(
+                f"taskserve serve did not stop within 30 s of SIGTERM:\n{self.log.read_text()[-3000:]}"
+            )
 
 
 def worker_pid(url: str, worker_id: str) -> int:
@@ -319,10 +325,16 @@ def make_server(tmp_path: Path) -> Iterator[ServerFactory]:
         return server.start() if start else server
 
     yield make
+    errors = []
     for server in servers:
-        server.stop()
+        try:
+            server.stop()
+        except AssertionError as exc:
+            errors.append(exc)
     for server in servers:
         assert_none_left(server.tag)
+    if errors:
+        raise errors[0]
 
 
 class RedisServer:

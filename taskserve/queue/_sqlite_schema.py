@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+from .._aio import wait_event
 from .._types import Event, NewTask, TaskRecord, TaskStatus, event_id, unscoped_key
 from ..exceptions import IdempotencyConflict, QueueFull
 from .base import Watch, queue_full_message
@@ -452,10 +453,7 @@ class SQLiteWatch(Watch):
         waiters.setdefault(task_id, set()).add(self._event)
 
     async def wait(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+        await wait_event(self._event, timeout)
         self._event.clear()
 
     def close(self) -> None:

@@ -54,6 +54,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("The Redis broker needs the redis package: pip install 'taskserve[redis]'.") from exc
 
+from .._aio import wait_event
 from .._types import (
     Claim,
     Event,
@@ -190,8 +191,7 @@ class _RedisWatch(Watch):
             # every change that no message will announce.
             await asyncio.wait([subscribed], timeout=timeout)
             return
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
+        await wait_event(self._event, timeout)
         self._event.clear()
 
     def close(self) -> None:
@@ -412,8 +412,7 @@ class RedisQueue(Queue):
         seconds, micros = replies[0]
         redis_now = seconds + micros / 1e6
         wait = min([deadline - now(), *(delayed[0][1] - redis_now for delayed in replies[2::2] if delayed)])
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._work.wait(), max(0.0, wait))
+        await wait_event(self._work, wait)
         self._work.clear()
 
     # -- hooks -----------------------------------------------------------------------------

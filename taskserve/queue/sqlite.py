@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlparse
 
+from .._aio import wait_event
 from .._types import Claim, Event, NewTask, Outcome, Result, TaskRecord, WorkerInfo
 from ..exceptions import QueueUnavailable
 from . import _sqlite_lockstamps, _sqlite_webhooks, _wake, lifecycle
@@ -281,10 +282,7 @@ class SQLiteQueue(Queue):
         )
         if row is not None and row[0] is not None:
             timeout = max(0.0, min(timeout, row[0] - time.time() + 0.002))
-        try:
-            await asyncio.wait_for(self._work.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+        await wait_event(self._work, timeout)
         self._work.clear()
 
     def _done(self, task_ids: Sequence[str]) -> None:

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
+from .._aio import cancel_and_wait
 from .._types import NewTask, TaskRecord, TaskStatus
 from .._wire import InputLimits
 from ..exceptions import InvalidTransition, QueueUnavailable, ValidationFailed
@@ -534,9 +535,10 @@ def create_app(
         try:
             yield
         finally:
+            await cancel_and_wait(jobs)  # _aio: a swallowed cancel held the shutdown for ever
             for job in jobs:
-                job.cancel()
-            await asyncio.gather(*jobs, return_exceptions=True)
+                if not job.cancelled() and job.exception() is not None:
+                    logger.error("a background job of the API ended with %r", job.exception())
             try:
                 # A broker that went away must not hold the process: the connection is dropped anyway.
                 await asyncio.wait_for(queue.close(), CLOSE_TIMEOUT)

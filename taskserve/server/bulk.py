@@ -8,7 +8,6 @@ finished task's JSON result inline while the answer stays under ``INLINE_BUDGET`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ import pydantic_core
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .._aio import wait_event
 from .._types import Result, TaskRecord, TaskStatus, iso
 from ..exceptions import TaskNotFound, ValidationFailed
 from ..queue.base import Queue, Watch
@@ -152,8 +152,7 @@ async def wait_for(
                 to_read, last_scan = open_ids, time.monotonic()
                 continue
             remaining = deadline - time.monotonic()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(watches.event.wait(), min(remaining, RESCAN))
+            await wait_event(watches.event, min(remaining, RESCAN))
             watches.event.clear()
             if time.monotonic() - last_scan >= RESCAN:
                 to_read, last_scan = open_ids, time.monotonic()

@@ -16,6 +16,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+from .._aio import cancel_and_wait, wait_event
 from .._types import WorkerInfo
 
 if TYPE_CHECKING:
@@ -44,13 +45,8 @@ class Keeper:
         self._beat_now.set()
 
     async def stop(self) -> None:
-        # Cancelled again until done: on Python 3.11, asyncio.wait_for swallows a cancel that
-        # lands as the event it waits on is set (as beat_soon() does at start-up), and the
-        # heartbeat loop then slept a whole HEARTBEAT before a worker stopped at once could end.
+        await cancel_and_wait(self._tasks)  # _aio: a cancel landing as a heartbeat wakes is not lost
         for task in self._tasks:
-            while not task.done():
-                task.cancel()
-                await asyncio.wait({task}, timeout=0.05)
             if not task.cancelled() and task.exception() is not None:
                 logger.warning("worker %s: %s ended with %r", self.worker.name, task.get_name(), task.exception())
         self._tasks = []
@@ -121,6 +117,5 @@ class Keeper:
                 await self.worker.queue.heartbeat(self.info(), HEARTBEAT_TTL)
             except Exception as exc:
                 logger.debug("worker %s could not send a heartbeat: %s", self.worker.name, exc)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._beat_now.wait(), HEARTBEAT)
+            await wait_event(self._beat_now, HEARTBEAT)
             self._beat_now.clear()
