@@ -134,7 +134,7 @@ def test_tallied_run_times_land_where_prometheus_would_put_them() -> None:
 
 
 def test_every_worker_family_is_named_before_its_first_sample(tmp_path: Path) -> None:
-    """A dashboard or alert on ``taskserve_task_retries_total`` must find the metric (at no samples) before any retry."""
+    """An alert on ``taskserve_task_retries_total`` must find the metric (with no samples) before any retry."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     from taskserve.server.metrics import WORKER_FAMILIES, register_workers

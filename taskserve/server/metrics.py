@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from ..queue.base import Queue
+
 # The families the workers keep (taskserve/worker/metrics.py): name, type, help.
 WORKER_FAMILIES = (
     ("taskserve_task_queue_seconds", "histogram", "Seconds from when a task fell due to the start of its call."),
@@ -32,7 +34,7 @@ class WorkersCollector:
 
     def collect(self) -> Iterator[Metric]:
         seen = set()
-        for family in self.inner.collect():
+        for family in self.inner.collect():  # type: ignore[no-untyped-call]
             seen.add(family.name)
             yield family
         for name, kind, documentation in WORKER_FAMILIES:
@@ -45,9 +47,7 @@ class WorkersCollector:
 
 def register_workers(registry: CollectorRegistry, path: str) -> None:
     """Serve, through ``registry``, the metrics the workers keep in ``path``."""
-    registry.register(WorkersCollector(path))  # type: ignore[arg-type]
-
-from ..queue.base import Queue
+    registry.register(WorkersCollector(path))
 
 
 class _FinishedTasks:

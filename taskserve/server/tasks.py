@@ -27,7 +27,9 @@ MAX_LIMIT = 1000
 WINDOW = 60.0  # seconds "finished in the last minute" looks back
 SAMPLE_EVERY = 5.0  # seconds between two samples of the finished tallies
 PARAMETERS = ("route", "status", "tag", "limit", "cursor")
-CURSOR = re.compile(r"[0-9a-f]{32}")  # as /docs.json says; a task id (taskserve._types.new_task_id), the last one a page looked at
+CURSOR = re.compile(
+    r"[0-9a-f]{32}"
+)  # as /docs.json says; a task id (taskserve._types.new_task_id), the last one a page looked at
 
 
 def _invalid(parameter: str, message: str) -> JSONResponse:
