@@ -438,10 +438,11 @@ def worker(target: str, workers: int | None, metrics_port: int | None, metrics_h
 def _serve_metrics(host: str, port: int, metrics_dir: str) -> Any:
     """The workers' metrics over HTTP, from a thread, for a Prometheus on another host to scrape."""
     from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from .server.metrics import register_workers
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+    register_workers(registry, metrics_dir)
     try:
         server, _ = start_http_server(port, host, registry)
     except OSError as exc:

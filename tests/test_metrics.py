@@ -131,3 +131,25 @@ def test_tallied_run_times_land_where_prometheus_would_put_them() -> None:
         assert ours == registry.get_sample_value("ref_seconds_bucket", {"le": bound}), bound
     ours = REGISTRY.get_sample_value("taskserve_task_run_seconds_sum", {"endpoint": endpoint.name})
     assert ours == registry.get_sample_value("ref_seconds_sum")
+
+
+def test_every_worker_family_is_named_before_its_first_sample(tmp_path: Path) -> None:
+    """An alert on ``taskserve_task_retries_total`` must find the metric (with no samples) before any retry."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from taskserve.server.metrics import WORKER_FAMILIES, register_workers
+    from taskserve.worker import metrics as worker_metrics
+
+    declared = {
+        m._name: m._type  # the worker's own declarations, which the API's list must follow
+        for m in (getattr(worker_metrics, n) for n in dir(worker_metrics))
+        if hasattr(m, "_type") and hasattr(m, "_name")
+    }
+    assert {name: kind for name, kind, _ in WORKER_FAMILIES} == declared
+    registry = CollectorRegistry()
+    register_workers(registry, str(tmp_path))
+    text = generate_latest(registry).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert set(families) == set(declared)
+    assert "# TYPE taskserve_task_retries_total counter" in text
+    assert "taskserve_workers_alive 0.0" in text

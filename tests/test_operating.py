@@ -56,7 +56,8 @@ def test_a_failed_attempt_keeps_its_traceback_and_the_arguments_are_served(serve
 @pytest.mark.parametrize(
     ("params", "parameter"),
     [({"status": "done"}, "status"), ({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"), ({"limit": "x"}, "limit")]
-    + [({"tag": "nocolon"}, "tag")],
+    + [({"tag": "nocolon"}, "tag"), ({"tag": ":v"}, "tag"), ({"cursor": "garbage"}, "cursor")]
+    + [({"statuss": "failure"}, "statuss")],
 )
 def test_bad_listing_parameters_are_answered_422_naming_them(
     served: Server, params: dict[str, str], parameter: str

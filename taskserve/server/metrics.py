@@ -10,6 +10,45 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..queue.base import Queue
 
+# The families the workers keep (taskserve/worker/metrics.py): name, type, help.
+WORKER_FAMILIES = (
+    ("taskserve_task_queue_seconds", "histogram", "Seconds from when a task fell due to the start of its call."),
+    ("taskserve_task_run_seconds", "histogram", "Seconds one attempt of a task ran."),
+    ("taskserve_task_batch_size", "histogram", "Items in each call of a batchable endpoint."),
+    ("taskserve_task_outcomes", "counter", "Tasks ended by a worker, by status and error type."),
+    ("taskserve_task_retries", "counter", "Failed attempts for which an automatic retry was scheduled, by error type."),
+    ("taskserve_workers_alive", "gauge", "Worker processes running."),
+)
+
+
+class WorkersCollector:
+    """The workers' metrics from their multiprocess directory, every family named even before its first sample.
+
+    prometheus-client writes a labelled metric only once a worker observes it, so without this a
+    scrape before the first retry (or the first task) would not name ``taskserve_task_retries_total``
+    at all, and a dashboard or alert written against it would see an unknown metric, not a zero.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.inner = MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterator[Metric]:
+        seen = set()
+        for family in self.inner.collect():  # type: ignore[no-untyped-call]
+            seen.add(family.name)
+            yield family
+        for name, kind, documentation in WORKER_FAMILIES:
+            if name not in seen:
+                family = Metric(name, documentation, kind)
+                if kind == "gauge":  # unlabelled: no worker has started yet, so none is alive
+                    family.add_sample(name, {}, 0.0)
+                yield family
+
+
+def register_workers(registry: CollectorRegistry, path: str) -> None:
+    """Serve, through ``registry``, the metrics the workers keep in ``path``."""
+    registry.register(WorkersCollector(path))
+
 
 class _FinishedTasks:
     """``taskserve_tasks_finished_total`` from the store's own tallies, read at each scrape.
@@ -44,7 +83,7 @@ class Metrics:
         self.finished_tasks = _FinishedTasks(names or {})
         self.registry.register(self.finished_tasks)
         if workers_dir is not None:
-            MultiProcessCollector(self.registry, path=workers_dir)  # type: ignore[no-untyped-call]
+            register_workers(self.registry, workers_dir)
         self.submitted = Counter(
             "taskserve_tasks_submitted", "Tasks accepted into the queue.", ["endpoint"], registry=self.registry
         )

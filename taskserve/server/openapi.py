@@ -665,15 +665,15 @@ def _operating_paths() -> dict[str, Any]:
         {
             "name": "tag",
             "in": "query",
-            "schema": {"type": "string", "pattern": ":"},
+            "schema": TAG_SCHEMA,
             "description": "KEY:VALUE; only tasks so labelled.",
         },
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}},
         {
             "name": "cursor",
             "in": "query",
-            "schema": {"type": "string"},
-            "description": "next_cursor of the page before.",
+            "schema": {"type": "string", "pattern": "^([0-9a-f]{32})?$"},
+            "description": "next_cursor of the page before (a task id); empty or absent: the first page.",
         },
     ]
     page = {

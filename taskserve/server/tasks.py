@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import time
 
 from starlette.requests import Request
@@ -16,6 +17,7 @@ from ..exceptions import QueueUnavailable
 from ..queue.base import Queue
 from ..service import Service
 from .auth import owner_filter
+from .options import MAX_TAG_VALUE, TAG_KEY
 from .workers import WorkerView
 
 logger = logging.getLogger("taskserve.server")
@@ -24,6 +26,10 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
 WINDOW = 60.0  # seconds "finished in the last minute" looks back
 SAMPLE_EVERY = 5.0  # seconds between two samples of the finished tallies
+PARAMETERS = ("route", "status", "tag", "limit", "cursor")
+CURSOR = re.compile(
+    r"[0-9a-f]{32}"
+)  # as /docs.json says; a task id (taskserve._types.new_task_id), the last one a page looked at
 
 
 def _invalid(parameter: str, message: str) -> JSONResponse:
@@ -34,6 +40,9 @@ async def list_tasks(request: Request) -> Response:
     """Tasks of every route newest first, a page at a time; the cursor is the last id looked at,
     so a page neither repeats nor skips tasks while others are submitted."""
     query = request.query_params
+    unknown = sorted(set(query) - set(PARAMETERS))
+    if unknown:  # a misspelt filter would otherwise list every task as if it had matched
+        return _invalid(unknown[0], f"Unknown parameter {unknown[0]!r}; /tasks takes {', '.join(PARAMETERS)}.")
     status = query.get("status")
     if status is not None and status not in {s.value for s in TaskStatus}:
         states = ", ".join(s.value for s in TaskStatus)
@@ -46,13 +55,21 @@ async def list_tasks(request: Request) -> Response:
     except ValueError:
         return _invalid("limit", f"limit must be a whole number from 1 to {MAX_LIMIT}; got {raw_limit!r}.")
     tag = query.get("tag")
-    if tag is not None and ":" not in tag:
-        return _invalid("tag", f"tag must be KEY:VALUE, as in tag=user:42; got {tag!r}.")
+    if tag is not None:
+        key, sep, value = tag.partition(":")
+        if not sep or not TAG_KEY.fullmatch(key) or len(value) > MAX_TAG_VALUE:
+            return _invalid(
+                "tag",
+                f"tag must be KEY:VALUE as in tag=user:42, the key 1-64 letters, digits or _.- and the value "
+                f"at most {MAX_TAG_VALUE} characters; got {tag[:80]!r}.",
+            )
     route = query.get("route") or None
     if route is not None and not route.startswith("/"):
         route = "/" + route  # an endpoint's name is its default route
     queue: Queue = request.app.state.queue
     cursor = query.get("cursor") or None
+    if cursor is not None and not CURSOR.fullmatch(cursor):
+        return _invalid("cursor", f"cursor must be a next_cursor from an earlier page of /tasks; got {cursor[:80]!r}.")
     records, cursor = await queue.list(route, status, tag, limit, cursor, owner=owner_filter(request))
     return JSONResponse({"tasks": [r.to_json() for r in records], "next_cursor": cursor})
 
