@@ -696,6 +696,8 @@ async def _serve(
             server.force_exit = True
             if supervisor is not None:
                 asyncio.get_running_loop().create_task(supervisor.stop(force=True))
+            # And should even the forced stop hang, the process ends a margin later all the same.
+            asyncio.get_running_loop().call_later(SHUTDOWN_MARGIN, on_signal)
         else:
             logger.error("shutdown did not finish in time; exiting now")
             _kill_workers(supervisor)

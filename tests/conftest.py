@@ -293,6 +293,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         port = free_port()
         args = [sys.executable, "-m", "taskserve", "serve", SERVICE, "--port", str(port), "--broker", url]
         args += ["--workers", "2", "--concurrency", "2", "--lease", "2", "--max-body-size", "3000000"]
+        args += ["--grace", "5"]  # a slow task some test left running must not hold the stop for the default 30 s
         log = tmp_path_factory.mktemp("served") / "server.log"
         server = Server(args, port, log, tagged_env(uuid.uuid4().hex)).start()
         try:
