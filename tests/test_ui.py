@@ -1,8 +1,9 @@
 """The dashboard (``GET /ui``) driven in headless Chromium against a real ``taskserve serve``.
 
-One server and one browser for the module: the tests only add tasks. The browser is the
+One server and one browser for the module: the tests only add tasks; a second server, which
+asks for API keys, serves the test of the page's key form. The browser is the
 system's Chromium (Debian's ``chromium``), driven by Playwright, which never downloads one of
-its own here. Screenshots of the main view and of a task land in ``TASKSERVE_SCREENSHOTS`` (a
+its own here. Screenshots of the main view, of a task and of the key form land in ``TASKSERVE_SCREENSHOTS`` (a
 temporary directory without it); docs/images/ holds copies of them.
 """
 
