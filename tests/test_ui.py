@@ -1,10 +1,10 @@
 """The dashboard (``GET /ui``) driven in headless Chromium against a real ``taskserve serve``.
 
 One server and one browser for the module: the tests only add tasks; a second server, which
-asks for API keys, serves the test of the page's key form. The browser is the
-system's Chromium (Debian's ``chromium``), driven by Playwright, which never downloads one of
-its own here. Screenshots of the main view, of a task and of the key form land in ``TASKSERVE_SCREENSHOTS`` (a
-temporary directory without it); docs/images/ holds copies of them.
+asks for API keys, serves the test of the page's key form. The browser is the system's
+Chromium (Debian's ``chromium``), driven by Playwright, which never downloads one of its own
+here. Screenshots of the main view, of a task and of the key form land in
+``TASKSERVE_SCREENSHOTS`` (a temporary directory without it); docs/images/ holds copies of them.
 """
 
 from __future__ import annotations
