@@ -1,9 +1,10 @@
 """The dashboard (``GET /ui``) driven in headless Chromium against a real ``taskserve serve``.
 
-One server and one browser for the module: the tests only add tasks. The browser is the
-system's Chromium (Debian's ``chromium``), driven by Playwright, which never downloads one of
-its own here. Screenshots of the main view and of a task land in ``TASKSERVE_SCREENSHOTS`` (a
-temporary directory without it); docs/images/ holds copies of them.
+One server and one browser for the module: the tests only add tasks; a second server, which
+asks for API keys, serves the test of the page's key form. The browser is the system's
+Chromium (Debian's ``chromium``), driven by Playwright, which never downloads one of its own
+here. Screenshots of the main view, of a task and of the key form land in
+``TASKSERVE_SCREENSHOTS`` (a temporary directory without it); docs/images/ holds copies of them.
 """
 
 from __future__ import annotations
@@ -260,3 +261,111 @@ def test_task_data_is_shown_as_text_never_as_markup(tab: Page, studio: Server) -
     assert html in page.locator("[data-role=error]").inner_text()
     assert page.evaluate("document.body.dataset.pwned") is None
     assert page.locator("#d-body img").count() == 0
+
+
+# -- API keys ----------------------------------------------------------------------------------
+
+KEY_A, KEY_B, KEY_OPS = "alice-secret-1", "bob-secret-2", "ops-secret-3"
+# Chromium logs every 401 answer as a console error; the page asking for a key is how it works.
+REFUSED = "status of 401"
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A second server that asks for API keys: alice and bob see their own tasks, ops sees all."""
+    port = free_port()
+    broker = f"sqlite:///{tmp_path_factory.mktemp('db') / 'tasks.db'}"
+    args = [sys.executable, "-m", "taskserve", "serve", SERVICE, "--port", str(port), "--broker", broker]
+    args += ["--workers", "1", "--concurrency", "4", "--lease", "2", "--grace", "3"]
+    args += ["--api-key", f"alice={KEY_A}", "--api-key", f"bob={KEY_B}", "--admin-key", f"ops={KEY_OPS}"]
+    log = tmp_path_factory.mktemp("guarded") / "server.log"
+    server = Server(args, port, log, tagged_env(uuid.uuid4().hex)).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        assert_none_left(server.tag)
+
+
+def give_key(page: Any, key: str) -> None:
+    page.locator("#key-dialog[open] #key-input").fill(key)
+    page.locator("#key-dialog[open] button[type=submit]").click()
+
+
+def test_the_page_asks_for_a_key_keeps_it_for_the_session_and_shows_only_the_callers_tasks(
+    browser: Any, guarded: Server, shots: Path
+) -> None:
+    from taskserve import SyncHTTPClient
+
+    with SyncHTTPClient(guarded.url, api_key=KEY_A) as alice, SyncHTTPClient(guarded.url, api_key=KEY_B) as bob:
+        mine = alice.transcribe.submit(audio_url="s3://alice/long.wav", seconds=60).id
+        picture = alice.generate_image.submit(prompt="alice's lighthouse", steps=20, pause=0.1).id
+        theirs = bob.transcribe.submit(audio_url="s3://bob/long.wav", seconds=60).id
+    tabs: list[Page] = []
+    try:
+        tab = Page(browser, guarded)
+        tabs.append(tab)
+        refused: list[str] = []
+        tab.page.on("response", lambda r: refused.append(r.url) if r.status == 401 else None)
+        page = tab.open()
+        # No key yet: the form, and no task of anyone's behind it.
+        page.locator("#key-dialog[open] #key-input").wait_for()
+        assert page.locator("#tasks tbody tr[data-task-id]").count() == 0
+        page.screenshot(path=str(shots / "dashboard-key.png"))
+        page.keyboard.press("Escape")  # closing the form would leave the page waiting for good
+        assert page.locator("#key-dialog").evaluate("d => d.open")
+
+        give_key(page, "not-a-key")
+        page.locator("#key-dialog[open] #key-error", has_text="refused").wait_for()
+        assert page.locator("#tasks tbody tr[data-task-id]").count() == 0
+        # While the form waits, the page does not keep polling into 401s.
+        seen = len(refused)
+        page.wait_for_timeout(1600)  # one polling period: nothing may happen in it
+        assert len(refused) == seen and seen <= 10, refused
+
+        give_key(page, KEY_A)
+        page.locator(f'#tasks tr[data-task-id="{mine}"]').wait_for()
+        page.locator(f'#tasks tr[data-task-id="{picture}"]').wait_for()
+        assert not page.locator("#key-dialog").evaluate("d => d.open")
+        assert page.locator(f'#tasks tr[data-task-id="{theirs}"]').count() == 0
+        # Kept for this tab's session only: not in localStorage, not in a cookie.
+        assert page.evaluate("sessionStorage.getItem('taskserve.apiKey')") == KEY_A
+        assert page.evaluate("localStorage.length") == 0
+        assert tab.context.cookies() == []
+        assert page.evaluate("document.cookie") == ""
+
+        # Pictures come through with the key too (an <img src> could not carry it).
+        page.goto(f"{guarded.url}/ui#/task/{picture}")
+        wait_loaded(page, "img[data-role=preview]")
+        wait_loaded(page, "img[data-role=result-image]")
+        assert not page.locator("#key-dialog").evaluate("d => d.open")  # a reload keeps the key
+
+        page.locator(f'#tasks tr[data-task-id="{mine}"]').click()
+        page.locator("#d-id", has_text=mine).wait_for()
+        page.locator("#d-cancel:enabled").click()
+        page.locator('#d-status .pill[data-status="cancelled"]').wait_for()
+        with SyncHTTPClient(guarded.url, api_key=KEY_OPS) as ops:
+            assert ops.transcribe.task(mine).status()["status"] == "cancelled"
+
+        # Forgetting the key empties the page and asks again.
+        page.locator("#forget-key").click()
+        page.locator("#key-dialog[open] #key-input").wait_for()
+        assert page.evaluate("sessionStorage.length") == 0
+        assert page.locator("#tasks tbody tr[data-task-id]").count() == 0
+
+        # A new session asks again; the admin key sees everyone's tasks.
+        other = Page(browser, guarded)
+        tabs.append(other)
+        page = other.open()
+        page.locator("#key-dialog[open] #key-input").wait_for()
+        give_key(page, KEY_OPS)
+        page.locator(f'#tasks tr[data-task-id="{theirs}"]').wait_for()
+        page.locator(f'#tasks tr[data-task-id="{picture}"]').wait_for()
+    finally:
+        for tab in tabs:
+            tab.close()
+        with SyncHTTPClient(guarded.url, api_key=KEY_OPS) as ops:
+            ops.transcribe.task(theirs).cancel()
+    for tab in tabs:
+        errors = [e for e in tab.errors if REFUSED not in e]
+        assert errors == [], f"the page logged errors: {errors}"

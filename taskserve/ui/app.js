@@ -144,17 +144,20 @@ class ApiError extends Error {
 
 let keyWanted = null; // the pending prompt for a key, shared by every request that got a 401
 
+/** The form that asks for a key; every request waits on it, so nothing polls while it shows. */
 function askForKey(refused) {
   if (!keyWanted) {
+    setLive(false, "API key needed");
     keyWanted = new Promise((resolve) => {
       const dialog = $("key-dialog");
       const error = $("key-error");
       error.hidden = !refused;
-      error.textContent = refused ? "The server refused that key; try another." : "";
+      error.textContent = refused ? "The server refused that key: check it, or ask the server's operator for one." : "";
       $("key-input").value = "";
       $("key-form").onsubmit = (event) => {
         event.preventDefault();
         sessionStorage.setItem(KEY_STORE, $("key-input").value.trim());
+        showKeyControl();
         dialog.close();
         keyWanted = null;
         resolve();
@@ -163,6 +166,17 @@ function askForKey(refused) {
     });
   }
   return keyWanted;
+}
+
+/** "Forget key" shows only while this tab holds a key. */
+function showKeyControl() {
+  $("forget-key").hidden = !sessionStorage.getItem(KEY_STORE);
+}
+
+/** Drop the key and everything shown with it: a fresh page, which asks for a key again. */
+function forgetKey() {
+  sessionStorage.removeItem(KEY_STORE);
+  location.replace(`${location.pathname}${location.search}`);
 }
 
 /** Every request of the page: adds the kept API key, asks for one on a 401 and tries again. */
@@ -726,6 +740,10 @@ function start() {
   });
   $("d-cancel").addEventListener("click", () => act("cancel"));
   $("d-retry").addEventListener("click", () => act("retry"));
+  $("forget-key").addEventListener("click", forgetKey);
+  // Escape would close the key form and leave every request waiting on it for good.
+  $("key-dialog").addEventListener("cancel", (e) => e.preventDefault());
+  showKeyControl();
   $("pause").addEventListener("click", () => {
     state.paused = !state.paused;
     $("pause").textContent = state.paused ? "Resume" : "Pause";
