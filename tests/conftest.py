@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -286,21 +288,42 @@ def redis_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+@contextlib.contextmanager
+def module_server(
+    tmp_path_factory: pytest.TempPathFactory,
+    broker: str,
+    *options: str,
+    env: dict[str, str] | None = None,
+    service: str = SERVICE,
+) -> Iterator[Server]:
+    """A ``taskserve serve`` shared by a module's tests: started once, stopped with none of its processes left."""
+    port = free_port()
+    args = [sys.executable, "-m", "taskserve", "serve", service, "--port", str(port), "--broker", broker, *options]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    server = Server(args, port, log, {**tagged_env(uuid.uuid4().hex), **(env or {})}).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        assert_none_left(server.tag)
+
+
 @pytest.fixture(scope="module", params=BROKERS)
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server with two workers per module and broker, for tests that only add tasks."""
-    with fresh_broker(request.param, tmp_path_factory) as url:
-        port = free_port()
-        args = [sys.executable, "-m", "taskserve", "serve", SERVICE, "--port", str(port), "--broker", url]
-        args += ["--workers", "2", "--concurrency", "2", "--lease", "2", "--max-body-size", "3000000"]
-        args += ["--grace", "5"]  # a slow task some test left running must not hold the stop for the default 30 s
-        log = tmp_path_factory.mktemp("served") / "server.log"
-        server = Server(args, port, log, tagged_env(uuid.uuid4().hex)).start()
-        try:
-            yield server
-        finally:
-            server.stop()
-            assert_none_left(server.tag)
+    options = ["--workers", "2", "--concurrency", "2", "--lease", "2", "--max-body-size", "3000000"]
+    options += ["--grace", "5"]  # a slow task some test left running must not hold the stop for the default 30 s
+    with fresh_broker(request.param, tmp_path_factory) as url, module_server(tmp_path_factory, url, *options) as server:
+        yield server
+
+
+@pytest.fixture
+def runtime_base(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A runtime base of this test's own (worker scratch, uploads, sockets: kept short), inherited by its processes."""
+    base = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
+    monkeypatch.setenv("TASKSERVE_RUNTIME_DIR", str(base))
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,15 +20,6 @@ from taskserve.cli import ByteSize
 from .conftest import ServerFactory, wait_until
 
 PROCS = "tests.procs_service:Procs"
-
-
-@pytest.fixture
-def runtime_base(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A runtime base of this test's own (worker scratch directories, uploads), inherited by its processes."""
-    base = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
-    monkeypatch.setenv("TASKSERVE_RUNTIME_DIR", str(base))
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def state(pid: int) -> str:

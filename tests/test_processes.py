@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -34,15 +31,6 @@ from .conftest import (
 )
 
 SLOW = "tests.slow_import_service:SlowImport"
-
-
-@pytest.fixture
-def runtime_base(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A runtime base of this test's own, inherited by the processes it starts (short: it holds sockets)."""
-    base = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
-    monkeypatch.setenv("TASKSERVE_RUNTIME_DIR", str(base))
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def sqlite_url(tmp_path: Path) -> str:

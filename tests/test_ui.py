@@ -10,8 +10,6 @@ here. Screenshots of the main view, of a task and of the key form land in
 from __future__ import annotations
 
 import os
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import Server, assert_none_left, free_port, tagged_env, wait_until
+from .conftest import Server, module_server, wait_until
 
 CHROMIUM = os.environ.get("TASKSERVE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -47,17 +45,10 @@ def _missing(what: str) -> None:
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    port = free_port()
     broker = f"sqlite:///{tmp_path_factory.mktemp('db') / 'tasks.db'}"
-    args = [sys.executable, "-m", "taskserve", "serve", SERVICE, "--port", str(port), "--broker", broker]
-    args += ["--workers", "2", "--concurrency", "4", "--lease", "2", "--grace", "3"]
-    log = tmp_path_factory.mktemp("studio") / "server.log"
-    server = Server(args, port, log, tagged_env(uuid.uuid4().hex)).start()
-    try:
+    options = ["--workers", "2", "--concurrency", "4", "--lease", "2", "--grace", "3"]
+    with module_server(tmp_path_factory, broker, *options, service=SERVICE) as server:
         yield server
-    finally:
-        server.stop()
-        assert_none_left(server.tag)
 
 
 @pytest.fixture(scope="module")
@@ -273,18 +264,11 @@ REFUSED = "status of 401"
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A second server that asks for API keys: alice and bob see their own tasks, ops sees all."""
-    port = free_port()
     broker = f"sqlite:///{tmp_path_factory.mktemp('db') / 'tasks.db'}"
-    args = [sys.executable, "-m", "taskserve", "serve", SERVICE, "--port", str(port), "--broker", broker]
-    args += ["--workers", "1", "--concurrency", "4", "--lease", "2", "--grace", "3"]
-    args += ["--api-key", f"alice={KEY_A}", "--api-key", f"bob={KEY_B}", "--admin-key", f"ops={KEY_OPS}"]
-    log = tmp_path_factory.mktemp("guarded") / "server.log"
-    server = Server(args, port, log, tagged_env(uuid.uuid4().hex)).start()
-    try:
+    options = ["--workers", "1", "--concurrency", "4", "--lease", "2", "--grace", "3"]
+    options += ["--api-key", f"alice={KEY_A}", "--api-key", f"bob={KEY_B}", "--admin-key", f"ops={KEY_OPS}"]
+    with module_server(tmp_path_factory, broker, *options, service=SERVICE) as server:
         yield server
-    finally:
-        server.stop()
-        assert_none_left(server.tag)
 
 
 def give_key(page: Any, key: str) -> None:
