@@ -1,42 +1,37 @@
-"""``/schema.json`` (what the clients read) and ``/docs.json`` (OpenAPI 3.1), from the signatures."""
+"""``/schema.json`` (what the clients read) and ``/docs.json`` (OpenAPI 3.1), from the signatures.
+
+This module assembles the document: each route's operations, their parameters and answers;
+the schemas they point to are built in ``openapi_schemas``.
+"""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from .. import __version__
 from .._wire import DEFAULT_MAX_JSON_DEPTH, SAFE_IMAGE_FORMATS
-from ..codec import ARRAY_SCHEMA
 from ..service import Endpoint, Service
 from . import bentoml_wire
-from .bulk import DEFAULT_WAIT, INLINE_BUDGET, INLINE_RESULT, MAX_IDS, MAX_WAIT
+from .bulk import INLINE_BUDGET, INLINE_RESULT, MAX_IDS, MAX_WAIT
 from .events import EVENT_ID_PATTERN
-from .options import MAX_DELAY, MAX_KEY, MAX_TAGS, MAX_TIMEOUT, MAX_URL, PRIORITY_RANGE, TAG_PATTERN, WEBHOOK_PATTERN
+from .openapi_schemas import (
+    ERROR,
+    KEY_SCHEMA,
+    SSE_EVENT,
+    STATUS,
+    SUBMITTED,
+    TAG_SCHEMA,
+    WAIT_MANY_REQUEST,
+    WAIT_MANY_RESPONSE,
+    WORKER,
+    lift_defs,
+    multipart_encoding,
+    result_response,
+    shared_components,
+)
+from .options import MAX_DELAY, MAX_TAGS, MAX_TIMEOUT, MAX_URL, PRIORITY_RANGE, WEBHOOK_PATTERN
 
 DEFAULT_CALL_TIMEOUT = 300.0  # a direct call waits at most this (or its endpoint's timeout + 30 s)
-ERROR = {"$ref": "#/components/schemas/Error"}
-KEY_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_KEY, "pattern": "^[\\x20-\\x7e]+$"}
-TAG_SCHEMA = {"type": "string", "pattern": TAG_PATTERN}
-STATUS = {"$ref": "#/components/schemas/TaskStatus"}
-SUBMITTED = {"$ref": "#/components/schemas/Submitted"}
-WORKER = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string"},
-        "host": {"type": "string"},
-        "pid": {"type": "integer"},
-        "routes": {"type": "array", "items": {"type": "string"}},
-        "concurrency": {"type": "integer"},
-        "state": {"type": "string", "enum": ["starting", "ready", "stopping"]},
-        "started_at": {"type": "string", "format": "date-time"},
-        "last_seen": {"type": "string", "format": "date-time"},
-        "running": {"type": "array", "items": {"type": "string"}},
-        "gpus": {"type": "array", "items": {"type": "string"}},
-        "done": {"type": "integer"},
-        "failed": {"type": "integer"},
-    },
-}
 TASK_ID_PARAM = {"name": "task_id", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1}}
 OPTION_PARAMS: list[dict[str, Any]] = [  # options of one submission (server/options.py)
     {
@@ -107,17 +102,6 @@ OPTION_PARAMS: list[dict[str, Any]] = [  # options of one submission (server/opt
         "explode": True,
     },
 ]
-ATTACHMENT = {
-    "Content-Disposition": {
-        "description": "attachment, with the file's name: a file result is downloaded, never rendered.",
-        "schema": {"type": "string"},
-    }
-}
-SSE_EVENT = {
-    "type": "object",
-    "description": "One Server-Sent Event: status (the TaskStatus as JSON), progress, output, or end.",
-    "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}},
-}
 REPLAYED = {
     "Idempotent-Replayed": {
         "description": "true when an idempotency key named an earlier task, which is the one answered.",
@@ -150,7 +134,6 @@ UNSUPPORTED = (
     "application/json; a text or form body is never read as JSON)."
 )
 CONFLICT = "The idempotency key names a task of this route with other arguments (task_id says which)."
-IMAGE_TYPES = ", ".join(f"image/{f.lower()}" for f in SAFE_IMAGE_FORMATS)
 DESCRIPTION = (
     "Arguments are a JSON object, or multipart/form-data when files travel (text fields are read as JSON "
     "unless the parameter is a string). Files and bytes are file parts, or base64 strings in JSON. Images "
@@ -186,31 +169,6 @@ def _bulk(ep: Endpoint) -> dict[str, Any]:
     }
 
 
-WAIT_MANY_REQUEST: dict[str, Any] = {
-    "type": "object",
-    "required": ["task_ids"],
-    "additionalProperties": False,
-    "properties": {
-        "task_ids": {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_IDS},
-        "timeout": {
-            "type": "number",
-            "minimum": 0,
-            "default": DEFAULT_WAIT,
-            "description": f"Seconds to wait; more than {MAX_WAIT:g} waits {MAX_WAIT:g}.",
-        },
-        "min_done": {"type": "integer", "minimum": 1, "default": 1},
-        "results": {"type": "boolean", "default": True},
-    },
-}
-WAIT_MANY_RESPONSE: dict[str, Any] = {
-    "type": "object",
-    "required": ["tasks", "pending", "missing"],
-    "properties": {
-        "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/TaskOutcome"}},
-        "pending": {"type": "array", "items": {"type": "string"}},
-        "missing": {"type": "array", "items": {"type": "string"}},
-    },
-}
 WAIT_MANY_DESCRIPTION = (
     "Long poll on many tasks of this route at once. Answers once at least min(min_done, len(task_ids)) of them "
     "have ended (or at once if an id is unknown), or after timeout seconds, with whatever has ended by then. "
@@ -227,60 +185,6 @@ def _error(description: str) -> dict[str, Any]:
 
 def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _result_response(ep: Endpoint) -> dict[str, Any]:
-    kind = ep.codec.output_kind
-    if kind == "ndarray":
-        content = {"application/json": {"schema": {"$ref": "#/components/schemas/NDArray"}}}
-    elif kind == "image":
-        content = {"image/png": {"schema": {"type": "string", "contentMediaType": "image/png"}}}
-    elif kind in ("file", "bytes"):
-        content = {
-            "application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}
-        }
-        return {"description": "The result, as an attachment.", "content": content, "headers": ATTACHMENT}
-    else:
-        content = {"application/json": {"schema": _nullable_numbers(ep.codec.output_schema or {})}}
-    return {"description": "The result.", "content": content}
-
-
-def _nullable_numbers(node: Any) -> Any:
-    """A result schema where each ``number`` may be ``null``: NaN and Infinity go out as null."""
-    if isinstance(node, list):
-        return [_nullable_numbers(v) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _nullable_numbers(v) for k, v in node.items()}
-    if out.get("type") == "number":
-        out["type"] = ["number", "null"]
-    return out
-
-
-def _encoding(ep: Endpoint) -> dict[str, Any]:
-    """The content types of each file part of a multipart body."""
-    types = {"image": IMAGE_TYPES, "file": "application/octet-stream", "bytes": "application/octet-stream"}
-    types["ndarray"] = "application/x-npy, application/json"
-    return {p.name: {"contentType": types[p.kind]} for p in ep.codec.params if p.kind in types}
-
-
-def _lift_defs(schema: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
-    """Move pydantic's ``$defs`` into ``components/schemas`` and point the refs there."""
-    schema = copy.deepcopy(schema)
-    for name, sub in schema.pop("$defs", {}).items():
-        components[name] = _retarget(sub)
-    return _retarget(schema)  # type: ignore[no-any-return]
-
-
-def _retarget(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {
-            k: (v.replace("#/$defs/", "#/components/schemas/") if k == "$ref" and isinstance(v, str) else _retarget(v))
-            for k, v in node.items()
-        }
-    if isinstance(node, list):
-        return [_retarget(v) for v in node]
-    return node
 
 
 def _call_params(limit: float) -> list[dict[str, Any]]:
@@ -300,84 +204,14 @@ def call_limit(ep: Endpoint, call_timeout: float) -> float:
 
 
 def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> dict[str, Any]:
-    components: dict[str, Any] = {
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {"error": {"type": "string"}, "detail": {"type": "array", "items": {"type": "object"}}},
-        },
-        "TaskStatus": {
-            "type": "object",
-            "properties": {
-                "task_id": {"type": "string"},
-                "status": {"type": "string", "enum": ["pending", "in_progress", "success", "failure", "cancelled"]},
-                "created_at": {"type": ["string", "null"], "format": "date-time"},
-                "started_at": {"type": ["string", "null"], "format": "date-time"},
-                "completed_at": {"type": ["string", "null"], "format": "date-time"},
-                "attempts": {"type": "integer"},
-                "max_attempts": {"type": "integer"},
-                "error": {"type": ["string", "null"]},
-                "worker": {"type": ["string", "null"]},
-                "route": {"type": "string"},
-                "priority": {"type": "integer"},
-                "run_at": {"type": ["string", "null"], "format": "date-time"},
-                "position": {
-                    "type": ["integer", "null"],
-                    "description": "Pending: how many tasks of the route would be claimed before it.",
-                },
-                "queue_time": {"type": ["number", "null"], "description": "Seconds from due to start."},
-                "run_time": {"type": ["number", "null"], "description": "Seconds the last attempt ran."},
-                "batch_size": {"type": ["integer", "null"]},
-                "errors": {
-                    "type": "array",
-                    "description": "One entry per failed attempt.",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "attempt": {"type": "integer"},
-                            "type": {"type": "string"},
-                            "message": {"type": "string"},
-                            "at": {"type": "string", "format": "date-time"},
-                            "traceback": {
-                                "type": "string",
-                                "description": "Where the task's code raised: its frames, the worker's left out.",
-                            },
-                        },
-                    },
-                },
-                "retry_of": {"type": ["string", "null"]},
-                "tags": {"type": "object", "additionalProperties": {"type": "string"}},
-                "progress": {"type": ["object", "null"]},
-                "expires_at": {"type": ["string", "null"], "format": "date-time"},
-                "deadline": {"type": ["string", "null"], "format": "date-time"},
-                "webhook": {
-                    "type": ["object", "null"],
-                    "properties": {
-                        "url": {"type": "string"},
-                        "state": {"enum": ["pending", "delivered", "failed"]},
-                        "attempts": {"type": "integer"},
-                        "last_error": {"type": ["string", "null"]},
-                    },
-                },
-            },
-        },
-        "Submitted": {
-            "type": "object",
-            "properties": {"task_id": {"type": "string"}, "status": {"type": "string"}},
-        },
-        "NDArray": ARRAY_SCHEMA,
-        "TaskOutcome": {
-            "allOf": [STATUS],
-            "properties": {"result": {}, "result_url": {"type": "string"}},
-        },
-    }
+    components = shared_components()
     paths: dict[str, Any] = {}
     for ep in service.endpoints:
         input_name = ep.codec.model.__name__
-        components[input_name] = _lift_defs(ep.codec.describe()["input"], components)
+        components[input_name] = lift_defs(ep.codec.describe()["input"], components)
         ref = {"$ref": f"#/components/schemas/{input_name}"}
         multipart: dict[str, Any] = {"schema": ref}
-        if encoding := _encoding(ep):
+        if encoding := multipart_encoding(ep):
             multipart["encoding"] = encoding
         body = {
             "required": True,
@@ -393,7 +227,7 @@ def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOU
                 "parameters": _call_params(call_limit(ep, call_timeout)),
                 "requestBody": body,
                 "responses": {
-                    "200": _result_response(ep),
+                    "200": result_response(ep),
                     "422": invalid,
                     "409": _error(
                         CONFLICT + " Or the task failed by a limit the caller set (deadline, Cancel-After, ttl, "
@@ -486,7 +320,7 @@ def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOU
             "get": {
                 **by_id,
                 "operationId": f"{ep.name}_get",
-                "responses": {"200": _result_response(ep), "404": not_found, "409": _error("Not successful (yet).")},
+                "responses": {"200": result_response(ep), "404": not_found, "409": _error("Not successful (yet).")},
             }
         }
         paths[f"{ep.route}/events"] = {
