@@ -7,6 +7,7 @@ server, as VmHWM never goes down. Linux only (it reads /proc).
 
     python bench/upload_memory.py                 # 99 MB: a Path multipart, a bytes one, base64 JSON
     python bench/upload_memory.py --mb 20 --only path
+    python bench/upload_memory.py --broker redis://127.0.0.1:6379/0
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ def _mem(pid: int) -> dict[str, int]:
     return figures
 
 
-def _serve(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
+def _serve(workdir: str, broker: str) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     args = [sys.executable, "-m", "taskserve", "serve", "tests.services:TestService", "--port", str(port)]
-    args += ["--broker", f"sqlite:///{workdir}/tasks.db", "--workers", "1", "--max-body-size", "200000000"]
+    args += ["--broker", broker, "--workers", "1", "--max-body-size", "200000000"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = open(Path(workdir) / "server.log", "ab")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)
@@ -62,6 +63,17 @@ def _serve(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
         time.sleep(0.1)
     proc.terminate()
     raise SystemExit(f"the server did not start; see {workdir}/server.log")
+
+
+def _drop(broker: str, prefix: str) -> None:
+    """Delete what the run stored in Redis: the uploads would stay for the retention time."""
+    import redis
+
+    client = redis.Redis.from_url(broker)
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
 
 
 def _upload(kind: str, url: str, data: bytes) -> httpx.Response:
@@ -85,10 +97,15 @@ def _wait(url: str, task_id: str) -> dict[str, object]:
     raise SystemExit(f"task {task_id} did not finish")
 
 
-def measure(kind: str, size: int) -> dict[str, int]:
+def measure(kind: str, size: int, broker: str | None = None) -> dict[str, int]:
     data = os.urandom(size * 3 // 4 if kind == "json" else size)  # the JSON body is the size given
+    prefix = f"bench-upload-{os.urandom(4).hex()}"
     with tempfile.TemporaryDirectory() as workdir:
-        proc, url = _serve(workdir)
+        if broker is None:
+            url_of_store = f"sqlite:///{workdir}/tasks.db"
+        else:  # a prefix of its own on a shared Redis, deleted after
+            url_of_store = broker + ("&" if "?" in broker else "?") + f"prefix={prefix}"
+        proc, url = _serve(workdir, url_of_store)
         try:
             httpx.post(f"{url}/add/submit", json={"a": 1})  # warm the submit path first
             time.sleep(0.5)
@@ -100,6 +117,8 @@ def measure(kind: str, size: int) -> dict[str, int]:
         finally:
             proc.terminate()
             proc.wait(30)
+            if broker is not None:
+                _drop(broker, prefix)
     return {"before": before["VmHWM"], "peak": after["VmHWM"], "rss_after": after["VmRSS"]}
 
 
@@ -107,13 +126,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=99.0, help="upload size in MB (10^6 bytes)")
     parser.add_argument("--only", default="path,bytes,json", help="comma-separated: path, bytes, json")
+    parser.add_argument("--broker", help="a redis:// URL (default: SQLite in a temp dir)")
     options = parser.parse_args()
     size = int(options.mb * 1_000_000)
     mb = 1_000_000
-    print(f"upload (request body) {size / mb:.0f} MB; API process VmHWM (peak RSS) in MB")
+    print(f"upload (request body) {size / mb:.0f} MB, {options.broker or 'SQLite'}; API process VmHWM (peak RSS) in MB")
     print(f"{'upload':<34}{'baseline':>10}{'peak':>10}{'growth':>10}{'x upload':>10}")
     for kind in options.only.split(","):
-        figures = measure(kind, size)
+        figures = measure(kind, size, options.broker)
         growth = figures["peak"] - figures["before"]
         label = {"path": "multipart to a Path param", "bytes": "multipart to a bytes param"}.get(
             kind, "base64 JSON to a Path param"

@@ -5,42 +5,93 @@ plain way, a 100 MB upload would pass through pydantic, a JSON dump and base64 a
 copies at once, and the API process would need five or six times the upload in memory. Instead
 a large value is validated on its own (checked here in chunks), stands in the arguments as a
 random token while pydantic validates and dumps the rest, and its base64 text is then written
-in chunks straight into the one buffer that becomes the stored bytes: about 1.4 times the
-upload, whatever its size. Small values never come here.
+in chunks straight into an unnamed temporary file that becomes the stored arguments
+(``SpooledArgs``), which the queue writes to its store in pieces as well: the API process holds
+a few chunks of the upload at a time, whatever its size. Small values never come here.
 """
 
 from __future__ import annotations
 
 import binascii
-import io
+import hashlib
 import secrets
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
 SPLICE_AT = 1024 * 1024  # binary values over this (bytes, or base64 characters) are spliced
 RAW_CHUNK = 3 * 1024 * 1024  # a multiple of 3: the base64 of such chunks joins into the whole's
 TEXT_CHUNK = 4 * 1024 * 1024  # a multiple of 4: base64 text checked a piece at a time
+STORE_CHUNK = 4 * 1024 * 1024  # what a queue writes to its store at a time
+
+
+class SpooledArgs:
+    """Stored arguments too large to hold in memory: their bytes in an unnamed temporary file.
+
+    A queue writes them to its store a chunk at a time (SQLite into a blob it sized first, Redis
+    by appends to a staging key) instead of building the whole value in memory, where SQLite
+    alone would need two more copies of it. The digest is taken as the file is written, for
+    idempotency keys. Whoever enqueues them closes them; the file has no name on disk, so a
+    crash leaves nothing behind.
+    """
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile()
+        self.size = 0
+        self._hash = hashlib.sha256()
+
+    @classmethod
+    def of(cls, data: bytes) -> SpooledArgs:
+        """``data`` in a file: a value read back whole (a retry's) is stored in chunks as it first was."""
+        out = cls()
+        view = memoryview(data)
+        for start in range(0, len(data), STORE_CHUNK):
+            out.write(view[start : start + STORE_CHUNK])
+        return out
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def chunks(self, size: int = STORE_CHUNK) -> Iterator[bytes]:
+        self.file.seek(0)
+        while chunk := self.file.read(size):
+            yield chunk
+
+    def read(self) -> bytes:
+        """The whole value: only for a caller that needs it in memory anyway."""
+        return b"".join(self.chunks())
+
+    def __len__(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        self.file.close()
 
 
 @dataclass
 class Deferred:
-    """One large value: its token in the dumped JSON, its base64 length and how to write that base64."""
+    """One large value: its token in the dumped JSON and how to write its base64."""
 
-    length: int
     write: Callable[[Callable[[bytes], object]], None]
     token: str = field(default_factory=lambda: "taskserve-splice-" + secrets.token_hex(16))
 
 
-def from_file(file: IO[bytes], size: int) -> Deferred:
-    """A value held in a (temporary) file of ``size`` bytes: encoded in chunks when written."""
+def from_file(file: IO[bytes]) -> Deferred:
+    """A value held in a (temporary) file: encoded in chunks when written."""
 
     def write(out: Callable[[bytes], object]) -> None:
         file.seek(0)
         while chunk := file.read(RAW_CHUNK):
             out(binascii.b2a_base64(chunk, newline=False))
 
-    return Deferred(4 * -(-size // 3), write)
+    return Deferred(write)
 
 
 def from_bytes(data: bytes) -> Deferred:
@@ -49,7 +100,7 @@ def from_bytes(data: bytes) -> Deferred:
         for start in range(0, len(data), RAW_CHUNK):
             out(binascii.b2a_base64(view[start : start + RAW_CHUNK], newline=False))
 
-    return Deferred(4 * -(-len(data) // 3), write)
+    return Deferred(write)
 
 
 def from_base64(text: str, decoded: IO[bytes] | None = None) -> Deferred:
@@ -73,7 +124,7 @@ def from_base64(text: str, decoded: IO[bytes] | None = None) -> Deferred:
             raise bad from None
         if decoded is not None:
             decoded.write(raw)
-    return Deferred(len(text), lambda out: _write_text(text, out))
+    return Deferred(lambda out: _write_text(text, out))
 
 
 def _write_text(text: str, out: Callable[[bytes], object]) -> None:
@@ -81,19 +132,19 @@ def _write_text(text: str, out: Callable[[bytes], object]) -> None:
         out(text[start : start + TEXT_CHUNK].encode("ascii"))
 
 
-def splice(dumped: bytes, values: list[Deferred]) -> bytes:
-    """``dumped`` with each value's quoted token replaced by its base64, built in one buffer of the final size."""
+def splice(dumped: bytes, values: list[Deferred]) -> SpooledArgs:
+    """``dumped`` with each value's quoted token replaced by its base64, written to a temporary file."""
     spans = sorted((dumped.index(f'"{v.token}"'.encode()) + 1, v) for v in values)
-    total = len(dumped) + sum(v.length - len(v.token) for _, v in spans)
-    buffer = io.BytesIO()
-    buffer.seek(total - 1)
-    buffer.write(b"\0")  # sized once: the writes below fill it, and getvalue() hands it over uncopied
-    buffer.seek(0)
-    view = memoryview(dumped)
-    at = 0
-    for start, value in spans:
-        buffer.write(view[at:start])
-        value.write(buffer.write)
-        at = start + len(value.token)
-    buffer.write(view[at:])
-    return buffer.getvalue()
+    out = SpooledArgs()
+    try:
+        view = memoryview(dumped)
+        at = 0
+        for start, value in spans:
+            out.write(view[at:start])
+            value.write(out.write)
+            at = start + len(value.token)
+        out.write(view[at:])
+    except BaseException:
+        out.close()
+        raise
+    return out

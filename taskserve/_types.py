@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from ._splice import SpooledArgs
+
 
 class TaskStatus(str, enum.Enum):
     """Where a task is in its life: ``pending`` → ``in_progress`` → a terminal state."""
@@ -78,8 +80,14 @@ def split_error(error: str | None) -> tuple[str, str]:
     return kind, message
 
 
-def args_hash(args: bytes) -> str:
+# Validated arguments: JSON bytes, or, for uploads over a MiB, the same bytes in a file (_splice.py).
+Args = bytes | SpooledArgs
+
+
+def args_hash(args: Args) -> str:
     """What idempotency compares: the same key with other arguments is a conflict."""
+    if isinstance(args, SpooledArgs):
+        return args.sha256
     return hashlib.sha256(args).hexdigest()
 
 
@@ -94,7 +102,7 @@ class NewTask:
     """
 
     route: str
-    args: bytes
+    args: Args
     max_attempts: int = 1
     timeout: float | None = None
     priority: int = 0

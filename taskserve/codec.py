@@ -332,8 +332,12 @@ class Codec:
 
     # -- API side --------------------------------------------------------------------------
 
-    def validate(self, data: Any, limits: InputLimits | None = None) -> bytes:
-        """Validate client arguments; return JSON the worker can load. Raises ``ValidationFailed``."""
+    def validate(self, data: Any, limits: InputLimits | None = None) -> bytes | _splice.SpooledArgs:
+        """Validate client arguments; return JSON the worker can load. Raises ``ValidationFailed``.
+
+        Arguments holding a file, image or bytes value over a MiB come back in a temporary file
+        (``SpooledArgs``), which the queue stores in chunks.
+        """
         limits = limits or DEFAULT_LIMITS
         if not isinstance(data, dict):
             raise ValidationFailed(
@@ -480,7 +484,7 @@ def _large(kind: Kind, value: Any, limits: InputLimits) -> tuple[_Placeholder, _
     if isinstance(value, SpooledFileArg) and value.file is not None:
         if kind == "image":
             _verify_image_file(value.file, limits)
-        deferred = _splice.from_file(value.file, value.size)
+        deferred = _splice.from_file(value.file)
         filename, content_type = value.filename, value.content_type
     elif isinstance(value, FileArg) and not isinstance(value, _Placeholder) and len(value.data) > _splice.SPLICE_AT:
         if kind == "image":

@@ -7,6 +7,7 @@ separate processes would, and checks behaviour a user relies on.
 from __future__ import annotations
 
 import inspect
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,10 +18,12 @@ from typing import Any
 import anyio
 import pytest
 
+from taskserve._splice import SpooledArgs
 from taskserve._types import WORKER_LOST, Claim, NewTask, Outcome, TaskStatus, WorkerInfo
-from taskserve.exceptions import InvalidTransition, QueueError, QueueUnavailable, TaskNotFound
+from taskserve.exceptions import InvalidTransition, QueueError, QueueFull, QueueUnavailable, TaskNotFound
 from taskserve.queue import Queue, lifecycle
 from taskserve.queue.lifecycle import Move
+from taskserve.queue.sqlite import SQLiteQueue
 
 from .conftest import REDIS_URL, RedisServer, clear_redis, need_redis
 
@@ -65,8 +68,8 @@ def queue(open_queue: OpenQueue) -> Queue:
     return open_queue()
 
 
-def task(route: str = "/gen", **options: Any) -> NewTask:
-    return NewTask(route=route, args=b'{"prompt": "a"}', **options)
+def task(route: str = "/gen", args: bytes | SpooledArgs = b'{"prompt": "a"}', **options: Any) -> NewTask:
+    return NewTask(route=route, args=args, **options)
 
 
 def done(claim: Claim, result: bytes = b"42", **options: Any) -> Outcome:
@@ -803,3 +806,60 @@ async def test_moves_of_many_tasks_apply_each_on_its_own(queue: Queue) -> None:
     statuses = [(await queue.get(r.id)).status for r in records]
     assert statuses == [TaskStatus.SUCCESS, TaskStatus.IN_PROGRESS, TaskStatus.CANCELLED]
     assert await queue.finished_counts() == {("/gen", "success"): 1, ("/gen", "cancelled"): 1}
+
+
+def spooled(data: bytes) -> SpooledArgs:
+    """Arguments as the API hands over an upload over a MiB: in a temporary file."""
+    args = SpooledArgs()
+    for start in range(0, len(data), 1_000_000):
+        args.write(data[start : start + 1_000_000])
+    return args
+
+
+async def staged_or_side_rows(queue: Queue) -> int:
+    """What the store holds of large arguments apart from their tasks: SQLite's task_args rows, Redis's staged keys."""
+    if isinstance(queue, SQLiteQueue):
+        return int(await queue._read(lambda c: c.execute("SELECT count(*) FROM task_args").fetchone()[0]))
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        return len([k async for k in client.scan_iter(f"{queue.prefix}:up:*")])  # type: ignore[attr-defined]
+    finally:
+        await client.aclose()
+
+
+async def test_large_arguments_are_stored_in_chunks_and_come_back_whole(open_queue: OpenQueue) -> None:
+    queue = open_queue(retention=0.5)
+    data = b'{"blob": "' + os.urandom(3_000_000).hex().encode() + b'"}'  # several store chunks and a part
+    args = spooled(data)
+    record = await queue.enqueue(task(args=args, idempotency_key="big"))
+    assert args.file.closed  # handed over: the queue closes it, stored or refused
+    # The key compares what the arguments are, not how they travelled.
+    again = await queue.enqueue(task(args=data, idempotency_key="big"))
+    assert again.replayed and again.id == record.id
+    assert await queue.original_args(record.id) == data
+    [claim] = await queue.claim(["/gen"], "w")
+    assert claim.args == data
+    await queue.finish([done(claim)])
+    copy = await queue.retry(record.id)
+    [claim] = await queue.claim(["/gen"], "w")
+    assert (claim.id, claim.args) == (copy.id, data)
+    await queue.finish([done(claim)])
+
+    async def purged() -> bool:
+        await queue.purge()
+        return await queue.get_result(copy.id) is None and await staged_or_side_rows(queue) == 0
+
+    await eventually(purged)
+
+
+async def test_a_refused_large_submit_leaves_nothing_behind(open_queue: OpenQueue) -> None:
+    queue = open_queue()
+    await queue.enqueue(task(max_queue=1))
+    with pytest.raises(QueueFull):
+        await queue.enqueue(task(args=spooled(b'{"blob": "' + b"a" * 2_000_000 + b'"}'), max_queue=1))
+    assert await staged_or_side_rows(queue) == 0
+    [only] = (await queue.list(route="/gen"))[0]
+    [claim] = await queue.claim(["/gen"], "w")
+    assert claim.id == only.id and claim.args == b'{"prompt": "a"}'

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .._aio import wait_event
+from .._splice import SpooledArgs
 from .._types import Event, NewTask, TaskRecord, TaskStatus, event_id, unscoped_key
 from ..exceptions import IdempotencyConflict, QueueFull
 from .base import Watch, queue_full_message
@@ -178,6 +179,22 @@ MIGRATIONS: list[tuple[int, str]] = [
         """
         ALTER TABLE tasks ADD COLUMN owner TEXT;
         CREATE INDEX IF NOT EXISTS tasks_owner ON tasks (owner, id) WHERE owner IS NOT NULL;
+        """,
+    ),
+    (
+        # Large arguments (uploads over a MiB) in a table of their own, a few MiB a row: one
+        # INSERT of the whole value would have SQLite build it in memory twice over (and a blob
+        # written in pieces into a zeroblob writes every page twice). The task row's args is empty
+        # for them (arguments are never empty otherwise: at least "{}"). The trigger deletes them
+        # with their task, whichever statement deletes it.
+        9,
+        """
+        CREATE TABLE IF NOT EXISTS task_args (
+            task_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (task_id, seq)
+        );
+        CREATE TRIGGER IF NOT EXISTS tasks_args_dropped AFTER DELETE ON tasks WHEN length(old.args) = 0 BEGIN
+            DELETE FROM task_args WHERE task_id = old.id;
+        END;
         """,
     ),
 ]
@@ -354,10 +371,33 @@ def count_finished(conn: sqlite3.Connection, ended: collections.Counter[tuple[st
         )
 
 
+ARGS = 7  # where a task row holds its arguments
+
+
 def task_row(t: NewTask, ts: float) -> tuple[Any, ...]:
+    """The task's row to insert; a ``SpooledArgs`` stays in it for insert_rows to write apart."""
     tags = json.dumps(t.tags) if t.tags else None
     return (t.id, t.route, t.priority, t.run_at, ts, t.max_attempts, t.timeout, t.args, tags, t.retry_of,
             t.stored_key, t.args_hash, t.expires_at, t.deadline, t.webhook, t.trace, t.owner)  # fmt: skip
+
+
+def spooled(rows: Sequence[tuple[Any, ...]]) -> bool:
+    return any(isinstance(row[ARGS], SpooledArgs) for row in rows)
+
+
+def write_spooled(conn: sqlite3.Connection, task_id: str, args: SpooledArgs) -> None:
+    """Store large arguments a chunk a row, so that SQLite never holds more than a chunk of them."""
+    for seq, chunk in enumerate(args.chunks()):
+        conn.execute("INSERT INTO task_args (task_id, seq, data) VALUES (?, ?, ?)", (task_id, seq, chunk))
+
+
+def read_args(conn: sqlite3.Connection, task_id: str, stored: bytes) -> bytes:
+    """A task's arguments from its row's ``stored`` value, or from task_args where that is empty."""
+    if stored:
+        return bytes(stored)
+    return b"".join(
+        row[0] for row in conn.execute("SELECT data FROM task_args WHERE task_id = ? ORDER BY seq", (task_id,))
+    )
 
 
 @dataclass
@@ -413,12 +453,18 @@ class Guards:
 def insert_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], guards: Guards | None = None) -> dict[int, str]:
     """Insert the tasks, but those whose idempotency key names an earlier task; returns those."""
     replays = guards.check(conn) if guards is not None else {}
+    fresh = [row for i, row in enumerate(rows) if i not in replays] if replays else rows
+    large = [(row[0], row[ARGS]) for row in fresh if isinstance(row[ARGS], SpooledArgs)]
+    if large:
+        fresh = [(*row[:ARGS], b"", *row[ARGS + 1 :]) if isinstance(row[ARGS], SpooledArgs) else row for row in fresh]
     conn.executemany(
         "INSERT INTO tasks (id, route, status, priority, run_at, created_at, max_attempts, timeout, args, tags,"
         " retry_of, idempotency_key, args_hash, expires_at, deadline, webhook, trace, owner)"
         " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [row for i, row in enumerate(rows) if i not in replays] if replays else rows,
+        fresh,
     )
+    for task_id, args in large:
+        write_spooled(conn, task_id, args)
     return replays
 
 

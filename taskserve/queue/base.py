@@ -19,8 +19,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from .._splice import SPLICE_AT, SpooledArgs
 from .._types import (
     WORKER_LOST,
+    Args,
     Claim,
     Event,
     NewTask,
@@ -148,6 +150,14 @@ class Queue(abc.ABC):
         ``IdempotencyConflict``). A route holding its ``max_queue`` pending tasks refuses the
         lot with ``QueueFull``. Both are decided in the store's write, so racing submits agree.
         """
+        try:
+            return await self._store(tasks)
+        finally:
+            for task in tasks:  # uploads spooled to files: stored, or refused; either way done with
+                if isinstance(task.args, SpooledArgs):
+                    task.args.close()
+
+    async def _store(self, tasks: Sequence[NewTask]) -> list[TaskRecord]:
         ts = now()
         keys = [(t.route, t.stored_key) for t in tasks if t.idempotency_key is not None]
         if len(keys) != len(set(keys)):
@@ -185,7 +195,7 @@ class Queue(abc.ABC):
         for i, task_id in (replays or {}).items():
             earlier = await self._get(task_id)
             if earlier is None:  # purged between the insert and this read: its key is free again
-                records[i] = await self.enqueue(tasks[i])
+                [records[i]] = await self._store([tasks[i]])
                 continue
             earlier.replayed = True
             records[i] = earlier
@@ -227,7 +237,7 @@ class Queue(abc.ABC):
         self,
         task_id: str,
         route: str | None = None,
-        args: bytes | None = None,
+        args: Args | None = None,
         *,
         max_queue: int | None = None,
         ttl: float | None = None,
@@ -248,6 +258,8 @@ class Queue(abc.ABC):
             )
         if args is None:
             args = await self._get_args(task_id)
+            if args is not None and len(args) > SPLICE_AT:
+                args = SpooledArgs.of(args)
         if args is None:
             raise TaskNotFound(task_id)
         new = NewTask(

@@ -23,6 +23,7 @@ share one Redis):
     P:c:TOKEN           the ids one claim call took, for a re-send of it; expires with the lease
     P:timers            zset of active tasks with a TTL or deadline, by the earlier of the two
     P:webhooks          zset of ended tasks whose webhook is pending, by when the next try is due
+    P:up:ID             large arguments on their way in, sent in chunks; the enqueue moves them into P:t:ID
     P:idem:ROUTE:KEY    the task an idempotency key names (KEY is "OWNER\x1fKEY" for an owner's); expires with it
     P:routes            set of routes with tasks (recover and counts visit these only)
     P:finished          hash "STATUS:ROUTE" -> tasks that ended so, counted where they end
@@ -55,6 +56,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("The Redis broker needs the redis package: pip install 'taskserve[redis]'.") from exc
 
 from .._aio import wait_event
+from .._splice import SpooledArgs
 from .._types import (
     Claim,
     Event,
@@ -81,6 +83,7 @@ RECORD_FIELDS = tuple(
 LIST_WINDOW = 5000
 MAX_CONNECTIONS = 100  # per process; more callers wait for a free connection (``?max_connections=``)
 POOL_WAIT = 20.0  # seconds a caller waits for a free connection before QueueUnavailable
+STAGED_FOR = 3600  # seconds large arguments sent ahead of their submit are kept if it never comes
 
 # The Lua lives in lua/*.lua, read once at import; each script is the prelude plus its body.
 SCRIPT_NAMES = (
@@ -422,6 +425,32 @@ class RedisQueue(Queue):
             await self._client.ping()
 
     async def _enqueue(self, tasks: Sequence[NewTask], ts: float) -> dict[int, str]:
+        staged = [self._key("up", t.id) for t in tasks if isinstance(t.args, SpooledArgs)]
+        try:
+            for t in tasks:
+                if isinstance(t.args, SpooledArgs):
+                    await self._stage(self._key("up", t.id), t.args)
+            return await self._enqueue_rows(tasks, ts)
+        except BaseException:
+            if staged:  # the script takes the staged values it stores; these it never reached
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._client.delete(*staged))
+            raise
+
+    async def _stage(self, key: str, args: SpooledArgs) -> None:
+        """Send large arguments a chunk at a time, as one request would need them whole in memory.
+
+        The enqueue script moves them into the task; a submit that never gets that far leaves
+        them to expire.
+        """
+        with self._translate():
+            for n, chunk in enumerate(args.chunks()):
+                if n == 0:
+                    await self._client.set(key, chunk, ex=STAGED_FOR)
+                else:
+                    await self._client.append(key, chunk)
+
+    async def _enqueue_rows(self, tasks: Sequence[NewTask], ts: float) -> dict[int, str]:
         # run_at travels as a delay from this host's now, which the script adds to Redis's.
         args: list[Any] = [os.urandom(8).hex()]
         for t in tasks:
@@ -430,7 +459,8 @@ class RedisQueue(Queue):
             expires = "" if t.expires_at is None else repr(t.expires_at - ts)
             deadline = "" if t.deadline is None else repr(t.deadline - ts)
             tags = json.dumps(t.tags) if t.tags else ""
-            args += [t.id, t.route, t.priority, repr(delay), t.max_attempts, timeout, t.args, tags]
+            stored = b"" if isinstance(t.args, SpooledArgs) else t.args  # empty: staged at P:up:ID
+            args += [t.id, t.route, t.priority, repr(delay), t.max_attempts, timeout, stored, tags]
             args += [t.retry_of or "", t.stored_key or "", t.args_hash or "", expires, deadline]
             args += [t.webhook or "", "" if t.max_queue is None else t.max_queue, t.trace or "", t.owner or ""]
         reply = await self._run("enqueue", *args)

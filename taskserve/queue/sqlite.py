@@ -38,8 +38,10 @@ from ._sqlite_schema import (
     list_rows,
     migrate,
     pass_on,
+    read_args,
     read_events,
     record,
+    spooled,
     task_row,
 )
 from ._sqlite_thread import ThreadedConnection, configure, translate
@@ -300,8 +302,8 @@ class SQLiteQueue(Queue):
         # Delayed tasks wake nobody: an idle worker sleeps at most a second, then plans its
         # next wake-up from the earliest run_at.
         due = any(t.run_at is None or t.run_at <= ts for t in tasks)
-        if self.synchronous in ("FULL", "EXTRA") or len(rows) > INLINE_ROWS:
-            # An fsync per commit, or a bulk insert: too long to hold the event loop for.
+        if self.synchronous in ("FULL", "EXTRA") or len(rows) > INLINE_ROWS or spooled(rows):
+            # An fsync per commit, a bulk insert or a large upload: too long to hold the event loop for.
             return await self._insert_via_writer(rows, guards, due)
         await self._inline_conn()
         fut: asyncio.Future[dict[int, str]] = asyncio.get_running_loop().create_future()
@@ -393,8 +395,11 @@ class SQLiteQueue(Queue):
         return await self._read(lambda c: list_rows(c, route, status, limit, before, owner))
 
     async def _get_args(self, task_id: str) -> bytes | None:
-        row = await self._read(lambda c: c.execute("SELECT args FROM tasks WHERE id = ?", (task_id,)).fetchone())
-        return None if row is None else bytes(row[0])
+        def get_args(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT args FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            return None if row is None else read_args(conn, task_id, row[0])
+
+        return await self._read(get_args)
 
     async def _get_result(self, task_id: str) -> Result | None:
         row = await self._quick_read(
@@ -415,12 +420,22 @@ class SQLiteQueue(Queue):
                 return []
             claims = await self._try_quick_write(job)
             if claims is not BUSY:
-                return claims  # type: ignore[return-value]
+                return await self._large_args(claims)  # type: ignore[arg-type]
             # Every worker is woken by a submit, and the lock holder is most often a sibling
             # claiming that very task: look again once it is done rather than queue behind it
             # in the writer thread (two thread hops, to find nothing).
             await asyncio.sleep(CLAIM_RETRY)
-        return await self._write(job)
+        return await self._large_args(await self._write(job))
+
+    async def _large_args(self, claims: list[Claim]) -> list[Claim]:
+        """Fill in the arguments kept in task_args, read after the claim's write: never under the write lock.
+
+        The claim holds the task from its commit on, so nothing deletes them meanwhile.
+        """
+        for claim in claims:
+            if not claim.args:
+                claim.args = await self._read(functools.partial(read_args, task_id=claim.id, stored=b""))
+        return claims
 
     async def _finish_and_claim(
         self, outcomes: list[Outcome], routes: list[str], worker: str, limit: int, lease: float, ts: float
@@ -433,7 +448,7 @@ class SQLiteQueue(Queue):
         claim = self._claim_job(routes, worker, limit, lease, ts)
         _, claims = await self._quick_write(lambda c: (finish(c), claim(c)))
         after()
-        return claims
+        return await self._large_args(claims)
 
     async def _maybe_due(self, routes: list[str], ts: float, min_priority: int | None = None) -> bool:
         """A cheap read first, so that an idle worker's poll never takes the write lock."""
@@ -494,6 +509,7 @@ class SQLiteQueue(Queue):
                 rows = conn.execute(claimed.format(pick=pick), params).fetchall()
             # RETURNING comes in table order, not the sub-select's: put the most urgent first.
             rows.sort(key=lambda r: (-r[6], r[7], r[0]))
+            # Large arguments (an empty args) are read after the write: see _large_args.
             return [Claim(r[0], r[1], bytes(r[2]), token, r[3], r[4], r[5], r[6], r[8], r[7], r[9]) for r in rows]
 
         return claim

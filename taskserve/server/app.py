@@ -22,7 +22,7 @@ from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 from .._aio import cancel_and_wait
-from .._types import NewTask, TaskRecord, TaskStatus
+from .._types import Args, NewTask, TaskRecord, TaskStatus
 from .._wire import InputLimits
 from ..exceptions import InvalidTransition, QueueUnavailable, ValidationFailed
 from ..queue.base import Queue
@@ -110,12 +110,12 @@ class EndpointRoutes:
 
     # -- input -----------------------------------------------------------------------------
 
-    async def arguments(self, request: Request) -> bytes:
+    async def arguments(self, request: Request) -> Args:
         return await read_arguments(request, self.codec, request.app.state.limits, self.max_body)
 
     def new_task(
         self,
-        args: bytes,
+        args: Args,
         options: SubmitOptions = NO_OPTIONS,
         item: int | None = None,
         trace: str | None = None,

@@ -21,6 +21,7 @@ from python_multipart.multipart import Field, File, FormParser, parse_options_he
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from .._types import Args
 from .._wire import InputLimits
 from ..codec import Codec, FileArg, SpooledFileArg
 from ..exceptions import PayloadTooLarge, ValidationFailed
@@ -181,7 +182,7 @@ def _inline(body: bytes, codec: Codec) -> bool:
     return len(body) <= INLINE_BODY and not codec.binary_inputs
 
 
-async def read_arguments(request: Request, codec: Codec, limits: InputLimits, max_body: int) -> bytes:
+async def read_arguments(request: Request, codec: Codec, limits: InputLimits, max_body: int) -> Args:
     """The validated, storable arguments of a submit or a direct call."""
     if not (_is_json(_content_type(request)) or _content_type(request) in FORM_TYPES):
         length = request.headers.get("content-length", "0")
@@ -202,7 +203,7 @@ async def read_arguments(request: Request, codec: Codec, limits: InputLimits, ma
 
 def _multipart_arguments(
     source: bytes | IO[bytes], content_type: str, codec: Codec, limits: InputLimits, json_text: bool = False
-) -> bytes:
+) -> Args:
     kept: list[File] = []
     try:
         try:
@@ -221,7 +222,7 @@ def _multipart_arguments(
 
 def arguments(
     body: bytes, ctype: str, content_type: str, codec: Codec, limits: InputLimits, json_text: bool = False
-) -> bytes:
+) -> Args:
     if ctype in FORM_TYPES:
         return codec.validate(form_data(body, ctype, content_type, codec, json_text), limits)
     if codec.root is not None and body.strip():
@@ -233,7 +234,7 @@ def arguments(
     return codec.validate(parse_json(body, dict, limits), limits)
 
 
-async def read_many(request: Request, codec: Codec, limits: InputLimits, max_body: int) -> list[bytes]:
+async def read_many(request: Request, codec: Codec, limits: InputLimits, max_body: int) -> list[Args]:
     """The validated arguments of each item of a submit_many, all or none."""
     ctype = _content_type(request)
     if not _is_json(ctype):
@@ -244,11 +245,11 @@ async def read_many(request: Request, codec: Codec, limits: InputLimits, max_bod
     return await anyio.to_thread.run_sync(many_arguments, body, codec, limits)
 
 
-def many_arguments(body: bytes, codec: Codec, limits: InputLimits) -> list[bytes]:
+def many_arguments(body: bytes, codec: Codec, limits: InputLimits) -> list[Args]:
     items = parse_json(body, list, limits)
     if len(items) > MAX_BATCH:
         raise ValidationFailed(f"At most {MAX_BATCH} tasks per submit_many; got {len(items)}. Split the batch.")
-    args: list[bytes] = []
+    args: list[Args] = []
     errors: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         try:

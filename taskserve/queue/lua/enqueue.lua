@@ -3,6 +3,7 @@
 -- trace context, owner ('' where not given). The idempotency key comes scoped by owner. Returns {number stored, then per task the id of the earlier task its
 -- idempotency key names, or ''}; errors DUPLICATE (task id taken), CONFLICT (key used with other
 -- arguments), FULL (a route holds max_queue pending tasks). Nothing is stored on an error.
+-- Empty args: they were sent ahead, in chunks, to P:up:ID, and are moved into the task from there.
 local W = 17
 local req, seen, fresh, taken = ARGV[2], {}, 0, nil
 for i = 3, #ARGV, W do
@@ -41,6 +42,14 @@ for route, cap in pairs(limit) do
     return redis.error_reply('FULL ' .. pending .. ' ' .. cap .. ' ' .. new_per_route[route] .. ' ' .. route)
   end
 end
+local staged = {}
+for i = 3, #ARGV, W do
+  if ARGV[i + 6] == '' then
+    staged[ARGV[i]] = redis.call('GET', P .. ':up:' .. ARGV[i])
+    if not staged[ARGV[i]] then return redis.error_reply('STAGED ' .. ARGV[i]) end
+  end
+end
+for id in pairs(staged) do redis.call('DEL', P .. ':up:' .. id) end
 local stored, n = 0, 0
 for i = 3, #ARGV, W do
   n = n + 1
@@ -48,7 +57,7 @@ for i = 3, #ARGV, W do
   if replays[n] == '' then
     stored = stored + 1
     hset(id, 'route', route, 'status', 'pending', 'priority', ARGV[i + 2], 'run_at', stamp(now + tonumber(ARGV[i + 3])),
-      'created_at', NOW, 'attempts', 0, 'max_attempts', ARGV[i + 4], 'args', ARGV[i + 6], 'enqueued_by', req,
+      'created_at', NOW, 'attempts', 0, 'max_attempts', ARGV[i + 4], 'args', staged[id] or ARGV[i + 6], 'enqueued_by', req,
       'args_hash', ARGV[i + 10], 'last_event', 1)
     if ARGV[i + 5] ~= '' then hset(id, 'timeout', ARGV[i + 5]) end
     for k, name in ipairs({'tags', 'retry_of', 'idempotency_key'}) do
