@@ -7,12 +7,13 @@ servers and workers in other processes and on other hosts share it.
 Shaped for what comes later: ``claim`` takes a ``limit`` (batching claims several tasks of a
 route at once), tasks carry ``priority`` and ``run_at`` (priorities, delays), and claim is
 given the routes to serve, so a per-route concurrency cap only narrows that list.
+
+The hooks themselves are declared in ``_backend.py`` and the read-only methods live in
+``_reads.py``; ``Queue`` inherits both, so this module holds the rules that change a task.
 """
 
 from __future__ import annotations
 
-import abc
-import asyncio
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -24,23 +25,20 @@ from .._types import (
     WORKER_LOST,
     Args,
     Claim,
-    Event,
     NewTask,
     Outcome,
-    Result,
     TaskRecord,
     TaskStatus,
     WorkerInfo,
     args_hash,
-    event_seq,
 )
 from ..exceptions import InvalidTransition, TaskNotFound
 from . import lifecycle
+from ._backend import Watch as Watch
+from ._reads import TAG_WINDOW as TAG_WINDOW, Reads
 
 DEFAULT_RETENTION = 24 * 3600.0
 DEFAULT_LEASE = 30.0
-# A tag filter looks at most this many of the newest matching tasks per page (no index on tags).
-TAG_WINDOW = 10_000
 WAIT_LEVELS = 16  # priority levels longest_waits() looks at per route
 
 BACKENDS = {
@@ -62,17 +60,7 @@ def queue_full_message(route: str, pending: int, cap: int, new: int) -> str:
     )
 
 
-class Watch:
-    """Sleeps for the given time; a backend's subclass returns early on a change."""
-
-    async def wait(self, timeout: float) -> None:
-        await asyncio.sleep(timeout)
-
-    def close(self) -> None:
-        pass
-
-
-class Queue(abc.ABC):
+class Queue(Reads):
     """A durable queue of tasks shared by API servers and workers.
 
     Args:
@@ -122,10 +110,10 @@ class Queue(abc.ABC):
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def connect(self) -> None:  # noqa: B027 - optional hook
+    async def connect(self) -> None:
         pass
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         pass
 
     async def ping(self) -> None:
@@ -201,23 +189,6 @@ class Queue(abc.ABC):
             records[i] = earlier
         return records
 
-    async def get(self, task_id: str, route: str | None = None, owner: str | None = None) -> TaskRecord:
-        """The task's record; ``TaskNotFound`` if unknown, expired, of another route or another owner.
-
-        ``owner`` is the caller's API key owner (``None``: anyone's task, as for an admin key or
-        a server without keys). Another owner's task is answered exactly as an unknown one, so
-        a caller cannot even learn that an id exists.
-        """
-        record = await self._get(task_id)
-        if record is None or (route is not None and record.route != route):
-            raise TaskNotFound(task_id)
-        if owner is not None and record.owner != owner:
-            raise TaskNotFound(task_id)
-        return record
-
-    async def get_result(self, task_id: str) -> Result | None:
-        return await self._get_result(task_id)
-
     async def cancel(self, task_id: str, route: str | None = None, owner: str | None = None) -> TaskRecord:
         """Cancel a pending or running task; ``InvalidTransition`` if it already ended."""
         record = await self.get(task_id, route, owner)
@@ -277,13 +248,6 @@ class Queue(abc.ABC):
         )
         return await self.enqueue(new)
 
-    async def original_args(self, task_id: str) -> bytes:
-        """The stored arguments of a task (a retry with overrides merges over them)."""
-        args = await self._get_args(task_id)
-        if args is None:
-            raise TaskNotFound(task_id)
-        return args
-
     async def position(self, record: TaskRecord) -> int | None:
         """For a pending task, how many tasks of its route would be claimed before it."""
         if record.status is not TaskStatus.PENDING:
@@ -309,30 +273,6 @@ class Queue(abc.ABC):
             return record
         finally:
             watch.close()
-
-    async def events(self, task_id: str, after: str | None = None) -> list[Event]:
-        """The task's event log after the event id ``after`` (all of it without), oldest first.
-
-        Every status change appends an event in the same atomic write that makes it, so the log
-        and the status never disagree; ids are stable, so a reader resumes where it stopped.
-
-        Example:
-            >>> [e.data["status"] for e in await queue.events(task_id)]
-            ['pending', 'in_progress', 'success']
-        """
-        after_seq = event_seq(after)
-        record = await self._get(task_id)
-        if record is None:
-            return []
-        return [e for e in lifecycle.history(record, await self._events(task_id)) if event_seq(e.id) > after_seq]
-
-    async def outputs(self, task_id: str, after: int = 0) -> list[tuple[int, bytes, float]]:
-        """The items a generator task yielded, ``(number, JSON, when)``, numbered from 1, after ``after``."""
-        return await self._outputs(task_id, after)
-
-    async def preview(self, task_id: str) -> Result | None:
-        """The latest preview image a running or finished task reported, if any."""
-        return await self._preview(task_id)
 
     # -- worker side -----------------------------------------------------------------------
 
@@ -413,7 +353,7 @@ class Queue(abc.ABC):
         """Treat every lease ``worker`` holds as lapsed now (its process is known to be dead)."""
         return await self._recover(worker)
 
-    def listen_for_cancel(self) -> None:  # noqa: B027 - optional hook
+    def listen_for_cancel(self) -> None:
         """Start hearing cancels from other processes (calls ``cancel_listeners``); workers call it once."""
 
     async def wait_for_work(self, routes: Sequence[str], timeout: float) -> None:
@@ -476,28 +416,6 @@ class Queue(abc.ABC):
         """Delete finished tasks older than the retention time; returns how many."""
         return await self._purge(now())
 
-    async def counts(self) -> dict[tuple[str, str], int]:
-        """``{(route, status): n}`` for the active states, for metrics and readiness."""
-        return await self._counts()
-
-    async def finished_counts(self) -> dict[tuple[str, str], int]:
-        """``{(route, status): n}``: tasks that reached each terminal state since the store was made.
-
-        Counted by the store in the same write that ends the task, so the figures cover every
-        worker and API process, and survive restarts and the retention purge (Prometheus counters).
-        """
-        return await self._finished_counts()
-
-    async def longest_waits(self, routes: Sequence[str]) -> dict[str, float]:
-        """``{route: seconds}``: how long the longest-waiting due task of each route has waited.
-
-        Measured from when the task fell due (its ``run_at``: its submit, or the end of its
-        retry delay), by the store's clock. A route with no due task is left out. The store
-        looks at the first task of each priority level only (``WAIT_LEVELS`` of them at most),
-        so this stays a few index reads whatever the length of the queue.
-        """
-        return await self._longest_waits(list(routes))
-
     # -- webhook deliveries (sent by taskserve/webhooks.py) --------------------------------
 
     async def take_webhooks(self, limit: int, lease: float, tries: int) -> list[tuple[str, int]]:
@@ -520,190 +438,8 @@ class Queue(abc.ABC):
         """
         return await self._webhook_result(task_id, attempt, error, retry_in, now())
 
-    # -- backend hooks ---------------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def _ping(self) -> None: ...
-
-    @abc.abstractmethod
-    async def _enqueue(self, tasks: Sequence[NewTask], ts: float) -> dict[int, str] | None:
-        """Store the tasks in one atomic write; returns ``{index: earlier task id}`` for idempotent replays.
-
-        Checks each task's ``idempotency_key`` and ``max_queue`` in that same write (raising
-        ``IdempotencyConflict`` or ``QueueFull``, storing nothing).
-        """
-
-    @abc.abstractmethod
-    async def _get(self, task_id: str) -> TaskRecord | None: ...
-
-    @abc.abstractmethod
-    async def _events(self, task_id: str) -> list[Event]:
-        """The task's stored events, in order (``lifecycle.history`` makes the whole log of them)."""
-
-    @abc.abstractmethod
-    async def _list(
-        self, route: str | None, status: str | None, limit: int, before: str | None, owner: str | None = None
-    ) -> tuple[list[TaskRecord], str | None]:
-        """Up to ``limit`` tasks with ids below ``before``, newest first, and where to go on from.
-
-        With ``owner``, only that owner's tasks, read through a per-owner index.
-
-        A backend may return fewer than ``limit`` with a cursor (it bounds the work of one
-        call); the cursor is ``None`` only when nothing older matches.
-        """
-
-    @abc.abstractmethod
-    async def _get_args(self, task_id: str) -> bytes | None: ...
-
-    @abc.abstractmethod
-    async def _get_result(self, task_id: str) -> Result | None: ...
-
-    @abc.abstractmethod
-    async def _apply(self, items: list[tuple[str, list[lifecycle.Move]]], ts: float) -> list[bool]:
-        """The one write of the state machine: per task, the first move whose guards hold.
-
-        Atomic per task (guards checked and effects made in one transaction or script), and
-        safe to re-send after a lost reply. Returns, per task, whether a move was applied.
-        """
-
-    @abc.abstractmethod
-    async def _report(
-        self,
-        task_id: str,
-        token: str,
-        progress: str | None,
-        preview: tuple[bytes, str] | None,
-        outputs: list[tuple[int, bytes]],
-        ts: float,
-    ) -> bool: ...
-
-    @abc.abstractmethod
-    async def _outputs(self, task_id: str, after: int) -> list[tuple[int, bytes, float]]: ...
-
-    @abc.abstractmethod
-    async def _preview(self, task_id: str) -> Result | None: ...
-
-    @abc.abstractmethod
-    async def _overdue(self, ts: float) -> list[tuple[str, str, float]]:
-        """``(id, "ttl" | "deadline", when)`` of tasks to end: pending past their TTL, active past their deadline."""
-
-    @abc.abstractmethod
-    async def _position(self, record: TaskRecord, ts: float) -> int: ...
-
-    @abc.abstractmethod
-    async def _lapsed(self, ts: float, worker: str | None) -> list[str]:
-        """Running tasks whose lease ran out, for ``lifecycle.lost``.
-
-        With ``worker``, first make every lease that worker holds lapse and forget the worker.
-        """
-
-    @abc.abstractmethod
-    async def _claim(
-        self, routes: list[str], worker: str, limit: int, lease: float, ts: float, min_priority: int | None
-    ) -> list[Claim]: ...
-
-    async def _finish_and_claim(
-        self, outcomes: list[Outcome], routes: list[str], worker: str, limit: int, lease: float, ts: float
-    ) -> list[Claim]:
-        await self._apply([(o.id, lifecycle.finished(o)) for o in outcomes], ts)
-        return await self._claim(routes, worker, limit, lease, ts, None)
-
-    @abc.abstractmethod
-    async def _extend(self, held: dict[str, str], lease: float, ts: float) -> set[str]: ...
-
-    @abc.abstractmethod
-    async def _still_held(self, held: dict[str, str]) -> set[str]: ...
-
-    @abc.abstractmethod
-    async def _purge(self, ts: float) -> int: ...
-
-    @abc.abstractmethod
-    async def _counts(self) -> dict[tuple[str, str], int]: ...
-
-    @abc.abstractmethod
-    async def _finished_counts(self) -> dict[tuple[str, str], int]: ...
-
-    @abc.abstractmethod
-    async def _longest_waits(self, routes: list[str]) -> dict[str, float]: ...
-
-    @abc.abstractmethod
-    async def _heartbeat(self, info: WorkerInfo, ttl: float, ts: float) -> None: ...
-
-    @abc.abstractmethod
-    async def _workers(self, ts: float) -> list[WorkerInfo]: ...
-
-    @abc.abstractmethod
-    async def _forget_worker(self, worker: str) -> None: ...
-
-    @abc.abstractmethod
-    async def _take_webhooks(self, limit: int, lease: float, tries: int, ts: float) -> list[tuple[str, int]]: ...
-
-    @abc.abstractmethod
-    async def _webhook_result(
-        self, task_id: str, attempt: int, error: str | None, retry_in: float | None, ts: float
-    ) -> bool: ...
-
-    async def _wait_for_work(self, routes: list[str], timeout: float) -> None:
-        await asyncio.sleep(timeout)
-
-    def _watch(self, task_id: str) -> Watch:
-        """A handle that wakes when the task may have changed; backends with push override it."""
-        return Watch()
+    # -- for backends ----------------------------------------------------------------------
 
     def _notify_cancelled(self, task_id: str) -> None:
         for listener in list(self.cancel_listeners):
             listener(task_id)
-
-    # Last in the class: below this, ``list`` names the method, not the builtin type.
-    async def list(
-        self,
-        route: str | None = None,
-        status: TaskStatus | str | None = None,
-        tag: str | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-        owner: str | None = None,
-    ) -> tuple[list[TaskRecord], str | None]:
-        """Tasks newest first (finished ones too, until purged), a page at a time.
-
-        Args:
-            route: only this route's tasks.
-            status: only tasks in this state.
-            tag: ``"KEY:VALUE"``, only tasks so labelled. No index covers tags: a page looks at
-                no more than ``TAG_WINDOW`` of the newest tasks the other filters select, and
-                may come back short, with a cursor to look further. On Redis a status filter
-                is bounded the same way (its index is by age alone); on SQLite it is indexed.
-            limit: the most tasks a page holds.
-            cursor: ``next_cursor`` of the page before.
-            owner: only the tasks of this API key owner (``None``: everyone's). Read through a
-                per-owner index; a route or status filter on top looks at no more than
-                ``TAG_WINDOW`` of the owner's newest tasks per page.
-
-        Returns:
-            The page, and the cursor of the next one (``None`` at the end). Task ids are
-            ordered by creation time and the cursor is the last id looked at, so paging
-            neither repeats nor skips a task while others are submitted.
-
-        Example:
-            >>> page, cursor = await queue.list(route="/gen", status="failure", limit=20)
-        """
-        limit = max(1, min(int(limit), 1000))
-        state = None if status is None else TaskStatus(status).value
-        if tag is None:
-            return await self._list(route, state, limit, cursor, owner)
-        key, _, value = tag.partition(":")
-        found: list[TaskRecord] = []
-        looked = 0
-        while looked < TAG_WINDOW:
-            page, cursor = await self._list(route, state, min(max(limit * 4, 200), TAG_WINDOW - looked), cursor, owner)
-            looked += len(page)
-            for record in page:
-                if record.tags.get(key) == value:
-                    found.append(record)
-                    if len(found) == limit:
-                        # Continue right after the last task handed out, so none is skipped.
-                        more = record is not page[-1] or cursor is not None
-                        return found, record.id if more else None
-            if cursor is None:
-                return found, None
-        return found, cursor
