@@ -14,7 +14,7 @@ import shutil
 import signal
 import socket
 from collections.abc import Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -33,6 +33,9 @@ from ._cli_common import (
     worker_metrics_dir,
     worker_plan,
 )
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
 
 SHUTDOWN_MARGIN = 10.0  # seconds past the grace after which a stuck shutdown is forced, then cut short
 logger = logging.getLogger("taskserve")
@@ -450,8 +453,13 @@ async def _serve(
     logger.info("stopped")
 
 
-def _kill_workers(supervisor: Any) -> None:
-    """SIGKILL every worker still running (they would follow us anyway, by their parent watch)."""
-    for pid in supervisor.pids if supervisor is not None else []:
+def _kill_workers(supervisor: Supervisor | None) -> None:
+    """SIGKILL every worker still running (they would follow us anyway, by their parent watch).
+
+    Typed, not ``Any``: the last-resort exit calls it just before ``os._exit``, a path no normal
+    stop takes, so an error here (it once iterated the method ``pids``) would keep a stuck
+    server alive past its limit unnoticed.
+    """
+    for pid in supervisor.pids() if supervisor is not None else []:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -300,9 +300,11 @@ def module_server(
     port = free_port()
     args = [sys.executable, "-m", "taskserve", "serve", service, "--port", str(port), "--broker", broker, *options]
     log = tmp_path_factory.mktemp("server") / "server.log"
-    server = Server(args, port, log, {**tagged_env(uuid.uuid4().hex), **(env or {})}).start()
+    server = Server(args, port, log, {**tagged_env(uuid.uuid4().hex), **(env or {})})
     try:
-        yield server
+        # Started inside: a start that times out (workers not ready in time) is stopped and
+        # checked too, not left running, with its workers, until the session ends.
+        yield server.start()
     finally:
         server.stop()
         assert_none_left(server.tag)

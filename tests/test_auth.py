@@ -25,6 +25,7 @@ from .conftest import (
     assert_none_left,
     free_port,
     fresh_broker,
+    module_server,
     tagged_env,
     validate_openapi,
     wait_until,
@@ -42,19 +43,15 @@ def key(secret: str) -> dict[str, str]:
 @pytest.fixture(scope="module", params=BROKERS)
 def secured(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server per broker with two named keys, an admin key and a plain key (from the environment)."""
-    with fresh_broker(request.param, tmp_path_factory) as url:
-        port = free_port()
-        args = [sys.executable, "-m", "taskserve", "serve", SERVICE, "--port", str(port), "--broker", url]
-        args += ["--workers", "1", "--concurrency", "4", "--lease", "2", "--grace", "1"]
-        args += ["--api-key", f"alice={ALICE}", "--api-key", f"bob={BOB}", "--admin-key", f"ops={ADMIN}"]
-        args += ["--cors-origin", ORIGIN]
-        env = {**tagged_env(uuid.uuid4().hex), "TASKSERVE_API_KEYS": PLAIN}
-        server = Server(args, port, tmp_path_factory.mktemp("secured") / "server.log", env).start()
-        try:
-            yield server
-        finally:
-            server.stop()
-            assert_none_left(server.tag)
+    options = ["--workers", "1", "--concurrency", "4", "--lease", "2", "--grace", "1"]
+    options += ["--api-key", f"alice={ALICE}", "--api-key", f"bob={BOB}", "--admin-key", f"ops={ADMIN}"]
+    options += ["--cors-origin", ORIGIN]
+    env = {"TASKSERVE_API_KEYS": PLAIN}
+    with (
+        fresh_broker(request.param, tmp_path_factory) as url,
+        module_server(tmp_path_factory, url, *options, env=env) as server,
+    ):
+        yield server
 
 
 def submit(server: Server, secret: str, route: str = "/echo", body: Any = None, **params: str) -> str:
@@ -249,8 +246,9 @@ def test_a_keys_file_is_read_again_on_sighup(tmp_path: Path) -> None:
     port = free_port()
     args = [sys.executable, "-m", "taskserve", "serve", SERVICE, "--port", str(port), "--workers", "0"]
     args += ["--broker", f"sqlite:///{tmp_path / 'tasks.db'}", "--api-keys-file", str(keys_file), "--public-metrics"]
-    server = Server(args, port, tmp_path / "server.log", tagged_env(uuid.uuid4().hex)).start()
+    server = Server(args, port, tmp_path / "server.log", tagged_env(uuid.uuid4().hex))
     try:
+        server.start()
         assert httpx.get(f"{server.url}/queues", headers=key("first-secret")).status_code == 200
         assert httpx.get(f"{server.url}/metrics").status_code == 200  # --public-metrics
         no_cors = httpx.get(f"{server.url}/healthz", headers={"Origin": ORIGIN})

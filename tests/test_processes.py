@@ -126,6 +126,30 @@ def test_stopping_with_the_broker_down_takes_the_grace_and_a_second(make_server:
 
 
 @pytest.mark.slow
+@pytest.mark.redis
+def test_a_shutdown_stuck_on_a_frozen_broker_still_ends_with_its_workers(make_server: ServerFactory) -> None:
+    # Redis accepts connections but never answers: the API's start is stuck on its first
+    # command (30 s socket timeout, retried), so nothing but the forced stages can end it.
+    redis = RedisServer()
+    redis.start()
+    try:
+        assert redis.process is not None
+        os.kill(redis.process.pid, signal.SIGSTOP)
+        server = make_server(redis.url, "--grace", "1", workers=1, start=False)
+        server.start_no_wait()
+        wait_until(lambda: "worker 0 started" in server.log.read_text(), 30)  # our signal handlers are in
+        began = time.monotonic()
+        server.stop()  # fails if the process outlives SIGTERM by 30 s
+        took = time.monotonic() - began
+        log = server.log.read_text()
+        assert "exiting now" in log and "Traceback" not in log, log[-3000:]
+        assert took < 1 + 2 * 10 + 5  # the grace, the two margins (cli.SHUTDOWN_MARGIN), room for a loaded machine
+        assert_none_left(server.tag)
+    finally:
+        redis.stop()  # SIGKILL ends a stopped process too
+
+
+@pytest.mark.slow
 def test_taskserve_worker_starts_the_services_worker_count_and_says_it_stopped(tmp_path: Path) -> None:
     tag = f"worker-{os.getpid()}-{time.monotonic_ns()}"
     log = tmp_path / "worker.log"
