@@ -16,7 +16,7 @@ import binascii
 import hashlib
 import secrets
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -73,6 +73,13 @@ class SpooledArgs:
 
     def close(self) -> None:
         self.file.close()
+
+
+def close_all(values: Iterable[object]) -> None:
+    """Close the ``SpooledArgs`` among ``values``: arguments a request validated but will not enqueue."""
+    for value in values:
+        if isinstance(value, SpooledArgs):
+            value.close()
 
 
 @dataclass

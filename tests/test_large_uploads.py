@@ -8,7 +8,7 @@ import hashlib
 import io
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, urlparse
 
@@ -16,7 +16,12 @@ import httpx
 import pytest
 from PIL import Image
 
-from .conftest import BROKERS, Server, fresh_broker, module_server, wait_until
+from taskserve import _splice
+from taskserve.queue import Queue
+from taskserve.server import create_app
+from taskserve.service import load_service
+
+from .conftest import BROKERS, SERVICE, Server, fresh_broker, module_server, wait_until
 
 
 @pytest.fixture(scope="module", params=BROKERS)
@@ -118,3 +123,57 @@ def test_large_images_are_still_checked(server: Server) -> None:
         response = httpx.post(f"{server.url}/invert/submit", files=files, json=body, timeout=60)
         assert response.status_code == 422, response.text
         assert response.json()["detail"][0]["loc"] == ["img"]
+
+
+# -- temporary files: closed however a request ends ------------------------------------------------
+
+
+@pytest.fixture
+def spooled(monkeypatch: pytest.MonkeyPatch) -> list[_splice.SpooledArgs]:
+    """Every SpooledArgs the API makes from now on, to check that each was closed."""
+    made: list[_splice.SpooledArgs] = []
+
+    class Recorded(_splice.SpooledArgs):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(_splice, "SpooledArgs", Recorded)
+    return made
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Queue]]:
+    """The app in process over a fresh SQLite queue, with no workers."""
+    queue = Queue.from_url(f"sqlite:///{tmp_path / 'tasks.db'}")
+    await queue.connect()
+    asgi = create_app(load_service(SERVICE), queue, maintenance=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://test") as http:
+        yield http, queue
+    await queue.close()
+
+
+LARGE = base64.b64encode(os.urandom(1_500_000)).decode()  # spliced: over a MiB of base64
+
+
+@pytest.mark.anyio
+async def test_a_refused_submit_many_closes_the_large_arguments_it_validated(
+    api: tuple[httpx.AsyncClient, Queue], spooled: list[_splice.SpooledArgs]
+) -> None:
+    http, queue = api
+    answer = await http.post("/checksum/submit_many", json=[{"data": LARGE}, {"data": 5}])
+    assert answer.status_code == 422, answer.text
+    assert len(spooled) == 1 and all(args.file.closed for args in spooled)
+    assert await queue.counts() == {}
+
+
+@pytest.mark.anyio
+async def test_a_refused_retry_closes_the_large_arguments_it_validated(
+    api: tuple[httpx.AsyncClient, Queue], spooled: list[_splice.SpooledArgs]
+) -> None:
+    http, queue = api
+    task_id = (await http.post("/checksum/submit", json={"data": LARGE})).json()["task_id"]
+    assert len(await queue.claim(["/checksum"], "w")) == 1  # running: not yet a task to retry
+    answer = await http.post("/checksum/retry", params={"task_id": task_id}, json={"upload": None})
+    assert answer.status_code == 409, answer.text
+    assert len(spooled) == 2 and all(args.file.closed for args in spooled)

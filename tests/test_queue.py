@@ -6,8 +6,10 @@ separate processes would, and checks behaviour a user relies on.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,7 +20,7 @@ from typing import Any
 import anyio
 import pytest
 
-from taskserve._splice import SpooledArgs
+from taskserve._splice import STORE_CHUNK, SpooledArgs
 from taskserve._types import WORKER_LOST, Claim, NewTask, Outcome, TaskStatus, WorkerInfo
 from taskserve.exceptions import InvalidTransition, QueueError, QueueFull, QueueUnavailable, TaskNotFound
 from taskserve.queue import Queue, lifecycle
@@ -863,3 +865,52 @@ async def test_a_refused_large_submit_leaves_nothing_behind(open_queue: OpenQueu
     [only] = (await queue.list(route="/gen"))[0]
     [claim] = await queue.claim(["/gen"], "w")
     assert claim.id == only.id and claim.args == b'{"prompt": "a"}'
+
+
+class FailingMidway(SpooledArgs):
+    """Large arguments whose file cannot be read past the first chunk stored (a disk error, say)."""
+
+    def chunks(self, size: int = STORE_CHUNK) -> Iterator[bytes]:
+        for n, chunk in enumerate(super().chunks(size)):
+            if n == 1:
+                raise OSError("the temporary file cannot be read")
+            yield chunk
+
+
+async def test_a_large_submit_failing_midway_stores_nothing(queue: Queue) -> None:
+    args = FailingMidway()
+    args.write(b'{"blob": "' + b"a" * 9_000_000 + b'"}')
+    with pytest.raises((OSError, QueueUnavailable)):
+        await queue.enqueue(task(args=args))
+    assert args.file.closed
+    # SQLite: the task row and the chunk written before the failure are rolled back together.
+    assert await queue.counts() == {} and await staged_or_side_rows(queue) == 0
+    small = await queue.enqueue(task())
+    [claim] = await queue.claim(["/gen"], "w")
+    assert claim.id == small.id
+
+
+async def test_a_disk_full_in_a_batch_of_writes_fails_them_all_and_stores_none(tmp_path: Path) -> None:
+    """SQLite undoes a whole transaction on a full disk (not just the failing job's savepoint);
+    the jobs queued after it in the same batch must not then commit each on its own."""
+    queue = SQLiteQueue(f"sqlite:///{tmp_path}/tasks.db", synchronous="full")  # every submit via the writer
+    await queue.connect()
+    try:
+        pages = await queue._write(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+        await queue._write(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 500}"))  # 2 MB left
+        entered, gate = threading.Event(), threading.Event()
+        busy = asyncio.ensure_future(queue._write(lambda c: (entered.set(), gate.wait(10))))
+        await eventually(entered.is_set)  # the writer is busy: the submits below queue up as one batch
+        big = b'{"blob": "' + b"a" * 9_000_000 + b'"}'
+        submits = [asyncio.ensure_future(queue.enqueue(task(args=a))) for a in (b"{}", spooled(big), b"{}")]
+        assert queue._writer is not None
+        await eventually(lambda: queue._writer._jobs.qsize() == 3)  # type: ignore[union-attr]
+        gate.set()
+        await busy
+        outcomes = await asyncio.gather(*submits, return_exceptions=True)
+        assert isinstance(outcomes[1], QueueUnavailable)
+        told = {o.id for o in outcomes if not isinstance(o, BaseException)}
+        assert {r.id for r in (await queue.list(route="/gen"))[0]} == told  # what each submit was told is so
+        assert await staged_or_side_rows(queue) == 0
+    finally:
+        await queue.close()

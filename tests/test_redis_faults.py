@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from taskserve._splice import STORE_CHUNK, SpooledArgs
 from taskserve._types import NewTask, Outcome, TaskStatus
 from taskserve.queue import base
 from taskserve.queue.redis import SCRIPTS, RedisQueue
@@ -37,7 +38,7 @@ class LosingProxy:
     def __init__(self) -> None:
         target = urlparse(REDIS_URL)
         self.target = (target.hostname or "127.0.0.1", target.port or 6379)
-        self.sha: bytes | None = None
+        self.marker: bytes | None = None  # what the doomed command carries: a script's sha, or bytes of its data
         self.dropped = 0
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -47,7 +48,11 @@ class LosingProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     def arm(self, script: str) -> None:
-        self.sha = hashlib.sha1(SCRIPTS[script].encode()).hexdigest().encode()
+        self.marker = hashlib.sha1(SCRIPTS[script].encode()).hexdigest().encode()
+
+    def arm_data(self, marker: bytes) -> None:
+        """Lose the reply to the next command whose data holds ``marker``, whichever command it is."""
+        self.marker = marker
 
     async def _handle(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
         redis_in, redis_out = await asyncio.open_connection(*self.target)
@@ -55,9 +60,11 @@ class LosingProxy:
 
         async def upstream() -> None:
             nonlocal doomed
+            tail = b""  # the end of the last read: a marker may span two
             while data := await client_in.read(65536):
-                if self.sha is not None and self.sha in data:
-                    doomed, self.sha = True, None
+                if self.marker is not None and self.marker in tail + data:
+                    doomed, self.marker = True, None
+                tail = data[-64:]
                 redis_out.write(data)
                 await redis_out.drain()
 
@@ -142,6 +149,45 @@ async def test_a_lost_enqueue_reply_stores_the_task_once(proxied: tuple[RedisQue
     record = await queue.enqueue(task())
     assert proxy.dropped == 1
     assert (await queue.get(record.id)).status is TaskStatus.PENDING
+    assert await queue.counts() == {("/gen", "pending"): 1}
+
+
+def spooled(data: bytes) -> SpooledArgs:
+    """Arguments as the API hands over an upload over a MiB: in a temporary file."""
+    args = SpooledArgs()
+    args.write(data)
+    return args
+
+
+async def staged(queue: RedisQueue) -> list[bytes]:
+    return [key async for key in queue._client.scan_iter(f"{queue.prefix}:up:*")]
+
+
+async def test_a_lost_reply_to_a_chunk_of_large_arguments_stores_the_chunk_once(
+    proxied: tuple[RedisQueue, LosingProxy],
+) -> None:
+    queue, proxy = proxied
+    marker = b"lose-this-reply"  # starts the second chunk sent: that command's reply is lost
+    data = b'{"blob": "' + b"a" * (STORE_CHUNK - 10) + marker + b"a" * 5_000_000 + b'"}'
+    proxy.arm_data(marker)
+    record = await queue.enqueue(NewTask(route="/gen", args=spooled(data)))
+    assert proxy.dropped == 1
+    [claim] = await queue.claim(["/gen"], "w")
+    assert claim.id == record.id
+    assert len(claim.args) == len(data) and claim.args == data
+
+
+async def test_a_lost_reply_to_a_replayed_large_submit_still_answers_the_replay(
+    proxied: tuple[RedisQueue, LosingProxy],
+) -> None:
+    queue, proxy = proxied
+    data = b'{"blob": "' + b"a" * 2_000_000 + b'"}'
+    first = await queue.enqueue(NewTask(route="/gen", args=data, idempotency_key="k"))
+    proxy.arm("enqueue")
+    again = await queue.enqueue(NewTask(route="/gen", args=spooled(data), idempotency_key="k"))
+    assert proxy.dropped == 1
+    assert again.replayed and again.id == first.id
+    assert await staged(queue) == []
     assert await queue.counts() == {("/gen", "pending"): 1}
 
 

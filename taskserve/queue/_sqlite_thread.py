@@ -143,14 +143,21 @@ class ThreadedConnection:
                         conn.execute("RELEASE job")
                     except sqlite3.Error:
                         pass
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
+                    if not conn.in_transaction:
+                        # SQLite undid the whole transaction, not just this job (a full disk, an I/O
+                        # error): the jobs before it are gone too, and those after it would each
+                        # commit on their own (a savepoint outside a transaction is one).
+                        outcomes = [(None, exc)] * len(batch)
+                        break
+            else:
                 try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                outcomes = [(None, exc)] * len(batch)
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                    outcomes = [(None, exc)] * len(batch)
         finally:
             self.stamp.end()
         for (_, fut, loop, _), (value, error) in zip(batch, outcomes, strict=True):

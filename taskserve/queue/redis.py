@@ -93,14 +93,17 @@ class RedisQueue(RedisConnection):
         """Send large arguments a chunk at a time, as one request would need them whole in memory.
 
         The enqueue script moves them into the task; a submit that never gets that far leaves
-        them to expire.
+        them to expire. Each chunk is written at its offset, not appended: redis-py re-sends a
+        command whose reply was lost, and a re-sent APPEND would store its chunk twice.
         """
         with self._translate():
-            for n, chunk in enumerate(args.chunks()):
-                if n == 0:
+            at = 0
+            for chunk in args.chunks():
+                if at == 0:
                     await self._client.set(key, chunk, ex=STAGED_FOR)
                 else:
-                    await self._client.append(key, chunk)
+                    await self._client.setrange(key, at, chunk)
+                at += len(chunk)
 
     async def _enqueue_rows(self, tasks: Sequence[NewTask], ts: float) -> dict[int, str]:
         # run_at travels as a delay from this host's now, which the script adds to Redis's.

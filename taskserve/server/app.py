@@ -22,6 +22,7 @@ from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 from .._aio import cancel_and_wait
+from .._splice import close_all
 from .._types import Args, NewTask, TaskRecord, TaskStatus
 from .._wire import InputLimits
 from ..exceptions import InvalidTransition, QueueUnavailable, ValidationFailed
@@ -242,9 +243,12 @@ class EndpointRoutes:
             stored = pydantic_core.from_json(await self.queue.original_args(record.id))
             merged = {**stored, **overrides}
             args = await anyio.to_thread.run_sync(self.codec.validate, merged, request.app.state.limits)
-        record = await self.queue.retry(
-            task_id, self.route, args, max_queue=self.max_queue, ttl=self.endpoint.ttl, owner=owner
-        )
+        try:
+            record = await self.queue.retry(
+                task_id, self.route, args, max_queue=self.max_queue, ttl=self.endpoint.ttl, owner=owner
+            )
+        finally:
+            close_all([args])  # the enqueue closes them, but a retry refused before it (still running) does not
         self.metrics.submitted.labels(self.endpoint.name).inc()
         return JSONResponse({"task_id": record.id, "status": record.status.value, "retry_of": record.retry_of})
 

@@ -21,6 +21,7 @@ from python_multipart.multipart import Field, File, FormParser, parse_options_he
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from .._splice import close_all
 from .._types import Args
 from .._wire import InputLimits
 from ..codec import Codec, FileArg, SpooledFileArg
@@ -251,16 +252,20 @@ def many_arguments(body: bytes, codec: Codec, limits: InputLimits) -> list[Args]
         raise ValidationFailed(f"At most {MAX_BATCH} tasks per submit_many; got {len(items)}. Split the batch.")
     args: list[Args] = []
     errors: list[dict[str, Any]] = []
-    for index, item in enumerate(items):
-        try:
-            args.append(codec.validate(item, limits))
-        except ValidationFailed as exc:
-            errors.extend({"index": index, **d} for d in exc.detail)
-    if errors:
-        where = ", ".join(
-            sorted({f"item {e['index']}" + (f" field {'.'.join(e['loc'])}" if e["loc"] else "") for e in errors})
-        )
-        raise ValidationFailed(f"No task was submitted: invalid arguments in {where}.", errors)
+    try:
+        for index, item in enumerate(items):
+            try:
+                args.append(codec.validate(item, limits))
+            except ValidationFailed as exc:
+                errors.extend({"index": index, **d} for d in exc.detail)
+        if errors:
+            where = ", ".join(
+                sorted({f"item {e['index']}" + (f" field {'.'.join(e['loc'])}" if e["loc"] else "") for e in errors})
+            )
+            raise ValidationFailed(f"No task was submitted: invalid arguments in {where}.", errors)
+    except BaseException:
+        close_all(args)  # the valid items' large arguments, in files no enqueue will close
+        raise
     return args
 
 

@@ -42,15 +42,21 @@ for route, cap in pairs(limit) do
     return redis.error_reply('FULL ' .. pending .. ' ' .. cap .. ' ' .. new_per_route[route] .. ' ' .. route)
   end
 end
-local staged = {}
+-- Only the tasks stored need what was staged: a replay's was deleted by the run that found it,
+-- and a re-send of that run (its reply lost) must answer the replay again.
+local staged, n = {}, 0
 for i = 3, #ARGV, W do
-  if ARGV[i + 6] == '' then
+  n = n + 1
+  if ARGV[i + 6] == '' and replays[n] == '' then
     staged[ARGV[i]] = redis.call('GET', P .. ':up:' .. ARGV[i])
     if not staged[ARGV[i]] then return redis.error_reply('STAGED ' .. ARGV[i]) end
   end
 end
-for id in pairs(staged) do redis.call('DEL', P .. ':up:' .. id) end
-local stored, n = 0, 0
+for i = 3, #ARGV, W do
+  if ARGV[i + 6] == '' then redis.call('DEL', P .. ':up:' .. ARGV[i]) end
+end
+local stored = 0
+n = 0
 for i = 3, #ARGV, W do
   n = n + 1
   local id, route = ARGV[i], ARGV[i + 1]
