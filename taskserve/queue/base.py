@@ -14,6 +14,7 @@ The hooks themselves are declared in ``_backend.py`` and the read-only methods l
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -230,7 +231,7 @@ class Queue(Reads):
         if args is None:
             args = await self._get_args(task_id)
             if args is not None and len(args) > SPLICE_AT:
-                args = SpooledArgs.of(args)
+                args = await asyncio.to_thread(SpooledArgs.of, args)  # 100s of MB: not on the loop
         if args is None:
             raise TaskNotFound(task_id)
         new = NewTask(

@@ -102,12 +102,17 @@ class SQLiteQueue(SQLiteSubmit, SQLiteReads):
     async def _large_args(self, claims: list[Claim]) -> list[Claim]:
         """Fill in the arguments kept in task_args, read after the claim's write: never under the write lock.
 
-        The claim holds the task from its commit on, so nothing deletes them meanwhile.
+        Only a purge deletes them, once the task ended: a task cancelled and purged in between
+        is dropped here, as there is nothing left to run.
         """
+        kept = []
         for claim in claims:
             if not claim.args:
                 claim.args = await self._read(functools.partial(read_args, task_id=claim.id, stored=b""))
-        return claims
+                if not claim.args:
+                    continue
+            kept.append(claim)
+        return kept
 
     async def _finish_and_claim(
         self, outcomes: list[Outcome], routes: list[str], worker: str, limit: int, lease: float, ts: float
