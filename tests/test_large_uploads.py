@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import sys
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, urlparse
@@ -16,6 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
+import taskserve
 from taskserve import _splice
 from taskserve.queue import Queue
 from taskserve.server import create_app
@@ -177,3 +179,35 @@ async def test_a_refused_retry_closes_the_large_arguments_it_validated(
     answer = await http.post("/checksum/retry", params={"task_id": task_id}, json={"upload": None})
     assert answer.status_code == 409, answer.text
     assert len(spooled) == 2 and all(args.file.closed for args in spooled)
+
+
+@pytest.mark.anyio
+async def test_the_clients_send_a_path_from_its_file_not_from_memory(server: Server, tmp_path: Path) -> None:
+    """A user uploading a video through our clients never holds it whole in memory."""
+    data = os.urandom(20_000_000)
+    path = tmp_path / "clip.bin"
+    path.write_bytes(data)
+    expected = {"sha256": hashlib.sha256(data).hexdigest(), "name": "clip.bin"}
+    del data
+
+    client = server.client()
+    client.checksum.info  # the schema is read before measuring  # noqa: B018
+    tracemalloc.start()
+    try:
+        task = client.checksum.submit(upload=path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000, f"the sync client held {peak / 1e6:.1f} MB to send a 20 MB file"
+    assert task.get(timeout=60) == expected
+
+    async with taskserve.AsyncHTTPClient(server.url) as aclient:
+        await aclient.checksum.info()
+        tracemalloc.start()
+        try:
+            atask = await aclient.checksum.submit(upload=path)
+            apeak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert apeak < 4_000_000, f"the async client held {apeak / 1e6:.1f} MB to send a 20 MB file"
+        assert await atask.get(timeout=60) == expected

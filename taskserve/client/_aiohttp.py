@@ -9,7 +9,7 @@ wire work moves. Responses stream, so server-sent events work through it too.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -17,6 +17,7 @@ import httpx
 import yarl
 
 CONNECTIONS = 256  # open at most; callers beyond wait for one, as in httpx's pool
+STREAM_AT = 1024 * 1024  # request bodies over this are streamed to aiohttp, not read whole first
 
 
 class _Stream(httpx.AsyncByteStream):
@@ -44,6 +45,12 @@ def _translate(exc: BaseException) -> httpx.TransportError:
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return httpx.RemoteProtocolError(message)
     return httpx.NetworkError(message)
+
+
+async def _chunks(stream: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """A request body as httpx makes it (a multipart upload reads its files a chunk at a time), for aiohttp."""
+    async for chunk in stream:
+        yield chunk
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -77,7 +84,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             sock_connect=timeouts.get("connect"),
             sock_read=timeouts.get("read"),
         )
-        body = await request.aread()
+        body: bytes | AsyncIterator[bytes]
+        if int(request.headers.get("content-length", "0")) > STREAM_AT:
+            body = _chunks(request.stream)  # type: ignore[arg-type]
+        else:
+            body = await request.aread()
         try:
             response = await self._open().request(
                 request.method,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import io
 import json
@@ -11,8 +12,9 @@ import os
 import pathlib
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pydantic_core
@@ -69,13 +71,17 @@ def parse_schema(data: Any) -> dict[str, EndpointInfo]:
         raise ClientError(f"The server's /schema.json is not a taskserve schema ({exc!r}); is the URL right?") from None
 
 
-def _file_part(name: str, value: Any) -> tuple[str, bytes, str] | None:
-    """A value to send as a file, or None if it is plain JSON."""
+def _file_part(name: str, value: Any, files: contextlib.ExitStack) -> tuple[str, bytes | IO[bytes], str] | None:
+    """A value to send as a file, or None if it is plain JSON.
+
+    A ``Path`` is sent from its open file (closed by ``files``), which httpx reads a chunk at
+    a time: a client uploading a video never holds it whole in memory.
+    """
     if isinstance(value, (bytes, bytearray, memoryview)):
         return (name, bytes(value), "application/octet-stream")
     if isinstance(value, os.PathLike):
         path = pathlib.Path(value)
-        return (path.name, path.read_bytes(), "application/octet-stream")
+        return (path.name, files.enter_context(path.open("rb")), "application/octet-stream")
     if type(value).__module__.startswith("PIL.") and hasattr(value, "save"):
         buf = io.BytesIO()
         value.save(buf, format="PNG")
@@ -99,9 +105,16 @@ def _fallback(value: Any) -> Any:
     raise TypeError(f"Cannot send a {type(value).__name__} as an argument; use JSON types, bytes, a Path or an image.")
 
 
-def encode_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+@contextlib.contextmanager
+def request_arguments(kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """``encode_arguments`` for one request: the files it opened are closed once the request is done."""
+    with contextlib.ExitStack() as files:
+        yield encode_arguments(kwargs, files)
+
+
+def encode_arguments(kwargs: dict[str, Any], files_opened: contextlib.ExitStack) -> dict[str, Any]:
     """httpx request arguments: JSON, or multipart when any argument is a file or image (arrays then go as .npy)."""
-    files = {k: part for k, v in kwargs.items() if (part := _file_part(k, v)) is not None}
+    files = {k: part for k, v in kwargs.items() if (part := _file_part(k, v, files_opened)) is not None}
     if not files:
         body = {k: _jsonable(v) for k, v in kwargs.items()}
         return {"content": pydantic_core.to_json(body), "headers": {"content-type": "application/json"}}
@@ -119,9 +132,14 @@ def encode_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
 def encode_json_item(kwargs: dict[str, Any]) -> dict[str, Any]:
     """One item of submit_many: JSON only, so files travel as base64."""
     out = {}
-    for k, v in kwargs.items():
-        part = _file_part(k, v)
-        out[k] = base64.b64encode(part[1]).decode() if part is not None else _jsonable(v)
+    with contextlib.ExitStack() as files:
+        for k, v in kwargs.items():
+            part = _file_part(k, v, files)
+            if part is None:
+                out[k] = _jsonable(v)
+            else:
+                content = part[1] if isinstance(part[1], bytes) else part[1].read()
+                out[k] = base64.b64encode(content).decode()
     return out
 
 

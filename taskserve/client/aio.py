@@ -23,12 +23,12 @@ from ._base import (
     TaskEvent,
     auth_headers,
     decode_result,
-    encode_arguments,
     encode_json_item,
     option_params,
     parse_schema,
     progress_changed,
     raise_for_response,
+    request_arguments,
     request_timeout,
     retry_body,
     transport_error,
@@ -169,17 +169,15 @@ class AsyncEndpoint:
     async def __call__(self, **kwargs: Any) -> Any:
         """Run it and return the result (a task is submitted and awaited by the server)."""
         info = await self.info()
-        response = await self.client._request(
-            "POST", info.route, None, **encode_arguments(kwargs), params=self.params, timeout=None
-        )
+        with request_arguments(kwargs) as body:
+            response = await self.client._request("POST", info.route, None, **body, params=self.params, timeout=None)
         return decode_result(info, response)
 
     async def submit(self, **kwargs: Any) -> AsyncTask:
         """Queue the task; returns at once with a handle."""
         info = await self._task_info()
-        response = await self.client._request(
-            "POST", f"{info.route}/submit", None, **encode_arguments(kwargs), params=self.params
-        )
+        with request_arguments(kwargs) as body:
+            response = await self.client._request("POST", f"{info.route}/submit", None, **body, params=self.params)
         return AsyncTask(self, response.json()["task_id"])
 
     async def submit_many(self, items: list[dict[str, Any]]) -> list[AsyncTask]:

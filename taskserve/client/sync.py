@@ -21,12 +21,12 @@ from ._base import (
     TaskEvent,
     auth_headers,
     decode_result,
-    encode_arguments,
     encode_json_item,
     option_params,
     parse_schema,
     progress_changed,
     raise_for_response,
+    request_arguments,
     request_timeout,
     retry_body,
     transport_error,
@@ -186,17 +186,15 @@ class SyncEndpoint:
 
     def __call__(self, **kwargs: Any) -> Any:
         """Run it and return the result (a task is submitted and awaited by the server)."""
-        response = self.client._request(
-            "POST", self.info.route, None, **encode_arguments(kwargs), params=self.params, timeout=None
-        )
+        with request_arguments(kwargs) as body:
+            response = self.client._request("POST", self.info.route, None, **body, params=self.params, timeout=None)
         return decode_result(self.info, response)
 
     def submit(self, **kwargs: Any) -> Task:
         """Queue the task; returns at once with a handle."""
         self._need_task()
-        data = self.client._request(
-            "POST", f"{self.info.route}/submit", None, **encode_arguments(kwargs), params=self.params
-        ).json()
+        with request_arguments(kwargs) as body:
+            data = self.client._request("POST", f"{self.info.route}/submit", None, **body, params=self.params).json()
         return Task(self, data["task_id"])
 
     def submit_many(self, items: list[dict[str, Any]]) -> list[Task]:
