@@ -205,6 +205,16 @@ def test_a_decompression_bomb_is_refused_before_decoding(server: Server) -> None
     json_error(answer, answer.status_code, "img")
 
 
+def test_a_multipart_boundary_too_long_to_parse_is_422_not_500(server: Server) -> None:
+    """python-multipart refuses a boundary over 256 characters when its parser is made, not while parsing."""
+    boundary = "b" * 300
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="upload"; filename="a"\r\n\r\nhi\r\n--{boundary}--\r\n'
+    )
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    json_error(post(server, "/checksum/submit", content=body.encode(), headers=headers), 422, "multipart", "256")
+
+
 def test_json_nesting_is_bounded(server: Server) -> None:
     deep = "[" * 200 + "]" * 200
     body = f'{{"query": {{"text": "x", "tags": {deep}}}}}'.encode()
