@@ -215,6 +215,24 @@ def test_a_multipart_boundary_too_long_to_parse_is_422_not_500(server: Server) -
     json_error(post(server, "/checksum/submit", content=body.encode(), headers=headers), 422, "multipart", "256")
 
 
+@pytest.mark.parametrize("form", ["list", "typed", "npy"])
+def test_an_array_of_more_dimensions_than_the_worker_reads_is_refused_at_submit(server: Server, form: str) -> None:
+    """At most 32 dimensions, as in the typed form: a 40-level nested list was accepted, then failed in the worker."""
+    import numpy as np
+
+    deep: Any = 1
+    for _ in range(40):
+        deep = [deep]
+    if form == "npy":
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((1,) * 40, dtype="<f8"), allow_pickle=False)
+        answer = post(server, "/stats/submit", files={"values": ("a.npy", buf.getvalue(), "application/octet-stream")})
+    else:
+        values = deep if form == "list" else {"dtype": "float64", "data": deep}
+        answer = post(server, "/stats/submit", json={"values": values})
+    json_error(answer, 422, "values", "32 dimensions")
+
+
 def test_json_nesting_is_bounded(server: Server) -> None:
     deep = "[" * 200 + "]" * 200
     body = f'{{"query": {{"text": "x", "tags": {deep}}}}}'.encode()
