@@ -233,6 +233,24 @@ def test_cors_admits_the_configured_origin_only(secured: Server) -> None:
     assert "access-control-allow-origin" not in other.headers
 
 
+@pytest.mark.parametrize(
+    ("asked", "refused"),
+    [
+        ({"Origin": "https://evil.example"}, "origin"),
+        ({"Access-Control-Request-Method": "DELETE"}, "method"),
+        ({"Access-Control-Request-Headers": "x-evil"}, "headers"),
+    ],
+)
+def test_a_refused_preflight_is_json(secured: Server, asked: dict[str, str], refused: str) -> None:
+    """Starlette answers a refused preflight in plain text; every error of this API is JSON that says what to fix."""
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST", **asked}
+    response = httpx.options(f"{secured.url}/echo/submit", headers=preflight)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert refused in error and "--cors-origin" in error
+
+
 def test_no_secret_reaches_the_log(secured: Server) -> None:
     log = secured.log.read_text()
     assert "alice" in log and "ops (admin)" in log  # the owners are named at start-up
