@@ -251,6 +251,17 @@ def test_a_refused_preflight_is_json(secured: Server, asked: dict[str, str], ref
     assert refused in error and "--cors-origin" in error
 
 
+def test_a_blank_api_key_is_no_key_and_surrounding_whitespace_is_dropped(secured: Server) -> None:
+    """A key read from a file ends in a newline; an empty one is none. Neither may look like a network fault."""
+    with (
+        taskserve.SyncHTTPClient(secured.url, api_key="") as client,
+        pytest.raises(taskserve.AuthenticationError, match="api_key"),
+    ):
+        client.add(a=1, b=2)
+    with taskserve.SyncHTTPClient(secured.url, api_key=f"  {ALICE}\n") as client:
+        assert client.add(a=1, b=2) == 3
+
+
 def test_no_secret_reaches_the_log(secured: Server) -> None:
     log = secured.log.read_text()
     assert "alice" in log and "ops (admin)" in log  # the owners are named at start-up
