@@ -262,6 +262,35 @@ def test_a_blank_api_key_is_no_key_and_surrounding_whitespace_is_dropped(secured
         assert client.add(a=1, b=2) == 3
 
 
+@taskserve.service(name="underui")
+class UnderUi:
+    @taskserve.task(route="/ui/echo")
+    def echo(self, text: str) -> str:
+        return text
+
+
+@pytest.mark.anyio
+async def test_an_endpoint_under_ui_needs_a_key_like_any_other(tmp_path: Path) -> None:
+    """An endpoint at /ui turns the dashboard off: its path is the endpoint's then, and is not left open."""
+    from taskserve.server import create_app
+    from taskserve.service import load_service
+
+    queue = Queue.from_url(f"sqlite:///{tmp_path}/tasks.db")
+    await queue.connect()
+    app = create_app(load_service(f"{__name__}:UnderUi"), queue, maintenance=False, api_keys=[f"alice={ALICE}"])
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            assert (await http.post("/ui/echo/submit", json={"text": "x"})).status_code == 401
+            submitted = await http.post("/ui/echo/submit", json={"text": "x"}, headers=key(ALICE))
+            task_id = submitted.json()["task_id"]
+            assert (await http.get("/ui/echo/status", params={"task_id": task_id})).status_code == 401
+            docs = (await http.get("/docs.json", headers=key(ALICE))).json()
+            assert "401" in docs["paths"]["/ui/echo/submit"]["post"]["responses"]
+    finally:
+        await queue.close()
+
+
 def test_no_secret_reaches_the_log(secured: Server) -> None:
     log = secured.log.read_text()
     assert "alice" in log and "ops (admin)" in log  # the owners are named at start-up

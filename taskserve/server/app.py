@@ -475,8 +475,9 @@ def create_app(
         routes.extend(handlers.routes())
     schema = openapi.service_schema(service)
     docs = openapi.openapi_document(service, call_timeout)
+    dashboard = not any(ui.is_public(ep.route) for ep in service.endpoints)
     if keys is not None and keys.enabled:
-        docs = secure_document(docs, public_metrics)
+        docs = secure_document(docs, public_metrics, dashboard)
 
     async def schema_json(request: Request) -> Response:
         return JSONResponse(schema)
@@ -542,7 +543,7 @@ def create_app(
         Route("/tasks/{task_id}/arguments", task_arguments, methods=["GET"]),
         Route("/metrics", metrics_text, methods=["GET"]),
     ]
-    if any(ui.is_public(ep.route) for ep in service.endpoints):
+    if not dashboard:
         logger.warning("the dashboard is off: an endpoint of the service takes its path, /ui")
     else:
         routes += ui.Dashboard().routes()
@@ -589,7 +590,7 @@ def create_app(
             )
         )
     if keys is not None and keys.enabled:
-        middleware.append(Middleware(AuthMiddleware, keys=keys, public_metrics=public_metrics))
+        middleware.append(Middleware(AuthMiddleware, keys=keys, public_metrics=public_metrics, dashboard=dashboard))
     app = App(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan, middleware=middleware)
     app.allowed_hosts = allowed_hosts
     app.router = LiteralRouter(routes=routes, lifespan=lifespan)
