@@ -233,6 +233,19 @@ def test_an_array_of_more_dimensions_than_the_worker_reads_is_refused_at_submit(
     json_error(answer, 422, "values", "32 dimensions")
 
 
+def test_a_file_where_text_is_expected_is_called_a_file(server: Server) -> None:
+    """The message named the server's internal class (``got FileArg``), which tells the sender nothing."""
+    answer = post(server, "/describe", files={"text": ("a.txt", b"hi", "text/plain")})
+    body = json_error(answer, 422, "text", "a file")
+    assert "FileArg" not in body["error"]
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [("GET", "/describe", "POST"), ("GET", "/ratio/cancel", "PUT")])
+def test_a_wrong_method_is_told_which_ones_the_path_takes(server: Server, method: str, path: str, allowed: str) -> None:
+    answer = httpx.request(method, f"{server.url}{path}")
+    json_error(answer, 405, method, allowed)
+
+
 def test_json_nesting_is_bounded(server: Server) -> None:
     deep = "[" * 200 + "]" * 200
     body = f'{{"query": {{"text": "x", "tags": {deep}}}}}'.encode()
