@@ -337,6 +337,16 @@ def test_keys_are_named_or_known_by_a_digest() -> None:
     assert not Keys().enabled
 
 
+def test_a_keys_file_saved_with_a_byte_order_mark_keeps_its_first_key(tmp_path: Path) -> None:
+    """Windows editors start UTF-8 files with a BOM; it was read into the first line's name, breaking that key."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_bytes("alice=first-secret\r\nbob=second-secret\r\n".encode("utf-8-sig"))
+    keys = Keys(path=str(keys_file))
+    first, second = keys.lookup("first-secret"), keys.lookup("second-secret")
+    assert first is not None and first.owner == "alice"
+    assert second is not None and second.owner == "bob"
+
+
 @pytest.mark.anyio
 async def test_the_store_lists_and_finds_tasks_per_owner(open_queue: OpenQueue) -> None:  # noqa: F811
     queue: Queue = open_queue()

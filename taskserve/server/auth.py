@@ -60,8 +60,12 @@ def parse_key(text: str) -> tuple[str, str]:
 
 
 def read_keys_file(path: str) -> list[str]:
-    """The keys of a file: one ``name=secret`` (or secret) a line; blank lines and ``#`` comments skipped."""
-    with open(path, encoding="utf-8") as f:
+    """The keys of a file: one ``name=secret`` (or secret) a line; blank lines and ``#`` comments skipped.
+
+    Read as ``utf-8-sig``: a byte order mark (Windows editors write one) would otherwise become
+    part of the first key's name, and that key would silently stop working.
+    """
+    with open(path, encoding="utf-8-sig") as f:
         lines = [line.strip() for line in f]
     return [line for line in lines if line and not line.startswith("#")]
 
