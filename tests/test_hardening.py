@@ -311,7 +311,10 @@ def test_delay_and_run_at_together_start_at_the_later(server: Server) -> None:
     httpx.put(f"{server.url}/ratio/cancel", params={"task_id": status["task_id"]})
 
 
-@pytest.mark.parametrize("url", ["https://host/\u00bc", "HTTP://host/", "https://user@host/", "https:///x"])
+@pytest.mark.parametrize(
+    "url",
+    ["https://host/\u00bc", "HTTP://host/", "https://user@host/", "https:///x", "http://host:65536/", "http://h:99999"],
+)
 def test_a_webhook_must_be_a_plain_http_url(server: Server, url: str) -> None:
     json_error(post(server, "/ratio/submit", params={"webhook": url}, json={"a": 1, "b": 2}), 422, "webhook")
 
