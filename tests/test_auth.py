@@ -268,6 +268,10 @@ class UnderUi:
     def echo(self, text: str) -> str:
         return text
 
+    @taskserve.api(route="/ui")
+    def shout(self, text: str) -> str:
+        return text.upper()
+
 
 @pytest.mark.anyio
 async def test_an_endpoint_under_ui_needs_a_key_like_any_other(tmp_path: Path) -> None:
@@ -285,8 +289,11 @@ async def test_an_endpoint_under_ui_needs_a_key_like_any_other(tmp_path: Path) -
             submitted = await http.post("/ui/echo/submit", json={"text": "x"}, headers=key(ALICE))
             task_id = submitted.json()["task_id"]
             assert (await http.get("/ui/echo/status", params={"task_id": task_id})).status_code == 401
+            assert (await http.post("/ui", json={"text": "x"})).status_code == 401
             docs = (await http.get("/docs.json", headers=key(ALICE))).json()
             assert "401" in docs["paths"]["/ui/echo/submit"]["post"]["responses"]
+            # The endpoint's operation, not the dashboard's page, which is not served.
+            assert set(docs["paths"]["/ui"]) == {"post"} and "401" in docs["paths"]["/ui"]["post"]["responses"]
     finally:
         await queue.close()
 

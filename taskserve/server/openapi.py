@@ -11,7 +11,7 @@ from typing import Any
 from .. import __version__
 from .._wire import DEFAULT_MAX_JSON_DEPTH, SAFE_IMAGE_FORMATS
 from ..service import Endpoint, Service
-from . import bentoml_wire
+from . import bentoml_wire, ui
 from .bulk import INLINE_BUDGET, INLINE_RESULT, MAX_IDS, MAX_WAIT
 from .events import EVENT_ID_PATTERN
 from .openapi_schemas import (
@@ -447,13 +447,14 @@ def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOU
             },
         }
     }
-    paths["/ui"] = {
-        "get": {
-            "operationId": "dashboard",
-            "summary": "The dashboard: queues, workers and tasks in a browser (its files are under /ui/)",
-            "responses": {"200": {"description": "The dashboard's page.", "content": {"text/html": {}}}},
+    if not any(ui.is_public(ep.route) for ep in service.endpoints):  # else the dashboard is off, /ui an endpoint's
+        paths["/ui"] = {
+            "get": {
+                "operationId": "dashboard",
+                "summary": "The dashboard: queues, workers and tasks in a browser (its files are under /ui/)",
+                "responses": {"200": {"description": "The dashboard's page.", "content": {"text/html": {}}}},
+            }
         }
-    }
     paths["/workers"] = {
         "get": {
             "operationId": "workers",
