@@ -23,7 +23,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from .conftest import ROOT, Server, free_port, wait_until
+from .conftest import ROOT, Server, ServerFactory, free_port, wait_until
 
 SERVICE = "tests.fuzz_service:FuzzService"
 JSON = {"content-type": "application/json"}
@@ -190,6 +190,27 @@ def test_connections_past_the_cap_get_503(server: Server) -> None:
         for s in held:
             s.close()
     wait_until(lambda: httpx.get(f"{server.url}/healthz").status_code == 200, 5)
+
+
+def test_with_the_broker_away_every_route_answers_a_documented_503(make_server: ServerFactory) -> None:
+    """Each task route reads the store, so each can answer 503; /docs.json listed it on some only."""
+    seen = []
+    api = make_server(f"redis://127.0.0.1:{free_port()}/0", workers=0, service=SERVICE)
+    docs = httpx.get(f"{api.url}/docs.json").json()["paths"]
+    for path, operations in docs.items():
+        for method in operations:
+            if not path.startswith(("/ratio", "/tasks", "/queues", "/workers", "/readyz")):
+                continue  # one endpoint's routes stand for all; the rest never read the store
+            args: dict[str, Any] = {"params": {"task_id": "x", "timeout": "0"}}
+            if method in ("post", "put"):
+                args["json"] = {"task_ids": ["x"]} if path.endswith("/wait_many") else {}
+                args["json"] = [] if path.endswith("/submit_many") else args["json"]
+            answer = httpx.request(method.upper(), f"{api.url}{path}", timeout=30, **args)
+            if answer.status_code == 503:
+                assert "503" in operations[method]["responses"], (method, path)
+                json_error(answer, 503, "Redis")
+                seen.append(path)
+    assert "/ratio/status" in seen and "/ratio/cancel" in seen
 
 
 # -- bounded inputs ------------------------------------------------------------------------------

@@ -313,14 +313,24 @@ def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOU
             "get": {
                 **by_id,
                 "operationId": f"{ep.name}_status",
-                "responses": {"200": _json("The status.", STATUS), "400": _error("No task_id."), "404": not_found},
+                "responses": {
+                    "200": _json("The status.", STATUS),
+                    "400": _error("No task_id."),
+                    "404": not_found,
+                    "503": UNAVAILABLE,
+                },
             }
         }
         paths[f"{ep.route}/get"] = {
             "get": {
                 **by_id,
                 "operationId": f"{ep.name}_get",
-                "responses": {"200": result_response(ep), "404": not_found, "409": _error("Not successful (yet).")},
+                "responses": {
+                    "200": result_response(ep),
+                    "404": not_found,
+                    "409": _error("Not successful (yet)."),
+                    "503": UNAVAILABLE,
+                },
             }
         }
         paths[f"{ep.route}/events"] = {
@@ -344,6 +354,7 @@ def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOU
                     },
                     "400": _error("A Last-Event-ID this stream did not send."),
                     "404": not_found,
+                    "503": UNAVAILABLE,
                 },
             }
         }
@@ -355,6 +366,7 @@ def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOU
                 "responses": {
                     "200": {"description": "The image.", "content": {"image/jpeg": {}, "image/png": {}}},
                     "404": _error("No such task, or no preview yet."),
+                    "503": UNAVAILABLE,
                 },
             }
         }
@@ -370,7 +382,11 @@ def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOU
                 "tags": tag,
                 "parameters": wait_params,
                 "operationId": f"{ep.name}_wait",
-                "responses": {"200": _json("The status, once terminal or at the timeout.", STATUS), "404": not_found},
+                "responses": {
+                    "200": _json("The status, once terminal or at the timeout.", STATUS),
+                    "404": not_found,
+                    "503": UNAVAILABLE,
+                },
             }
         }
         changes = {"type": "object", "properties": components[input_name].get("properties", {})}
@@ -391,6 +407,7 @@ def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOU
                     "200": _json("Done.", SUBMITTED),
                     "404": not_found,
                     "409": _error("Not allowed in the task's state."),
+                    "503": UNAVAILABLE,
                 },
             }
             if action == "retry":
