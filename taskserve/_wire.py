@@ -48,6 +48,7 @@ ARRAY_DTYPES = (
 _DTYPE_TEXT = re.compile(r"[<>=|]?[a-z]{1,7}[0-9]{0,2}")  # "float32", "<f4", "u1"; never "(6000,6000)f8"
 _KIND_RANK = {"b": 0, "u": 1, "i": 1, "f": 2}
 MAX_FILENAME_BYTES = 255
+MAX_ARRAY_DIMS = 32  # the typed form's shape holds at most this many sizes, so every form does
 
 
 class InputTooLarge(ValueError):
@@ -153,8 +154,8 @@ def _from_list(data: Any, limits: InputLimits | None) -> np.ndarray:
 
 
 def _shape(value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or len(value) > 32:
-        raise ValueError(f"shape must be a list of at most 32 sizes; got {_short(value)}")
+    if not isinstance(value, list) or len(value) > MAX_ARRAY_DIMS:
+        raise ValueError(f"shape must be a list of at most {MAX_ARRAY_DIMS} sizes; got {_short(value)}")
     if not all(type(n) is int and n >= 0 for n in value):
         raise ValueError(f"shape must hold whole numbers of 0 or more; got {_short(value)}")
     return tuple(value)
@@ -234,6 +235,10 @@ def array_from_wire(value: Any, dtype: np.dtype[Any] | None = None, limits: Inpu
         _check_size(arr.size, arr.dtype.itemsize, limits)
     else:
         arr = _from_list(value, limits)
+    if arr.ndim > MAX_ARRAY_DIMS:
+        # A nested list or .npy file may have more (numpy 2 allows 64), but the array is stored
+        # in the typed form, which the worker would then refuse: the task would fail unrun.
+        raise ValueError(f"an array has at most {MAX_ARRAY_DIMS} dimensions; got {arr.ndim}")
     return _cast(arr, dtype)
 
 

@@ -576,11 +576,11 @@ def _mistyped(value: Any, schema: Any, defs: dict[str, Any], loc: list[str]) -> 
     kind = schema.get("type")
     if kind in ("number", "integer") and (isinstance(value, bool) or not isinstance(value, (int, float))):
         if value is not None:
-            return loc, f"expected {'an integer' if kind == 'integer' else 'a number'}, got {type(value).__name__}"
+            return loc, f"expected {'an integer' if kind == 'integer' else 'a number'}, got {_sent(value)}"
     elif kind == "string" and not isinstance(value, str) and value is not None and "format" not in schema:
-        return loc, f"expected a string, got {type(value).__name__}"
+        return loc, f"expected a string, got {_sent(value)}"
     elif kind == "boolean" and not isinstance(value, bool) and value is not None:
-        return loc, f"expected true or false, got {type(value).__name__}"
+        return loc, f"expected true or false, got {_sent(value)}"
     elif kind == "object" and isinstance(value, dict):
         for key, item in value.items():
             sub = schema.get("properties", {}).get(key, schema.get("additionalProperties"))
@@ -593,6 +593,11 @@ def _mistyped(value: Any, schema: Any, defs: dict[str, Any], loc: list[str]) -> 
             if found is not None:
                 return found
     return None
+
+
+def _sent(value: Any) -> str:
+    """What a client sent, as the client would name it: a file part is a file, not our ``FileArg``."""
+    return "a file" if isinstance(value, FileArg) else type(value).__name__
 
 
 def _json_fallback(value: Any) -> Any:

@@ -233,6 +233,71 @@ def test_cors_admits_the_configured_origin_only(secured: Server) -> None:
     assert "access-control-allow-origin" not in other.headers
 
 
+@pytest.mark.parametrize(
+    ("asked", "refused"),
+    [
+        ({"Origin": "https://evil.example"}, "origin"),
+        ({"Access-Control-Request-Method": "DELETE"}, "method"),
+        ({"Access-Control-Request-Headers": "x-evil"}, "headers"),
+    ],
+)
+def test_a_refused_preflight_is_json(secured: Server, asked: dict[str, str], refused: str) -> None:
+    """Starlette answers a refused preflight in plain text; every error of this API is JSON that says what to fix."""
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST", **asked}
+    response = httpx.options(f"{secured.url}/echo/submit", headers=preflight)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert refused in error and "--cors-origin" in error
+
+
+def test_a_blank_api_key_is_no_key_and_surrounding_whitespace_is_dropped(secured: Server) -> None:
+    """A key read from a file ends in a newline; an empty one is none. Neither may look like a network fault."""
+    with (
+        taskserve.SyncHTTPClient(secured.url, api_key="") as client,
+        pytest.raises(taskserve.AuthenticationError, match="api_key"),
+    ):
+        client.add(a=1, b=2)
+    with taskserve.SyncHTTPClient(secured.url, api_key=f"  {ALICE}\n") as client:
+        assert client.add(a=1, b=2) == 3
+
+
+@taskserve.service(name="underui")
+class UnderUi:
+    @taskserve.task(route="/ui/echo")
+    def echo(self, text: str) -> str:
+        return text
+
+    @taskserve.api(route="/ui")
+    def shout(self, text: str) -> str:
+        return text.upper()
+
+
+@pytest.mark.anyio
+async def test_an_endpoint_under_ui_needs_a_key_like_any_other(tmp_path: Path) -> None:
+    """An endpoint at /ui turns the dashboard off: its path is the endpoint's then, and is not left open."""
+    from taskserve.server import create_app
+    from taskserve.service import load_service
+
+    queue = Queue.from_url(f"sqlite:///{tmp_path}/tasks.db")
+    await queue.connect()
+    app = create_app(load_service(f"{__name__}:UnderUi"), queue, maintenance=False, api_keys=[f"alice={ALICE}"])
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            assert (await http.post("/ui/echo/submit", json={"text": "x"})).status_code == 401
+            submitted = await http.post("/ui/echo/submit", json={"text": "x"}, headers=key(ALICE))
+            task_id = submitted.json()["task_id"]
+            assert (await http.get("/ui/echo/status", params={"task_id": task_id})).status_code == 401
+            assert (await http.post("/ui", json={"text": "x"})).status_code == 401
+            docs = (await http.get("/docs.json", headers=key(ALICE))).json()
+            assert "401" in docs["paths"]["/ui/echo/submit"]["post"]["responses"]
+            # The endpoint's operation, not the dashboard's page, which is not served.
+            assert set(docs["paths"]["/ui"]) == {"post"} and "401" in docs["paths"]["/ui"]["post"]["responses"]
+    finally:
+        await queue.close()
+
+
 def test_no_secret_reaches_the_log(secured: Server) -> None:
     log = secured.log.read_text()
     assert "alice" in log and "ops (admin)" in log  # the owners are named at start-up
@@ -277,6 +342,16 @@ def test_keys_are_named_or_known_by_a_digest() -> None:
     assert keys.lookup("r00t").admin  # type: ignore[union-attr]
     assert keys.lookup("s3cre") is None and keys.lookup("") is None
     assert not Keys().enabled
+
+
+def test_a_keys_file_saved_with_a_byte_order_mark_keeps_its_first_key(tmp_path: Path) -> None:
+    """Windows editors start UTF-8 files with a BOM; it was read into the first line's name, breaking that key."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_bytes("alice=first-secret\r\nbob=second-secret\r\n".encode("utf-8-sig"))
+    keys = Keys(path=str(keys_file))
+    first, second = keys.lookup("first-secret"), keys.lookup("second-secret")
+    assert first is not None and first.owner == "alice"
+    assert second is not None and second.owner == "bob"
 
 
 @pytest.mark.anyio

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from .conftest import ROOT, Server, free_port, wait_until
+from .conftest import ROOT, Server, ServerFactory, free_port, wait_until
 
 SERVICE = "tests.fuzz_service:FuzzService"
 JSON = {"content-type": "application/json"}
@@ -192,6 +192,27 @@ def test_connections_past_the_cap_get_503(server: Server) -> None:
     wait_until(lambda: httpx.get(f"{server.url}/healthz").status_code == 200, 5)
 
 
+def test_with_the_broker_away_every_route_answers_a_documented_503(make_server: ServerFactory) -> None:
+    """Each task route reads the store, so each can answer 503; /docs.json listed it on some only."""
+    seen = []
+    api = make_server(f"redis://127.0.0.1:{free_port()}/0", workers=0, service=SERVICE)
+    docs = httpx.get(f"{api.url}/docs.json").json()["paths"]
+    for path, operations in docs.items():
+        for method in operations:
+            if not path.startswith(("/ratio", "/tasks", "/queues", "/workers", "/readyz")):
+                continue  # one endpoint's routes stand for all; the rest never read the store
+            args: dict[str, Any] = {"params": {"task_id": "x", "timeout": "0"}}
+            if method in ("post", "put"):
+                args["json"] = {"task_ids": ["x"]} if path.endswith("/wait_many") else {}
+                args["json"] = [] if path.endswith("/submit_many") else args["json"]
+            answer = httpx.request(method.upper(), f"{api.url}{path}", timeout=30, **args)
+            if answer.status_code == 503:
+                assert "503" in operations[method]["responses"], (method, path)
+                json_error(answer, 503, "Redis")
+                seen.append(path)
+    assert "/ratio/status" in seen and "/ratio/cancel" in seen
+
+
 # -- bounded inputs ------------------------------------------------------------------------------
 
 
@@ -203,6 +224,47 @@ def test_a_decompression_bomb_is_refused_before_decoding(server: Server) -> None
     answer = post(server, "/caption/submit", files={"img": ("bomb.png", bomb + b"\0" * 64, "image/png")})
     assert answer.status_code in (413, 422)
     json_error(answer, answer.status_code, "img")
+
+
+def test_a_multipart_boundary_too_long_to_parse_is_422_not_500(server: Server) -> None:
+    """python-multipart refuses a boundary over 256 characters when its parser is made, not while parsing."""
+    boundary = "b" * 300
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="upload"; filename="a"\r\n\r\nhi\r\n--{boundary}--\r\n'
+    )
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    json_error(post(server, "/checksum/submit", content=body.encode(), headers=headers), 422, "multipart", "256")
+
+
+@pytest.mark.parametrize("form", ["list", "typed", "npy"])
+def test_an_array_of_more_dimensions_than_the_worker_reads_is_refused_at_submit(server: Server, form: str) -> None:
+    """At most 32 dimensions, as in the typed form: a 40-level nested list was accepted, then failed in the worker."""
+    import numpy as np
+
+    deep: Any = 1
+    for _ in range(40):
+        deep = [deep]
+    if form == "npy":
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((1,) * 40, dtype="<f8"), allow_pickle=False)
+        answer = post(server, "/stats/submit", files={"values": ("a.npy", buf.getvalue(), "application/octet-stream")})
+    else:
+        values = deep if form == "list" else {"dtype": "float64", "data": deep}
+        answer = post(server, "/stats/submit", json={"values": values})
+    json_error(answer, 422, "values", "32 dimensions")
+
+
+def test_a_file_where_text_is_expected_is_called_a_file(server: Server) -> None:
+    """The message named the server's internal class (``got FileArg``), which tells the sender nothing."""
+    answer = post(server, "/describe", files={"text": ("a.txt", b"hi", "text/plain")})
+    body = json_error(answer, 422, "text", "a file")
+    assert "FileArg" not in body["error"]
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [("GET", "/describe", "POST"), ("GET", "/ratio/cancel", "PUT")])
+def test_a_wrong_method_is_told_which_ones_the_path_takes(server: Server, method: str, path: str, allowed: str) -> None:
+    answer = httpx.request(method, f"{server.url}{path}")
+    json_error(answer, 405, method, allowed)
 
 
 def test_json_nesting_is_bounded(server: Server) -> None:
@@ -270,7 +332,10 @@ def test_delay_and_run_at_together_start_at_the_later(server: Server) -> None:
     httpx.put(f"{server.url}/ratio/cancel", params={"task_id": status["task_id"]})
 
 
-@pytest.mark.parametrize("url", ["https://host/\u00bc", "HTTP://host/", "https://user@host/", "https:///x"])
+@pytest.mark.parametrize(
+    "url",
+    ["https://host/\u00bc", "HTTP://host/", "https://user@host/", "https:///x", "http://host:65536/", "http://h:99999"],
+)
 def test_a_webhook_must_be_a_plain_http_url(server: Server, url: str) -> None:
     json_error(post(server, "/ratio/submit", params={"webhook": url}, json={"a": 1, "b": 2}), 422, "webhook")
 

@@ -175,9 +175,13 @@ def _save_result(content: bytes, ctype: str) -> pathlib.Path:
 
 def auth_headers(headers: dict[str, str] | None, api_key: str | None) -> dict[str, str]:
     """The client's headers with its API key (``api_key``, else ``TASKSERVE_API_KEY``) as a bearer token."""
-    key = api_key if api_key is not None else os.environ.get("TASKSERVE_API_KEY") or None
+    key = api_key if api_key is not None else os.environ.get("TASKSERVE_API_KEY")
+    # Stripped: a key read from a file or a secret store often ends in a newline, which no HTTP
+    # header may hold (httpx would refuse it as if the server could not be reached). A blank key
+    # is none, so the server's 401 says that one is needed.
+    key = key.strip() if key else None
     out = dict(headers or {})
-    if key is not None:
+    if key:
         out["Authorization"] = f"Bearer {key}"
     return out
 

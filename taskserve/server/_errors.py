@@ -72,7 +72,9 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404 and message == "Not Found":
         message = f"No endpoint at {request.url.path!r}; GET /schema.json lists the endpoints."
     elif exc.status_code == 405:
-        message = f"{request.method} is not allowed on {request.url.path!r}."
+        allow = (exc.headers or {}).get("Allow")
+        use = f"; it takes {allow}" if allow else ""
+        message = f"{request.method} is not allowed on {request.url.path!r}{use}."
     return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import anyio.to_thread
 import pydantic_core
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -329,6 +330,31 @@ class EndpointRoutes:
         return JSONResponse({"error": message, "task_id": task_id}, status_code=code, headers=headers)
 
 
+CORS_METHODS = ["GET", "POST", "PUT"]
+CORS_HEADERS = ["Authorization", "X-API-Key", "Content-Type", "Idempotency-Key", "Last-Event-ID"]
+
+
+class JSONCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, but a refused preflight is answered in JSON, as every other error is.
+
+    Starlette says "Disallowed CORS origin" in plain text; a person debugging a page needs to
+    know what the server admits, and a client reading ``error`` must find one.
+    """
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        message = (
+            f"This CORS preflight is refused (not allowed: {refused}). The server admits pages of the "
+            f"origins given with --cors-origin, the methods {', '.join(CORS_METHODS)} and the headers "
+            f"{', '.join(CORS_HEADERS)}."
+        )
+        kept = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
+        return JSONResponse({"error": message}, status_code=400, headers=kept)
+
+
 def _callers_limit(record: TaskRecord, options: SubmitOptions) -> bool:
     """Whether a failed task was ended by a limit its caller set (a deadline, a ttl, a timeout option):
     the call then answers 409 as ``get`` does, not 500, as nothing went wrong on the server."""
@@ -449,8 +475,9 @@ def create_app(
         routes.extend(handlers.routes())
     schema = openapi.service_schema(service)
     docs = openapi.openapi_document(service, call_timeout)
+    dashboard = not any(ui.is_public(ep.route) for ep in service.endpoints)
     if keys is not None and keys.enabled:
-        docs = secure_document(docs, public_metrics)
+        docs = secure_document(docs, public_metrics, dashboard)
 
     async def schema_json(request: Request) -> Response:
         return JSONResponse(schema)
@@ -516,7 +543,7 @@ def create_app(
         Route("/tasks/{task_id}/arguments", task_arguments, methods=["GET"]),
         Route("/metrics", metrics_text, methods=["GET"]),
     ]
-    if any(ui.is_public(ep.route) for ep in service.endpoints):
+    if not dashboard:
         logger.warning("the dashboard is off: an endpoint of the service takes its path, /ui")
     else:
         routes += ui.Dashboard().routes()
@@ -554,16 +581,16 @@ def create_app(
         # Outside the key check: a browser's preflight carries no key, and a 401 must still carry CORS headers.
         middleware.append(
             Middleware(
-                CORSMiddleware,
+                JSONCORSMiddleware,
                 allow_origins=list(cors_origins),
-                allow_methods=["GET", "POST", "PUT"],
-                allow_headers=["Authorization", "X-API-Key", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+                allow_methods=CORS_METHODS,
+                allow_headers=CORS_HEADERS,
                 expose_headers=["X-Task-Id", "Idempotent-Replayed", "Retry-After", "WWW-Authenticate"],
                 max_age=600,
             )
         )
     if keys is not None and keys.enabled:
-        middleware.append(Middleware(AuthMiddleware, keys=keys, public_metrics=public_metrics))
+        middleware.append(Middleware(AuthMiddleware, keys=keys, public_metrics=public_metrics, dashboard=dashboard))
     app = App(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan, middleware=middleware)
     app.allowed_hosts = allowed_hosts
     app.router = LiteralRouter(routes=routes, lifespan=lifespan)

@@ -27,6 +27,7 @@ SCOPE_KEY = "taskserve.caller"
 # Reachable without a key: probes, and the dashboard's page and static files (it asks for a key).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/ui"})
 OPEN_PREFIXES = ("/ui/",)
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 _NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _UNAUTHORIZED = (
     b'{"error":"This server needs an API key: send it as the header Authorization: Bearer KEY (or X-API-Key: KEY)."}'
@@ -59,8 +60,12 @@ def parse_key(text: str) -> tuple[str, str]:
 
 
 def read_keys_file(path: str) -> list[str]:
-    """The keys of a file: one ``name=secret`` (or secret) a line; blank lines and ``#`` comments skipped."""
-    with open(path, encoding="utf-8") as f:
+    """The keys of a file: one ``name=secret`` (or secret) a line; blank lines and ``#`` comments skipped.
+
+    Read as ``utf-8-sig``: a byte order mark (Windows editors write one) would otherwise become
+    part of the first key's name, and that key would silently stop working.
+    """
+    with open(path, encoding="utf-8-sig") as f:
         lines = [line.strip() for line in f]
     return [line for line in lines if line and not line.startswith("#")]
 
@@ -145,10 +150,10 @@ class AuthMiddleware:
     front of every status poll.
     """
 
-    def __init__(self, app: ASGIApp, keys: Keys, public_metrics: bool = False) -> None:
+    def __init__(self, app: ASGIApp, keys: Keys, public_metrics: bool = False, dashboard: bool = True) -> None:
         self.app = app
         self.keys = keys
-        self.open = OPEN_PATHS | {"/metrics"} if public_metrics else OPEN_PATHS
+        self.open, self.prefixes = open_paths(public_metrics, dashboard)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys.enabled:
@@ -158,7 +163,7 @@ class AuthMiddleware:
         root: str = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root) :]
-        if path in self.open or path.startswith(OPEN_PREFIXES):
+        if path in self.open or path.startswith(self.prefixes):
             await self.app(scope, receive, send)
             return
         token = None
@@ -175,6 +180,16 @@ class AuthMiddleware:
             return
         scope[SCOPE_KEY] = caller
         await self.app(scope, receive, send)
+
+
+def open_paths(public_metrics: bool = False, dashboard: bool = True) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The paths (and path prefixes) answered without a key.
+
+    The dashboard's only while it is served: an endpoint of the service at ``/ui`` turns it
+    off, and its routes (``/ui/...``) are then the endpoint's, which need a key as any other.
+    """
+    paths = OPEN_PATHS if dashboard else PROBE_PATHS
+    return (paths | {"/metrics"} if public_metrics else paths), (OPEN_PREFIXES if dashboard else ())
 
 
 async def _unauthorized(send: Send, body: bytes) -> None:
@@ -210,9 +225,9 @@ def submitter(request: Request) -> str | None:
     return None if found is None else found.owner
 
 
-def secure_document(document: dict[str, Any], public_metrics: bool = False) -> dict[str, Any]:
+def secure_document(document: dict[str, Any], public_metrics: bool = False, dashboard: bool = True) -> dict[str, Any]:
     """The OpenAPI document of a server with keys: both ways to send one, and the 401 of each operation."""
-    open_paths = OPEN_PATHS | {"/metrics"} if public_metrics else OPEN_PATHS
+    unlocked, prefixes = open_paths(public_metrics, dashboard)
     schemes = {
         "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
         "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -226,7 +241,7 @@ def secure_document(document: dict[str, Any], public_metrics: bool = False) -> d
     for path, operations in document["paths"].items():
         paths[path] = {}
         for method, op in operations.items():
-            if path in open_paths or path.startswith(OPEN_PREFIXES):
+            if path in unlocked or path.startswith(prefixes):
                 paths[path][method] = {**op, "security": []}
             else:
                 paths[path][method] = {**op, "responses": {**op["responses"], "401": unauthorized}}

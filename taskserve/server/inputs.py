@@ -338,8 +338,9 @@ def _multipart(
         add(file.field_name, FileArg(data, filename, file.content_type))
 
     config = {"MAX_MEMORY_FILE_SIZE": SPOOL_AT, "UPLOAD_KEEP_FILENAME": False, "UPLOAD_KEEP_EXTENSIONS": False}
-    parser = FormParser("multipart/form-data", on_field, on_file, boundary=boundary, config=config)
     try:
+        # Made inside: python-multipart refuses a boundary it cannot use (over 256 characters) here.
+        parser = FormParser("multipart/form-data", on_field, on_file, boundary=boundary, config=config)
         if isinstance(source, bytes):
             parser.write(source)
         else:

@@ -11,7 +11,7 @@ from typing import Any
 from .. import __version__
 from .._wire import DEFAULT_MAX_JSON_DEPTH, SAFE_IMAGE_FORMATS
 from ..service import Endpoint, Service
-from . import bentoml_wire
+from . import bentoml_wire, ui
 from .bulk import INLINE_BUDGET, INLINE_RESULT, MAX_IDS, MAX_WAIT
 from .events import EVENT_ID_PATTERN
 from .openapi_schemas import (
@@ -313,14 +313,24 @@ def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOU
             "get": {
                 **by_id,
                 "operationId": f"{ep.name}_status",
-                "responses": {"200": _json("The status.", STATUS), "400": _error("No task_id."), "404": not_found},
+                "responses": {
+                    "200": _json("The status.", STATUS),
+                    "400": _error("No task_id."),
+                    "404": not_found,
+                    "503": UNAVAILABLE,
+                },
             }
         }
         paths[f"{ep.route}/get"] = {
             "get": {
                 **by_id,
                 "operationId": f"{ep.name}_get",
-                "responses": {"200": result_response(ep), "404": not_found, "409": _error("Not successful (yet).")},
+                "responses": {
+                    "200": result_response(ep),
+                    "404": not_found,
+                    "409": _error("Not successful (yet)."),
+                    "503": UNAVAILABLE,
+                },
             }
         }
         paths[f"{ep.route}/events"] = {
@@ -344,6 +354,7 @@ def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOU
                     },
                     "400": _error("A Last-Event-ID this stream did not send."),
                     "404": not_found,
+                    "503": UNAVAILABLE,
                 },
             }
         }
@@ -355,6 +366,7 @@ def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOU
                 "responses": {
                     "200": {"description": "The image.", "content": {"image/jpeg": {}, "image/png": {}}},
                     "404": _error("No such task, or no preview yet."),
+                    "503": UNAVAILABLE,
                 },
             }
         }
@@ -370,7 +382,11 @@ def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOU
                 "tags": tag,
                 "parameters": wait_params,
                 "operationId": f"{ep.name}_wait",
-                "responses": {"200": _json("The status, once terminal or at the timeout.", STATUS), "404": not_found},
+                "responses": {
+                    "200": _json("The status, once terminal or at the timeout.", STATUS),
+                    "404": not_found,
+                    "503": UNAVAILABLE,
+                },
             }
         }
         changes = {"type": "object", "properties": components[input_name].get("properties", {})}
@@ -391,6 +407,7 @@ def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOU
                     "200": _json("Done.", SUBMITTED),
                     "404": not_found,
                     "409": _error("Not allowed in the task's state."),
+                    "503": UNAVAILABLE,
                 },
             }
             if action == "retry":
@@ -447,13 +464,14 @@ def openapi_document(service: Service, call_timeout: float = DEFAULT_CALL_TIMEOU
             },
         }
     }
-    paths["/ui"] = {
-        "get": {
-            "operationId": "dashboard",
-            "summary": "The dashboard: queues, workers and tasks in a browser (its files are under /ui/)",
-            "responses": {"200": {"description": "The dashboard's page.", "content": {"text/html": {}}}},
+    if not any(ui.is_public(ep.route) for ep in service.endpoints):  # else the dashboard is off, /ui an endpoint's
+        paths["/ui"] = {
+            "get": {
+                "operationId": "dashboard",
+                "summary": "The dashboard: queues, workers and tasks in a browser (its files are under /ui/)",
+                "responses": {"200": {"description": "The dashboard's page.", "content": {"text/html": {}}}},
+            }
         }
-    }
     paths["/workers"] = {
         "get": {
             "operationId": "workers",

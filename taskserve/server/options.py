@@ -36,7 +36,9 @@ TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 MAX_TAG_VALUE = 256
 # The rules above as the OpenAPI document states them (JSON Schema patterns), read by the server too.
 TAG_PATTERN = rf"^[A-Za-z0-9_.\-]{{1,64}}:[\s\S]{{0,{MAX_TAG_VALUE}}}$"
-WEBHOOK_PATTERN = r"^https?://[A-Za-z0-9._~\-]+(:[0-9]{1,5})?([/?#][\x21-\x7e]*)?$"
+# A port is 0 to 65535: a larger one passed the check, then failed every delivery try.
+PORT_PATTERN = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+WEBHOOK_PATTERN = rf"^https?://[A-Za-z0-9._~\-]+(:{PORT_PATTERN})?([/?#][\x21-\x7e]*)?$"
 _WEBHOOK = re.compile(WEBHOOK_PATTERN)
 
 Bad = Callable[..., None]  # read_options's ``bad(name, message, kind="value_error")``
@@ -167,7 +169,11 @@ def _webhook(raw: str | None, bad: Bad, allow: frozenset[str] | None) -> str | N
     if raw is None:
         return None
     if not _WEBHOOK.fullmatch(raw) or len(raw) > MAX_URL:
-        bad("webhook", f"webhook must be an http:// or https:// URL of at most {MAX_URL} characters; got {raw[:80]!r}.")
+        bad(
+            "webhook",
+            f"webhook must be an http:// or https:// URL of at most {MAX_URL} characters (a host, a port up to "
+            f"65535, no user); got {raw[:80]!r}.",
+        )
         return None
     parsed = urlsplit(raw)
     assert parsed.hostname is not None  # the pattern requires one
