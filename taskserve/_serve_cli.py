@@ -285,12 +285,19 @@ def _access(keys: Any) -> str:
 
 @contextlib.contextmanager
 def _reload_keys_on_hangup(keys: Any) -> Generator[None, None, None]:
-    """SIGHUP reads the keys file again, without a restart or a dropped connection."""
-    if keys.path is None or not hasattr(signal, "SIGHUP"):
+    """SIGHUP reads the keys file again, without a restart or a dropped connection.
+
+    Without a keys file it only logs: a ``reload`` (systemd's, say) must not stop the server,
+    which SIGHUP's default action would.
+    """
+    if not hasattr(signal, "SIGHUP"):
         yield
         return
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, keys.reload)
+    if keys.path is None:
+        loop.add_signal_handler(signal.SIGHUP, logger.info, "SIGHUP: nothing to reload (no --api-keys-file)")
+    else:
+        loop.add_signal_handler(signal.SIGHUP, keys.reload)
     try:
         yield
     finally:

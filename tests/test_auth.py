@@ -333,6 +333,24 @@ def test_a_keys_file_is_read_again_on_sighup(tmp_path: Path) -> None:
         assert_none_left(server.tag)
 
 
+def test_a_hangup_without_a_keys_file_does_not_stop_the_server(tmp_path: Path) -> None:
+    """``systemctl reload`` sends SIGHUP, whose default action would end the server."""
+    port = free_port()
+    args = [sys.executable, "-m", "taskserve", "serve", SERVICE, "--port", str(port), "--workers", "0"]
+    args += ["--broker", f"sqlite:///{tmp_path / 'tasks.db'}", "--api-key", "alice=s3cret"]
+    server = Server(args, port, tmp_path / "server.log", tagged_env(uuid.uuid4().hex))
+    try:
+        server.start()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "nothing to reload" in server.log.read_text())
+        assert server.proc.poll() is None
+        assert httpx.get(f"{server.url}/queues", headers=key("s3cret")).status_code == 200
+    finally:
+        server.stop()
+        assert_none_left(server.tag)
+
+
 def test_keys_are_named_or_known_by_a_digest() -> None:
     assert parse_key("alice=s3cret") == ("alice", "s3cret")
     owner, secret = parse_key("YWJjZA==")  # base64 padding is no name
@@ -342,6 +360,10 @@ def test_keys_are_named_or_known_by_a_digest() -> None:
     assert keys.lookup("r00t").admin  # type: ignore[union-attr]
     assert keys.lookup("s3cre") is None and keys.lookup("") is None
     assert not Keys().enabled
+    # One secret under two names would make two teams one owner, each seeing the other's tasks.
+    with pytest.raises(ValueError, match="alice and bob have the same secret"):
+        Keys(["alice=shared", "bob=shared"])
+    assert Keys(["alice=s3cret", "alice=s3cret"]).owners() == ["alice"]  # given twice (flag and env) is one key
 
 
 def test_a_keys_file_saved_with_a_byte_order_mark_keeps_its_first_key(tmp_path: Path) -> None:

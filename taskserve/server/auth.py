@@ -95,7 +95,9 @@ class Keys:
         entries: dict[bytes, Caller] = {}
         for text in [*self.keys, *from_file]:
             owner, secret = parse_key(text)
-            entries.setdefault(secret.encode(), Caller(owner))
+            earlier = entries.setdefault(secret.encode(), Caller(owner))
+            if earlier.owner != owner:  # they would act as one owner, seeing each other's tasks
+                raise ValueError(f"The keys of {earlier.owner} and {owner} have the same secret; give each its own.")
         for text in self.admin:  # a secret given as both is an admin key
             owner, secret = parse_key(text)
             entries[secret.encode()] = Caller(owner, admin=True)
