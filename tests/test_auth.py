@@ -106,6 +106,10 @@ def test_every_route_but_the_probes_needs_a_key(secured: Server) -> None:
                 assert response.status_code == 401, (method, path, response.text)
                 assert response.headers["www-authenticate"] == "Bearer"
                 assert "API key" in response.json()["error"]
+        # A key sent without its scheme is told how to send it, not that a key is missing.
+        for value in (ALICE, f"Bearer\t{ALICE}"):
+            response = http.get("/queues", headers={"Authorization": value})
+            assert response.status_code == 401 and "holds no API key this server can" in response.json()["error"]
         assert http.get("/healthz").status_code == 200
         assert http.get("/readyz").status_code == 200
         assert http.get("/ui").status_code != 401  # the dashboard's page loads, then asks for a key

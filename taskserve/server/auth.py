@@ -33,6 +33,10 @@ _UNAUTHORIZED = (
     b'{"error":"This server needs an API key: send it as the header Authorization: Bearer KEY (or X-API-Key: KEY)."}'
 )
 _WRONG_KEY = b'{"error":"The API key sent is not one this server accepts; check it, or ask its operator for one."}'
+_NOT_BEARER = (
+    b'{"error":"The Authorization header holds no API key this server can read: write Bearer, one space'
+    b' and the key (Authorization: Bearer KEY), or send the key alone as X-API-Key: KEY."}'
+)
 
 
 @dataclass(frozen=True)
@@ -169,16 +173,21 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         token = None
+        other_scheme = False
         for name, value in scope["headers"]:
             if name == b"authorization":
-                scheme, _, rest = value.partition(b" ")
+                scheme, _, rest = value.strip().partition(b" ")
                 if scheme.lower() == b"bearer":
                     token = rest.strip()
+                else:  # "KEY" alone, "Basic ...", "Bearer<TAB>KEY": say how, not "needs a key"
+                    other_scheme = True
             elif name == b"x-api-key":
                 token = value.strip()
         caller = None if token is None else self.keys.lookup(token)
         if caller is None:
-            await _unauthorized(send, _UNAUTHORIZED if token is None else _WRONG_KEY)
+            await _unauthorized(
+                send, _WRONG_KEY if token is not None else _NOT_BEARER if other_scheme else _UNAUTHORIZED
+            )
             return
         scope[SCOPE_KEY] = caller
         await self.app(scope, receive, send)
