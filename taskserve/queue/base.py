@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from .._splice import SPLICE_AT, SpooledArgs
+from .._splice import SPLICE_AT, SpooledArgs, close_all
 from .._types import (
     WORKER_LOST,
     Args,
@@ -142,9 +142,7 @@ class Queue(Reads):
         try:
             return await self._store(tasks)
         finally:
-            for task in tasks:  # uploads spooled to files: stored, or refused; either way done with
-                if isinstance(task.args, SpooledArgs):
-                    task.args.close()
+            close_all(t.args for t in tasks)  # uploads spooled to files: stored, or refused; either way done with
 
     async def _store(self, tasks: Sequence[NewTask]) -> list[TaskRecord]:
         ts = now()

@@ -77,11 +77,10 @@ class RedisQueue(RedisConnection):
             await self._client.ping()
 
     async def _enqueue(self, tasks: Sequence[NewTask], ts: float) -> dict[int, str]:
-        staged = [self._key("up", t.id) for t in tasks if isinstance(t.args, SpooledArgs)]
+        staged = {self._key("up", t.id): t.args for t in tasks if isinstance(t.args, SpooledArgs)}
         try:
-            for t in tasks:
-                if isinstance(t.args, SpooledArgs):
-                    await self._stage(self._key("up", t.id), t.args)
+            for key, args in staged.items():
+                await self._stage(key, args)
             return await self._enqueue_rows(tasks, ts)
         except BaseException:
             if staged:  # the script takes the staged values it stores; these it never reached
